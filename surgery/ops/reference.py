@@ -1,0 +1,34 @@
+"""Pure-PyTorch reference twins of the C++/CUDA ops (DESIGN.md "Kernels and ops"): same signatures."""
+import torch
+
+
+def prune_neurons_(fc_in, fc_in_bias, fc_out: torch.Tensor, neurons: torch.Tensor) -> None:
+    """Zero rows `neurons` of every input projection (a tensor or a list: gated MLPs) and of its bias
+    (a tensor, a list, or None), and columns `neurons` of `fc_out` [D, H], in place."""
+    fc_ins = fc_in if isinstance(fc_in, (list, tuple)) else [fc_in]
+    biases = fc_in_bias if isinstance(fc_in_bias, (list, tuple)) else [fc_in_bias] * len(fc_ins)
+    idx = neurons.to(device=fc_out.device, dtype=torch.long)
+    with torch.no_grad():
+        for w, b in zip(fc_ins, biases, strict=True):
+            w[idx] = 0
+            if b is not None:
+                b[idx] = 0
+        fc_out[:, idx] = 0
+
+
+def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, masks, *, step: int, lr: float, beta1: float,
+                  beta2: float, eps: float, weight_decay: float) -> None:
+    """torch.optim.AdamW's update on the entries where mask is True; the rest (params and both moments)
+    untouched. `step` is the new step count t >= 1. Math in fp32; params may be lower precision."""
+    bc1 = 1 - beta1**step
+    bc2_sqrt = (1 - beta2**step) ** 0.5
+    with torch.no_grad():
+        for p, g, m, v, mask in zip(params, grads, exp_avgs, exp_avg_sqs, masks, strict=True):
+            pf, gf = p.float(), g.float()
+            m_new = m.lerp(gf, 1 - beta1)
+            v_new = v.mul(beta2).addcmul_(gf, gf, value=1 - beta2)
+            denom = (v_new.sqrt() / bc2_sqrt).add_(eps)
+            p_new = pf.mul(1 - lr * weight_decay).addcdiv_(m_new, denom, value=-lr / bc1)
+            p.copy_(torch.where(mask, p_new, pf))
+            m.copy_(torch.where(mask, m_new, m))
+            v.copy_(torch.where(mask, v_new, v))
