@@ -1,0 +1,35 @@
+"""The run configuration: the CLI fills it in, report.json records it."""
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Config:
+    model: str = "tiny-llava"
+    forget: str = ""
+    retain: str = ""
+    out: str = "out"
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "auto"                 # auto: fp32 on CPU, bf16 on GPU
+    trust_remote_code: bool = False
+    # scope and selection
+    scope: str = "mlp"                  # mlp | vision | full
+    layers: tuple[int, int] | None = None   # inclusive layer range, None = every live layer
+    prune_threshold: float | None = None    # d_I: prune neurons with I_u >= d_I ...
+    prune_frac: float | None = 0.02         # ... or the global top fraction (used when no threshold)
+    mask_threshold: float | None = 1.0      # d_F: weight mask m = R >= d_F ...
+    mask_frac: float | None = None          # ... or the top fraction of R (overrides the threshold)
+    eps: float = 1e-8
+    # unlearning (paper Eq. 3-5)
+    alpha: float = 1.25
+    beta: float = 0.3
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    steps: int = 50
+    batch_size: int = 4
+    max_grad_norm: float = 1.0
+    collect_batch_size: int = 8
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

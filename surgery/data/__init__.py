@@ -1,0 +1,118 @@
+"""JSONL rows -> the four splits fvqa / fqa / rvqa / rqa, validated before any model work starts."""
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+SPLITS = ("fvqa", "fqa", "rvqa", "rqa")
+FIELDS = {"question": str, "answer": str, "image": str, "options": dict, "correct": str, "entity": str, "id": (str, int)}
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and line."""
+
+
+@dataclass
+class Row:
+    question: str
+    answer: str
+    image: Path | None = None          # resolved against the JSONL file's folder
+    options: dict[str, str] | None = None
+    correct: str | None = None
+    entity: str | None = None
+    id: str | None = None
+    where: str = ""                    # "file.jsonl:17", for messages
+
+    @property
+    def is_vqa(self) -> bool:
+        return self.image is not None
+
+    def prompt(self) -> str:
+        """The question, with its options listed when it is multiple choice."""
+        if not self.options:
+            return self.question
+        return self.question + "\n" + "\n".join(f"{k}. {v}" for k, v in sorted(self.options.items()))
+
+    def load_image(self) -> Image.Image | None:
+        if self.image is None:
+            return None
+        with Image.open(self.image) as im:
+            return im.convert("RGB")
+
+
+def _row(obj, where: str, base: Path, check_images: bool) -> Row:
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for key in ("question", "answer"):
+        if key not in obj:
+            raise DataError(f"{where}: missing field {key!r}")
+    for key, value in obj.items():
+        if key in FIELDS and value is not None and not isinstance(value, FIELDS[key]):
+            raise DataError(f"{where}: field {key!r} must be {getattr(FIELDS[key], '__name__', 'str or int')}, "
+                            f"got {type(value).__name__}")
+    if not obj["question"].strip():
+        raise DataError(f"{where}: field 'question' is empty")
+    options, correct = obj.get("options"), obj.get("correct")
+    if options is not None and correct is not None and correct not in options:
+        raise DataError(f"{where}: 'correct' is {correct!r}, not one of the options {sorted(options)}")
+    image = None
+    if obj.get("image"):
+        image = (base / obj["image"]).resolve()
+        if check_images:
+            if not image.is_file():
+                raise DataError(f"{where}: 'image' file not found: {obj['image']}")
+            try:
+                with Image.open(image) as im:
+                    im.verify()
+            except Exception as e:
+                raise DataError(f"{where}: 'image' cannot be decoded: {obj['image']} ({e})") from None
+    return Row(obj["question"], obj["answer"], image, options, correct, obj.get("entity"),
+               None if obj.get("id") is None else str(obj["id"]), where)
+
+
+def load_jsonl(path, check_images: bool = True) -> list[Row]:
+    """Rows of a JSONL file; every problem raises DataError naming `file:line`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            rows.append(_row(obj, where, path.parent, check_images))
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+@dataclass
+class Splits:
+    fvqa: list[Row] = field(default_factory=list)
+    fqa: list[Row] = field(default_factory=list)
+    rvqa: list[Row] = field(default_factory=list)
+    rqa: list[Row] = field(default_factory=list)
+
+    def __getitem__(self, name: str) -> list[Row]:
+        return getattr(self, name)
+
+    def counts(self) -> dict[str, int]:
+        return {s: len(self[s]) for s in SPLITS}
+
+
+def load_splits(forget, retain) -> Splits:
+    """The four splits from the forget and retain files. The method needs forget-VQA and retain-VQA rows."""
+    f, r = load_jsonl(forget), load_jsonl(retain)
+    splits = Splits([x for x in f if x.is_vqa], [x for x in f if not x.is_vqa],
+                    [x for x in r if x.is_vqa], [x for x in r if not x.is_vqa])
+    if not splits.fvqa:
+        raise DataError(f"{forget}: no rows with an image: the forget-VQA split (fvqa) is empty")
+    if not splits.rvqa:
+        raise DataError(f"{retain}: no rows with an image: the retain-VQA split (rvqa) is empty")
+    return splits

@@ -1,0 +1,238 @@
+"""Model adapters: where a family keeps its vision MLPs and projector, which layers are live, and how
+rows become model inputs. Modules are found by module path (transformers 5.x), never by checkpoint key."""
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+log = logging.getLogger("surgery")
+
+
+@dataclass(frozen=True)
+class Family:
+    layers: str                 # module path of the vision encoder's layer list
+    mlp_in: tuple[str, ...]     # input projections of one MLP (two for gated MLPs)
+    mlp_out: str                # output projection; its input is the post-activation hidden z
+    projector: str
+    style: str                  # "llava" | "qwen" | "processor" (the model's own processor builds inputs)
+
+
+FAMILIES = {
+    "llava": Family("model.vision_tower.encoder.layers", ("fc1",), "fc2", "model.multi_modal_projector", "llava"),
+    "llava_next": Family("model.vision_tower.encoder.layers", ("fc1",), "fc2", "model.multi_modal_projector", "processor"),
+    "qwen2_vl": Family("model.visual.blocks", ("fc1",), "fc2", "model.visual.merger", "qwen"),
+    "qwen2_5_vl": Family("model.visual.blocks", ("gate_proj", "up_proj"), "down_proj", "model.visual.merger", "qwen"),
+    "paligemma": Family("model.vision_tower.encoder.layers", ("fc1",), "fc2", "model.multi_modal_projector", "processor"),
+    "idefics3": Family("model.vision_model.encoder.layers", ("fc1",), "fc2", "model.connector", "processor"),
+    "smolvlm": Family("model.vision_model.encoder.layers", ("fc1",), "fc2", "model.connector", "processor"),
+}
+SCOPES = ("mlp", "vision", "full")
+
+
+def family_of(model_type: str) -> Family:
+    if model_type not in FAMILIES:
+        raise ValueError(f"unsupported model type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[model_type]
+
+
+@dataclass
+class VisionMLP:
+    """One vision-encoder MLP: z = act(fc_in(x)) (gated: act(gate(x))·up(x)), y = fc_out(z)."""
+    layer: int
+    path: str
+    fc_in: list[nn.Linear]
+    fc_out: nn.Linear
+
+    @property
+    def hidden(self) -> int:
+        return self.fc_out.in_features
+
+    def named_params(self, in_names: tuple[str, ...], out_name: str) -> dict[str, nn.Parameter]:
+        named = {}
+        for name, lin in [*zip(in_names, self.fc_in), (out_name, self.fc_out)]:
+            named[f"{self.path}.{name}.weight"] = lin.weight
+            if lin.bias is not None:
+                named[f"{self.path}.{name}.bias"] = lin.bias
+        return named
+
+
+@dataclass
+class Example:
+    """One training/eval example: a prompt (question, with options when multiple choice), an answer, an image."""
+    prompt: str
+    answer: str | None = None
+    image: object | None = None    # PIL.Image.Image
+
+
+@dataclass
+class Batch:
+    inputs: dict                   # model kwargs (no labels)
+    labels: torch.Tensor           # [B, L], -100 outside the answer tokens
+    feature_counts: list[int] = field(default_factory=list)   # projector output rows per example with an image
+
+    def to(self, device):
+        self.inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.inputs.items()}
+        self.labels = self.labels.to(device)
+        return self
+
+
+class Adapter:
+    """A loaded model plus what the method needs to know about its family."""
+
+    def __init__(self, model, tokenizer, image_processor=None, processor=None):
+        self.model, self.tokenizer, self.image_processor, self.processor = model, tokenizer, image_processor, processor
+        self.model_type = model.config.model_type
+        self.family = family_of(self.model_type)
+        layers = model.get_submodule(self.family.layers)
+        self.mlps = [VisionMLP(i, f"{self.family.layers}.{i}.mlp",
+                               [layer.mlp.get_submodule(n) for n in self.family.mlp_in],
+                               layer.mlp.get_submodule(self.family.mlp_out)) for i, layer in enumerate(layers)]
+        self.projector = model.get_submodule(self.family.projector)
+        self.live_layers = self._live_layers(len(layers))
+
+    def _live_layers(self, n: int) -> range:
+        """Layers whose output reaches the LLM. LLaVA reads hidden_states[vision_feature_layer] (default -2):
+        hidden_states[k] is layer k-1's output, so layers past that index are dead."""
+        vfl = getattr(self.model.config, "vision_feature_layer", None)
+        if vfl is None or self.family.style == "qwen":
+            return range(n)
+        last = max(vfl) if isinstance(vfl, (list, tuple)) else vfl
+        return range(n + 1 + last if last < 0 else last)
+
+    # ----- scope -----
+    def mlp_params(self, mlp: VisionMLP) -> dict[str, nn.Parameter]:
+        return mlp.named_params(self.family.mlp_in, self.family.mlp_out)
+
+    def select_layers(self, layers: range | None) -> list[VisionMLP]:
+        """Live MLPs within `layers` (None = all live). Dead layers asked for are warned about and dropped."""
+        wanted = range(len(self.mlps)) if layers is None else layers
+        dead = [i for i in wanted if i not in self.live_layers and i < len(self.mlps)]
+        if dead and layers is not None:
+            log.warning("layers %s are dead (their output never reaches the LLM: vision_feature_layer=%s); excluded",
+                        dead, getattr(self.model.config, "vision_feature_layer", None))
+        bad = [i for i in wanted if i >= len(self.mlps)]
+        if bad:
+            raise ValueError(f"--layers {layers.start}-{layers.stop - 1}: the vision encoder has {len(self.mlps)} layers")
+        return [self.mlps[i] for i in wanted if i in self.live_layers]
+
+    def scope_params(self, scope: str, layers: range | None = None) -> dict[str, nn.Parameter]:
+        """Trainable parameters by name: 'mlp' (live vision MLPs, default), 'vision' (encoder + projector),
+        'full' (everything)."""
+        if scope == "mlp":
+            return {k: p for m in self.select_layers(layers) for k, p in self.mlp_params(m).items()}
+        named = dict(self.model.named_parameters())
+        if scope == "full":
+            return named
+        if scope == "vision":
+            tower = self.family.layers.rsplit(".", 2)[0].rsplit(".encoder", 1)[0]
+            return {k: p for k, p in named.items() if k.startswith(tower + ".") or k.startswith(self.family.projector + ".")}
+        raise ValueError(f"unknown scope {scope!r}; choose one of {', '.join(SCOPES)}")
+
+    # ----- inputs -----
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def chat(self, prompt: str, has_image: bool, answer: str | None = None) -> str:
+        content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": prompt}]
+        messages = [{"role": "user", "content": content}]
+        template_owner = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
+        if getattr(template_owner, "chat_template", None):
+            return template_owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return ("USER: <image>\n" if has_image else "USER: ") + prompt + " ASSISTANT:"
+
+    def encode(self, examples: list[Example], padding_side: str = "right") -> Batch:
+        """Token ids, attention mask, pixels, and labels covering the answer tokens (+EOS) only.
+        Examples without an answer give prompts for generation (use padding_side='left')."""
+        if self.family.style == "processor":
+            return self._encode_with_processor(examples, padding_side)
+        images = [e.image for e in examples if e.image is not None]
+        pixel_inputs, counts = self._pixels(images) if images else ({}, [])
+        seqs, labels, types, k = [], [], [], 0
+        for e in examples:
+            text = self.chat(e.prompt, e.image is not None)
+            if e.image is not None:
+                text = self._expand_image_tokens(text, counts[k]); k += 1
+            ids = self.tokenizer(text, add_special_tokens=not self._template_has_bos(text))["input_ids"]
+            lab = [-100] * len(ids)
+            if e.answer is not None:
+                ans = self.tokenizer(" " + e.answer if self.family.style == "llava" else e.answer,
+                                     add_special_tokens=False)["input_ids"] + [self._eos_id()]
+                ids, lab = ids + ans, lab + ans
+            seqs.append(ids); labels.append(lab)
+        inputs, labels = self._pad(seqs, labels, padding_side)
+        if self.family.style == "qwen":
+            inputs["mm_token_type_ids"] = (inputs["input_ids"] == self.model.config.image_token_id).int()
+        inputs.update(pixel_inputs)
+        return Batch(inputs, labels, counts)
+
+    def _template_has_bos(self, text: str) -> bool:
+        bos = self.tokenizer.bos_token
+        return self.family.style == "qwen" or (bos is not None and text.startswith(bos))
+
+    def _eos_id(self) -> int:
+        if self.family.style == "qwen":
+            im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+            if im_end is not None and im_end != self.tokenizer.unk_token_id:
+                return im_end
+        return self.tokenizer.eos_token_id
+
+    def _pixels(self, images):
+        if self.family.style == "llava":
+            px = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+            vc = self.model.config.vision_config
+            n = (vc.image_size // vc.patch_size) ** 2
+            n += int(getattr(self.model.config, "vision_feature_select_strategy", "default") == "full")
+            return {"pixel_values": px}, [n] * len(images)
+        out = self.image_processor(images=images, return_tensors="pt")
+        merge = self.model.config.vision_config.spatial_merge_size
+        counts = [int(t.prod()) // merge**2 for t in out["image_grid_thw"]]
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}, counts
+
+    def _expand_image_tokens(self, text: str, n: int) -> str:
+        token = "<image>" if self.family.style == "llava" else "<|image_pad|>"
+        if self.family.style == "llava":
+            token = self.tokenizer.convert_ids_to_tokens(self.model.config.image_token_id)
+            return text.replace("<image>", token * n, 1) if "<image>" in text else token * n + "\n" + text
+        return text.replace(token, token * n, 1)
+
+    def _pad(self, seqs, labels, side):
+        width = max(map(len, seqs))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self._eos_id()
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        lab = torch.full((len(seqs), width), -100, dtype=torch.long)
+        att = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, (s, l) in enumerate(zip(seqs, labels)):
+            sl = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+            ids[i, sl], lab[i, sl], att[i, sl] = torch.tensor(s), torch.tensor(l), 1
+        return {"input_ids": ids, "attention_mask": att}, lab
+
+    def _encode_with_processor(self, examples, side):
+        """Families whose image-token expansion the model's own processor owns (LLaVA-NeXT, PaliGemma, Idefics3)."""
+        if self.processor is None:
+            raise RuntimeError(f"{self.model_type} needs its processor (AutoProcessor) to build inputs; "
+                               "it could not be loaded from the model directory")
+        rows, seqs, labels = [], [], []
+        for e in examples:
+            prompt = self.chat(e.prompt, e.image is not None)
+            kw = {"images": [e.image]} if e.image is not None else {}
+            p = self.processor(text=[prompt], return_tensors="pt", **kw)
+            full = self.processor(text=[prompt + (" " + e.answer if e.answer else "")], return_tensors="pt", **kw) \
+                if e.answer is not None else p
+            ids = full["input_ids"][0].tolist() + ([self.tokenizer.eos_token_id] if e.answer is not None else [])
+            seqs.append(ids)
+            labels.append([-100] * p["input_ids"].shape[1] + ids[p["input_ids"].shape[1]:])
+            rows.append({k: v for k, v in full.items() if k not in ("input_ids", "attention_mask")})
+        inputs, labels = self._pad(seqs, labels, side)
+        for key in rows[0]:
+            inputs[key] = torch.cat([r[key] for r in rows])
+        return Batch(inputs, labels, [])
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-row mean token cross-entropy over the answer tokens: [B, L, V], [B, L] -> [B]."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    tok = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    n = (labels != -100).sum(1).clamp(min=1)
+    return tok.sum(1) / n

@@ -1,0 +1,74 @@
+"""Resolve --model (a local HF directory, an alias in the local HF cache, or a tiny-* builder) and load it."""
+import logging
+import os
+from pathlib import Path
+
+import torch
+import transformers
+
+from .adapters import Adapter, family_of
+from .tiny import TINY, build_tiny
+
+log = logging.getLogger("surgery")
+ALIASES = {"llava": "llava-hf/llava-1.5-7b-hf", "qwen2-vl": "Qwen/Qwen2-VL-7B-Instruct",
+           "qwen2.5-vl": "Qwen/Qwen2.5-VL-7B-Instruct"}
+
+
+def resolve(model: str) -> str:
+    """A local directory for `model`, or the tiny-* name itself. Never downloads."""
+    if model in TINY or Path(model).is_dir():
+        return model
+    repo = ALIASES.get(model, model if model.count("/") == 1 else None)
+    if repo is None:
+        raise FileNotFoundError(f"--model {model!r}: not a directory, an alias ({', '.join(ALIASES)}) "
+                                f"or a tiny model ({', '.join(TINY)})")
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(repo, local_files_only=True)
+    except Exception:
+        raise FileNotFoundError(
+            f"--model {model!r} ({repo}) is not in the local Hugging Face cache and surgery never downloads; "
+            f"fetch it on a connected machine with `hf download {repo}` (then copy the cache), "
+            "or pass --model /path/to/checkpoint_dir") from None
+
+
+def _load_aux(path: str, trust_remote_code: bool):
+    tok = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    image_processor = processor = None
+    try:
+        image_processor = transformers.AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        log.warning("no image processor loaded from %s: %s", path, e)
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # e.g. Qwen2VLProcessor without torchvision: the image processor + tokenizer suffice
+        log.debug("no processor loaded from %s: %s", path, e)
+    return tok, image_processor, processor
+
+
+def load(model: str, device="cpu", dtype=torch.float32, trust_remote_code: bool = False, seed: int = 0) -> Adapter:
+    """An Adapter over the model: a local directory (safetensors only) or a tiny-* random model."""
+    path = resolve(model)
+    if path in TINY:
+        log.warning("%s is a random-weight model: it knows nothing, so there is nothing to forget "
+                    "(use it to try the pipeline)", path)
+        m, tok, ip = build_tiny(path, seed=seed)
+        return Adapter(m.to(device=device, dtype=dtype), tok, ip, None)
+    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    family_of(config.model_type)  # unknown type: a clear error before loading any weights
+    if not any(f.endswith(".safetensors") for f in os.listdir(path)):
+        raise FileNotFoundError(f"{path}: no .safetensors weights (surgery loads safetensors only)")
+    m = transformers.AutoModelForImageTextToText.from_pretrained(
+        path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+    tok, ip, proc = _load_aux(path, trust_remote_code)
+    return Adapter(m.to(device).eval(), tok, ip, proc)
+
+
+def save(adapter: Adapter, out: Path) -> None:
+    """A normal HF checkpoint: safetensors weights, config, tokenizer, image processor (and processor)."""
+    adapter.model.save_pretrained(out, safe_serialization=True)
+    adapter.tokenizer.save_pretrained(out)
+    if adapter.image_processor is not None:
+        adapter.image_processor.save_pretrained(out)
+    if adapter.processor is not None:
+        adapter.processor.save_pretrained(out)

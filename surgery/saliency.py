@@ -1,0 +1,104 @@
+"""Streaming saliency collection: one pass per split. Forward pre-hooks on each vision MLP's output
+projection feed the post-activation hidden z to `activation_stats`; post-accumulate-grad hooks fold each
+gradient into its Fisher buffer as backward produces it and free it, so no full set of gradients is held."""
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from . import kernels
+from .data import SPLITS, Row, Splits
+from .models import Adapter, Example, answer_loss
+
+log = logging.getLogger("surgery")
+
+
+@dataclass
+class Saliency:
+    """stats[split][layer]: [4, H] fp32 rows Σz, Σ|z|, Σz², count(z>0); tokens[split][layer]: token count;
+    fisher[split][param]: mean over batches of the squared batch-mean gradient; batches[split]: batch count."""
+    stats: dict = field(default_factory=dict)
+    tokens: dict = field(default_factory=dict)
+    fisher: dict = field(default_factory=dict)
+    batches: dict = field(default_factory=dict)
+
+    def save(self, path) -> None:
+        tensors, meta = {}, {"tokens": self.tokens, "batches": self.batches}
+        for s, per_layer in self.stats.items():
+            for layer, t in per_layer.items():
+                tensors[f"stats.{s}.{layer}"] = t.contiguous().cpu()
+        for s, per_param in self.fisher.items():
+            for name, t in per_param.items():
+                tensors[f"fisher.{s}.{name}"] = t.contiguous().cpu()
+        save_file(tensors, str(path), metadata={"surgery": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path) -> "Saliency":
+        from safetensors import safe_open
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["surgery"])
+        sal = cls(tokens={s: {int(k): v for k, v in d.items()} for s, d in meta["tokens"].items()},
+                  batches=meta["batches"])
+        for key, t in load_file(str(path)).items():
+            kind, s, rest = key.split(".", 2)
+            if kind == "stats":
+                sal.stats.setdefault(s, {})[int(rest)] = t
+            else:
+                sal.fisher.setdefault(s, {})[rest] = t
+        return sal
+
+
+def examples(rows: list[Row]) -> list[Example]:
+    return [Example(r.prompt(), r.answer, r.load_image()) for r in rows]
+
+
+def batches(rows: list[Row], size: int):
+    for i in range(0, len(rows), size):
+        yield rows[i:i + size]
+
+
+def collect(adapter: Adapter, splits: Splits, params: dict[str, torch.nn.Parameter], batch_size: int = 8,
+            progress: bool = True) -> Saliency:
+    """Activation statistics of every vision MLP and the Fisher diagonal of `params`, per split."""
+    device = adapter.device
+    sal = Saliency()
+    current: dict = {}
+    hooks = []
+    for mlp in adapter.mlps:
+        def stats_hook(module, args, layer=mlp.layer):
+            z = args[0].detach()
+            kernels.activation_stats(z, out=current["stats"][layer])
+            current["tokens"][layer] += z.numel() // z.shape[-1]
+        hooks.append(mlp.fc_out.register_forward_pre_hook(stats_hook))
+    for name, p in params.items():
+        def fisher_hook(p, name=name):
+            kernels.fisher_accumulate_([current["fisher"][name]], [p.grad], scale=current["scale"])
+            p.grad = None
+        hooks.append(p.register_post_accumulate_grad_hook(fisher_hook))
+    try:
+        for split in SPLITS:
+            rows = splits[split]
+            current["stats"] = {m.layer: torch.zeros(4, m.hidden, device=device) for m in adapter.mlps}
+            current["tokens"] = {m.layer: 0 for m in adapter.mlps}
+            current["fisher"] = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+            n_batches = math.ceil(len(rows) / batch_size)
+            current["scale"] = 1.0 / max(n_batches, 1)
+            for i, chunk in enumerate(tqdm(list(batches(rows, batch_size)), desc=f"collect {split}",
+                                            disable=not progress, leave=False)):
+                batch = adapter.encode(examples(chunk)).to(device)
+                loss = answer_loss(adapter.model(**batch.inputs).logits, batch.labels).mean()
+                if not loss.requires_grad:
+                    log.info("%s: no gradient path to the trainable weights (rows without an image never reach "
+                             "the vision encoder): its Fisher and vision activation statistics are zero", split)
+                    break
+                loss.backward()
+            sal.stats[split], sal.tokens[split] = current["stats"], current["tokens"]
+            sal.fisher[split], sal.batches[split] = current["fisher"], n_batches
+    finally:
+        for h in hooks:
+            h.remove()
+    return sal
