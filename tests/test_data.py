@@ -1,0 +1,53 @@
+import json
+
+import pytest
+
+from surgery.data import DataError, load_jsonl, load_splits
+
+
+def write(path, lines):
+    path.write_text("".join(l if isinstance(l, str) else json.dumps(l) + "\n" for l in lines))
+    return path
+
+
+def test_rows_and_splits(data):
+    splits = load_splits(*data)
+    assert splits.counts() == {"fvqa": 5, "fqa": 3, "rvqa": 7, "rqa": 4}
+    row = splits.fqa[0]
+    assert row.prompt().endswith("A. Oslo\nB. Lima\nC. Kyiv\nD. Rome") and row.where.endswith("forget.jsonl:6")
+    assert splits.fvqa[0].load_image().mode == "RGB"
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"question": "q"\n', "malformed JSON"),
+    ('[1, 2]\n', "expected a JSON object"),
+    ({"question": "q"}, "missing field 'answer'"),
+    ({"question": "q", "answer": 3}, "field 'answer' must be str"),
+    ({"question": " ", "answer": "a"}, "field 'question' is empty"),
+    ({"question": "q", "answer": "a", "options": {"A": "x"}, "correct": "B"}, "'correct' is 'B'"),
+    ({"question": "q", "answer": "a", "image": "nope.png"}, "'image' file not found: nope.png"),
+])
+def test_bad_rows_name_file_and_line(tmp_path, line, message):
+    path = write(tmp_path / "f.jsonl", [{"question": "ok", "answer": "fine"}, line])
+    with pytest.raises(DataError) as e:
+        load_jsonl(path)
+    assert f"{path}:2: " in str(e.value) and message in str(e.value)
+
+
+def test_undecodable_image(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    path = write(tmp_path / "f.jsonl", [{"question": "q", "answer": "a", "image": "bad.png"}])
+    with pytest.raises(DataError, match="f.jsonl:1: 'image' cannot be decoded: bad.png"):
+        load_jsonl(path)
+
+
+def test_empty_and_missing_files(tmp_path, data):
+    with pytest.raises(DataError, match="no rows"):
+        load_jsonl(write(tmp_path / "e.jsonl", ["\n", "  \n"]))
+    with pytest.raises(DataError, match="file not found"):
+        load_jsonl(tmp_path / "absent.jsonl")
+    text_only = write(tmp_path / "t.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(DataError, match="forget-VQA split \\(fvqa\\) is empty"):
+        load_splits(text_only, data[1])
+    with pytest.raises(DataError, match="retain-VQA split \\(rvqa\\) is empty"):
+        load_splits(data[0], text_only)

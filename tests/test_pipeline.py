@@ -1,0 +1,160 @@
+"""End to end: `surgery prune-and-mask` on tiny models saved to local directories."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText
+
+from surgery.cli import main
+from surgery.models import load
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl"])
+def test_prune_and_mask_end_to_end(name, tiny_dirs, data, tmp_path):
+    model_dir = tiny_dirs[name]
+    before = {k: v.clone() for k, v in load_file(str(model_dir / "model.safetensors")).items()}
+    out = tmp_path / "out"
+    res = run_cli("prune-and-mask", "--model", model_dir, "--forget", data[0], "--retain", data[1], "--out", out,
+                  "--steps", 4, "--lr", 1e-2, "--prune-frac", 0.05, "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["seed"] == 0 and report["dtype"] == "float32" and report["timings"]["total_s"] > 0
+    assert len(report["losses"]) == 4
+
+    # the input checkpoint is untouched
+    assert all(torch.equal(v, load_file(str(model_dir / "model.safetensors"))[k]) for k, v in before.items())
+
+    # the saved model loads with plain transformers, and through our adapter
+    unlearned = AutoModelForImageTextToText.from_pretrained(out, use_safetensors=True)
+    after = unlearned.state_dict()
+    adapter = load(str(model_dir))
+    keys = dict(adapter.model.state_dict())
+    assert set(after) == set(keys)
+
+    scope = set(adapter.scope_params("mlp"))
+    masks = load_file(str(out / "masks.safetensors"))
+    n_pruned = 0
+    for mlp in adapter.mlps:
+        neurons = masks.get(f"neurons.{mlp.layer}")
+        if neurons is None or neurons.numel() == 0:
+            continue
+        n_pruned += neurons.numel()
+        for name_in in adapter.family.mlp_in:
+            assert (after[f"{mlp.path}.{name_in}.weight"][neurons] == 0).all()
+            assert (after[f"{mlp.path}.{name_in}.bias"][neurons] == 0).all()
+        assert (after[f"{mlp.path}.{adapter.family.mlp_out}.weight"][:, neurons] == 0).all()
+    assert n_pruned == sum(report["pruned_neurons"].values()) > 0
+
+    changed = [k for k in scope if not torch.equal(after[k], keys[k])]
+    assert changed, "some in-scope weight must change"
+    outside = [k for k in keys if k not in scope]
+    assert outside and all(torch.equal(after[k], keys[k]) for k in outside), "weights outside the scope changed"
+    for dead in set(range(len(adapter.mlps))) - set(adapter.live_layers):
+        assert not any(k.startswith(f"{adapter.family.layers}.{dead}.") for k in scope)
+
+
+def test_llava_last_layer_is_dead(tiny_dirs):
+    adapter = load(str(tiny_dirs["tiny-llava"]))
+    assert adapter.model.config.vision_feature_layer == -2
+    assert list(adapter.live_layers) == list(range(len(adapter.mlps) - 1))
+
+
+def test_layers_option_narrows_scope(tiny_dirs, data, tmp_path):
+    out = tmp_path / "out"
+    res = run_cli("prune-and-mask", "--model", tiny_dirs["tiny-qwen2-vl"], "--forget", data[0], "--retain", data[1],
+                  "--out", out, "--steps", 2, "--layers", "2-3", "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["scope"]["layers"] == [2, 3]
+    assert set(report["pruned_neurons"]) <= {"2", "3"}
+
+
+def test_dry_run_writes_nothing(tiny_dirs, data, tmp_path):
+    out = tmp_path / "out"
+    res = run_cli("prune-and-mask", "--model", tiny_dirs["tiny-llava"], "--forget", data[0], "--retain", data[1],
+                  "--out", out, "--dry-run", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["splits"] == {"fvqa": 5, "fqa": 3, "rvqa": 7, "rqa": 4}
+    assert not out.exists()
+
+
+def bad_run(tmp_path, model, forget, retain, *extra):
+    out = tmp_path / "out_bad"
+    proc = subprocess.run([sys.executable, "-m", "surgery.cli", "prune-and-mask", "--model", str(model),
+                           "--forget", str(forget), "--retain", str(retain), "--out", str(out), "--steps", "1", *extra],
+                          capture_output=True, text=True)
+    return proc, out
+
+
+def test_malformed_line_fails_cleanly(tiny_dirs, data, tmp_path):
+    forget = data[0]
+    lines = forget.read_text().splitlines()
+    lines[2] = '{"question": "who?", "answer": '
+    forget.write_text("\n".join(lines) + "\n")
+    proc, out = bad_run(tmp_path, tiny_dirs["tiny-llava"], forget, data[1])
+    assert proc.returncode != 0 and f"{forget}:3: malformed JSON" in proc.stderr
+    assert not out.exists() and not list(tmp_path.glob(".out_bad*"))
+
+
+def test_missing_image_fails_cleanly(tiny_dirs, data, tmp_path):
+    (data[0].parent / "forget_img" / "2.png").unlink()
+    proc, out = bad_run(tmp_path, tiny_dirs["tiny-llava"], data[0], data[1])
+    assert proc.returncode != 0 and "forget.jsonl:3: 'image' file not found: forget_img/2.png" in proc.stderr
+    assert not out.exists()
+
+
+def test_empty_forget_set_fails_cleanly(tiny_dirs, data, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    proc, out = bad_run(tmp_path, tiny_dirs["tiny-llava"], empty, data[1])
+    assert proc.returncode != 0 and "empty.jsonl: no rows" in proc.stderr
+    assert not out.exists()
+
+
+def test_unknown_model_type_fails_cleanly(tiny_dirs, data, tmp_path):
+    import shutil
+    bad = tmp_path / "bad_model"
+    shutil.copytree(tiny_dirs["tiny-llava"], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["model_type"] = "bert"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    proc, out = bad_run(tmp_path, bad, data[0], data[1])
+    assert proc.returncode != 0 and "unsupported model type 'bert'" in proc.stderr and "qwen2_vl" in proc.stderr
+    assert not out.exists()
+
+
+def test_existing_out_is_refused(tiny_dirs, data, tmp_path):
+    (tmp_path / "out_bad").mkdir()
+    (tmp_path / "out_bad" / "keep.txt").write_text("mine")
+    proc, out = bad_run(tmp_path, tiny_dirs["tiny-llava"], data[0], data[1])
+    assert proc.returncode != 0 and "already exists" in proc.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_failure_midway_leaves_no_output(tiny_dirs, data, tmp_path, monkeypatch):
+    import surgery.pipeline as pipeline
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated failure during unlearning")
+    monkeypatch.setattr(pipeline, "unlearn", boom)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["prune-and-mask", "--model", str(tiny_dirs["tiny-llava"]), "--forget",
+                                    str(data[0]), "--retain", str(data[1]), "--out", str(out)])
+    assert res.exit_code != 0 and "simulated failure" in res.output
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_inspect_json(tiny_dirs):
+    res = run_cli("inspect", "--model", tiny_dirs["tiny-qwen2.5-vl"], "--json")
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["model_type"] == "qwen2_5_vl" and info["mlp"]["inputs"] == ["gate_proj", "up_proj"]
+    assert info["live_layers"] == [0, 3] and info["scope_weights"] > 0

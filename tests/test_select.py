@@ -1,0 +1,43 @@
+import torch
+
+from surgery.saliency import Saliency
+from surgery.select import fisher_mask, fisher_union, neuron_importance, select_neurons
+
+
+def saliency(seed=0, H=6):
+    g = torch.Generator().manual_seed(seed)
+    sal = Saliency()
+    for s, n in {"fvqa": 2, "fqa": 1, "rvqa": 3, "rqa": 2}.items():
+        sal.stats[s] = {l: torch.rand(4, H, generator=g) * (s != "fqa") for l in (0, 1)}
+        sal.tokens[s] = {l: 10 * (s != "fqa") for l in (0, 1)}
+        sal.fisher[s] = {"w": torch.rand(3, 4, generator=g)}
+        sal.batches[s] = n
+    return sal
+
+
+def test_importance_is_the_ratio_of_mean_abs_activations():
+    sal = saliency()
+    imp = neuron_importance(sal, [0, 1], eps=1e-8)
+    for l in (0, 1):
+        num = sal.stats["fvqa"][l][1] / 10
+        den = sal.stats["rvqa"][l][1] / 10 + sal.stats["rqa"][l][1] / 10 + 1e-8
+        torch.testing.assert_close(imp[l], num / den)
+
+
+def test_select_by_threshold_and_by_fraction():
+    imp = {0: torch.tensor([0.1, 5.0, 2.0]), 1: torch.tensor([3.0, 0.2, 9.0, 1.0])}
+    assert {l: v.tolist() for l, v in select_neurons(imp, threshold=2.0).items()} == {0: [1, 2], 1: [0, 2]}
+    top = select_neurons(imp, frac=3 / 7)
+    assert {l: v.tolist() for l, v in top.items()} == {0: [1], 1: [0, 2]}
+    assert all(v.numel() == 0 for v in select_neurons(imp, frac=0.0).values())
+
+
+def test_fisher_mask_uses_batch_weighted_union():
+    sal = saliency()
+    union = fisher_union(sal)["w"]
+    manual = (sal.fisher["fqa"]["w"] * 1 + sal.fisher["rvqa"]["w"] * 3 + sal.fisher["rqa"]["w"] * 2) / 6
+    torch.testing.assert_close(union, manual)
+    ratio = sal.fisher["fvqa"]["w"] / (manual + 1e-8)
+    assert torch.equal(fisher_mask(sal, threshold=1.0)["w"], ratio >= 1.0)
+    top = fisher_mask(sal, threshold=None, frac=0.25)["w"]
+    assert int(top.sum()) == 3 and torch.equal(top, ratio >= ratio.flatten().topk(3).values.min())
