@@ -1,0 +1,93 @@
+import logging
+
+import numpy as np
+import pytest
+import torch
+import transformers as T
+from PIL import Image
+
+from surgery.models import Adapter, Example, family_of, load
+from surgery.models.tokenizer import build_tokenizer
+
+TEXT = dict(vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, head_dim=16)
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+              patch_size=8)
+OTHER_FAMILIES = {
+    "llava_next": (lambda: T.LlavaNextForConditionalGeneration(T.LlavaNextConfig(
+        vision_config=T.CLIPVisionConfig(**VISION), text_config=T.LlamaConfig(**TEXT),
+        image_grid_pinpoints=[[32, 32]])), [0, 1]),
+    "paligemma": (lambda: T.PaliGemmaForConditionalGeneration(T.PaliGemmaConfig(
+        vision_config=T.SiglipVisionConfig(**VISION), text_config=T.GemmaConfig(**TEXT))), [0, 1, 2]),
+    "idefics3": (lambda: T.Idefics3ForConditionalGeneration(T.Idefics3Config(
+        vision_config=T.Idefics3VisionConfig(**VISION), text_config=T.LlamaConfig(**TEXT))), [0, 1, 2]),
+    "smolvlm": (lambda: T.SmolVLMForConditionalGeneration(T.SmolVLMConfig(
+        vision_config=T.SmolVLMVisionConfig(**VISION), text_config=T.LlamaConfig(**TEXT))), [0, 1, 2]),
+}
+
+
+@pytest.mark.parametrize("family", sorted(OTHER_FAMILIES))
+def test_adapter_table_other_families(family):
+    build, live = OTHER_FAMILIES[family]
+    adapter = Adapter(build(), build_tokenizer())
+    assert adapter.model_type == family and list(adapter.live_layers) == live
+    assert len(adapter.mlps) == 3 and all(m.hidden == 64 for m in adapter.mlps)
+    scope = adapter.scope_params("mlp")
+    assert len(scope) == 4 * len(live)  # fc1/fc2 weight + bias per live layer
+    named = dict(adapter.model.named_parameters())
+    assert all(named[k] is p for k, p in scope.items())
+    vision = adapter.scope_params("vision")
+    assert set(scope) < set(vision) and any(k.startswith(adapter.family.projector) for k in vision)
+    assert not any("language_model" in k for k in vision)
+
+
+def test_unknown_model_type_lists_supported():
+    with pytest.raises(ValueError, match="unsupported model type 'bert'.*llava.*qwen2_5_vl"):
+        family_of("bert")
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl"])
+def test_labels_cover_answer_tokens_only(name):
+    adapter = load(name)
+    img = Image.fromarray((np.random.default_rng(0).random((30, 40, 3)) * 255).astype("uint8"))
+    batch = adapter.encode([Example("Who is this?", "Ada Lovelace", img), Example("Where?", "Oslo")])
+    tok = adapter.tokenizer
+    for i, answer in enumerate(["Ada Lovelace", "Oslo"]):
+        ids = batch.labels[i][batch.labels[i] != -100].tolist()
+        assert tok.decode(ids[:-1]).strip() == answer and ids[-1] == adapter._eos_id()
+    # padding is masked out of attention and labels; image tokens are never labels
+    assert ((batch.inputs["attention_mask"] == 0) <= (batch.labels == -100)).all()
+    image_id = adapter.model.config.image_token_id
+    assert ((batch.inputs["input_ids"] == image_id) <= (batch.labels == -100)).all()
+    assert (batch.inputs["input_ids"][0] == image_id).sum() == batch.feature_counts[0]
+    out = adapter.model(**batch.inputs)
+    assert torch.isfinite(out.logits).all()
+
+
+def test_dead_layer_request_warns(caplog):
+    adapter = load("tiny-llava")
+    with caplog.at_level(logging.WARNING, logger="surgery"):
+        kept = adapter.select_layers(range(2, 4))
+    assert [m.layer for m in kept] == [2] and "dead" in caplog.text
+    with pytest.raises(ValueError, match="has 4 layers"):
+        adapter.select_layers(range(3, 6))
+
+
+def test_alias_resolves_through_local_cache_only(tmp_path, monkeypatch, tiny_dirs):
+    import shutil
+
+    from surgery.models import resolve
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError, match="llava-hf/llava-1.5-7b-hf.*not in the local Hugging Face cache"):
+        resolve("llava")
+    repo = tmp_path / "hub" / "models--llava-hf--llava-1.5-7b-hf"
+    snap = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_dirs["tiny-llava"], snap)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    path = resolve("llava")
+    assert path.rstrip("/").endswith("0" * 40)
+    assert load(path).model_type == "llava"
