@@ -99,7 +99,7 @@ def inspect(model, device, dtype, seed, trust_remote_code, scope, layers, as_jso
     from .pipeline import resolve_dtype
     adapter = load(model, device=device, dtype=resolve_dtype(Config(device=device, dtype=dtype)),
                    trust_remote_code=trust_remote_code, seed=seed)
-    params = adapter.scope_params(scope, range(layers[0], layers[1] + 1) if layers else None)
+    params = adapter.scope_params(scope, adapter.select_layers(range(layers[0], layers[1] + 1) if layers else None))
     total = sum(p.numel() for p in adapter.model.parameters())
     result = {
         "model": model, "model_type": adapter.model_type, "vision_layers": len(adapter.mlps),

@@ -82,8 +82,9 @@ def prepare(cfg: Config):
     adapter = load(cfg.model, device=cfg.device, dtype=resolve_dtype(cfg), trust_remote_code=cfg.trust_remote_code,
                    seed=cfg.seed)
     layers = range(cfg.layers[0], cfg.layers[1] + 1) if cfg.layers else None
-    params = adapter.scope_params(cfg.scope, layers)
-    selected = [m.layer for m in adapter.select_layers(layers)]
+    mlps = adapter.select_layers(layers)
+    params = adapter.scope_params(cfg.scope, mlps)
+    selected = [m.layer for m in mlps]
     if not params:
         raise ValueError(f"scope {cfg.scope!r} with --layers {cfg.layers} selects no parameters")
     for p in adapter.model.parameters():

@@ -116,11 +116,12 @@ class Adapter:
             raise ValueError(f"--layers {layers.start}-{layers.stop - 1}: the vision encoder has {len(self.mlps)} layers")
         return [self.mlps[i] for i in wanted if i in self.live_layers]
 
-    def scope_params(self, scope: str, layers: range | None = None) -> dict[str, nn.Parameter]:
-        """Trainable parameters by name: 'mlp' (live vision MLPs, default), 'vision' (encoder + projector),
-        'full' (everything)."""
+    def scope_params(self, scope: str, mlps: list[VisionMLP] | None = None) -> dict[str, nn.Parameter]:
+        """Trainable parameters by name: 'mlp' (the given vision MLPs, default every live one), 'vision'
+        (encoder + projector), 'full' (everything)."""
         if scope == "mlp":
-            return {k: p for m in self.select_layers(layers) for k, p in self.mlp_params(m).items()}
+            mlps = self.select_layers(None) if mlps is None else mlps
+            return {k: p for m in mlps for k, p in self.mlp_params(m).items()}
         named = dict(self.model.named_parameters())
         if scope == "full":
             return named
