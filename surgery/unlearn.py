@@ -5,6 +5,7 @@
 The mask m acts on the gradient of the forget term only; the other terms update every trainable entry
 except pruned ones, which MaskedAdamW leaves untouched (exactly zero). Gradients are clipped after masking.
 """
+import inspect
 import logging
 import random
 
@@ -23,11 +24,12 @@ def projector_features(adapter: Adapter, rows: list[Row], batch_size: int = 8) -
     """The projector output for each row's image ([tokens, D] per row), from the vision tower and projector
     only. Used once on the vanilla model to cache the VKD teacher."""
     feats = []
+    image_features = adapter.model.model.get_image_features
+    accepted = set(inspect.signature(image_features).parameters) - {"input_ids", "attention_mask"}
     with torch.no_grad(), capture(adapter.projector) as out:
         for chunk in batches(rows, batch_size):
             batch = adapter.encode(examples(chunk)).to(adapter.device)
-            pixel_kw = {k: v for k, v in batch.inputs.items() if k in ("pixel_values", "image_grid_thw")}
-            adapter.model.model.get_image_features(**pixel_kw)
+            image_features(**{k: v for k, v in batch.inputs.items() if k in accepted})
             feats += split_rows(out.pop(), batch.feature_counts)
     return feats
 

@@ -228,7 +228,10 @@ class Adapter:
         inputs, labels = self._pad(seqs, labels, side)
         for key in rows[0]:
             inputs[key] = torch.cat([r[key] for r in rows])
-        return Batch(inputs, labels, [])
+        # projector outputs land 1:1 on the image placeholder tokens
+        image_id = getattr(self.model.config, "image_token_id", None) or self.model.config.image_token_index
+        counts = [int(n) for n, e in zip((inputs["input_ids"] == image_id).sum(1), examples) if e.image is not None]
+        return Batch(inputs, labels, counts)
 
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
