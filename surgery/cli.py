@@ -96,7 +96,8 @@ def main():
 def inspect(model, device, dtype, seed, trust_remote_code, scope, layers, as_json, verbose):
     """Show the adapter's view of a model: vision layers, live range, scope, parameter counts."""
     from .models import load
-    from .pipeline import resolve_dtype
+    from .pipeline import check_device, resolve_dtype
+    check_device(device)
     adapter = load(model, device=device, dtype=resolve_dtype(Config(device=device, dtype=dtype)),
                    trust_remote_code=trust_remote_code, seed=seed)
     params = adapter.scope_params(scope, adapter.select_layers(range(layers[0], layers[1] + 1) if layers else None))

@@ -31,6 +31,16 @@ def resolve_dtype(cfg: Config) -> torch.dtype:
             "fp16": torch.float16, "float16": torch.float16}[cfg.dtype]
 
 
+def check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: not a device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {device}: no such CUDA device on this machine "
+                         f"({torch.cuda.device_count()} visible)")
+
+
 def seed_everything(seed: int) -> None:
     import random
 
@@ -77,6 +87,7 @@ def prepare(cfg: Config):
     """Validate data, load the model, freeze everything outside the scope.
     Returns (splits, adapter, params, layers): the trainable parameters and the vision layers selected."""
     seed_everything(cfg.seed)
+    check_device(cfg.device)
     splits = load_splits(cfg.forget, cfg.retain)
     log.info("splits: %s", splits.counts())
     adapter = load(cfg.model, device=cfg.device, dtype=resolve_dtype(cfg), trust_remote_code=cfg.trust_remote_code,

@@ -158,3 +158,10 @@ def test_inspect_json(tiny_dirs):
     info = json.loads(res.stdout)
     assert info["model_type"] == "qwen2_5_vl" and info["mlp"]["inputs"] == ["gate_proj", "up_proj"]
     assert info["live_layers"] == [0, 3] and info["scope_weights"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_missing_cuda_device_is_a_clear_error(data, tmp_path):
+    res = CliRunner().invoke(main, ["prune-and-mask", "--forget", str(data[0]), "--retain", str(data[1]),
+                                    "--out", str(tmp_path / "o"), "--device", "cuda"])
+    assert res.exit_code == 1 and "--device cuda: no such CUDA device" in res.output
