@@ -8,6 +8,11 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Without a GPU, run the Triton kernels on CPU tensors through the interpreter (must precede their import).
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def write_split(path, n_vqa: int, n_qa: int, seed: int, prefix: str = "p"):
