@@ -32,3 +32,19 @@ def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, masks, *, step: int, lr:
             p.copy_(torch.where(mask, p_new, pf))
             m.copy_(torch.where(mask, m_new, m))
             v.copy_(torch.where(mask, v_new, v))
+
+
+def sparse_adamw_(params, grads, exp_avgs, exp_avg_sqs, indices, *, step: int, lr: float, beta1: float,
+                  beta2: float, eps: float, weight_decay: float) -> None:
+    """masked_adamw_ with compact state: `indices[i]` (int32 [nnz]) are the flat positions of the masked
+    entries of params[i]; exp_avgs[i] / exp_avg_sqs[i] are fp32 [nnz]. Other entries are untouched."""
+    bc1 = 1 - beta1**step
+    bc2_sqrt = (1 - beta2**step) ** 0.5
+    with torch.no_grad():
+        for p, g, m, v, idx in zip(params, grads, exp_avgs, exp_avg_sqs, indices, strict=True):
+            flat, idx = p.view(-1), idx.long()
+            pf, gf = flat[idx].float(), g.reshape(-1)[idx].float()
+            m.lerp_(gf, 1 - beta1)
+            v.mul_(beta2).addcmul_(gf, gf, value=1 - beta2)
+            denom = (v.sqrt() / bc2_sqrt).add_(eps)
+            flat[idx] = pf.mul_(1 - lr * weight_decay).addcdiv_(m, denom, value=-lr / bc1).to(p.dtype)

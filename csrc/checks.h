@@ -1,0 +1,91 @@
+// Argument validation shared by the CPU and CUDA kernels: a bad call raises, it never touches memory.
+#pragma once
+#include <ATen/ATen.h>
+
+namespace surgery {
+
+inline void check_prune(at::TensorList fc_in, at::TensorList bias, const at::Tensor& fc_out,
+                        const at::Tensor& neurons) {
+  TORCH_CHECK(!fc_in.empty(), "prune_neurons_: fc_in is empty");
+  TORCH_CHECK(bias.empty() || bias.size() == fc_in.size(), "prune_neurons_: ", bias.size(), " biases for ",
+              fc_in.size(), " input projections");
+  TORCH_CHECK(fc_out.dim() == 2 && fc_out.is_contiguous(), "prune_neurons_: fc_out must be a contiguous [D, H] matrix");
+  const int64_t H = fc_out.size(1);
+  for (size_t k = 0; k < fc_in.size(); ++k) {
+    TORCH_CHECK(fc_in[k].dim() == 2 && fc_in[k].size(0) == H && fc_in[k].is_contiguous(), "prune_neurons_: fc_in[", k,
+                "] must be a contiguous [", H, ", D] matrix, got ", fc_in[k].sizes());
+    TORCH_CHECK(fc_in[k].device() == fc_out.device(), "prune_neurons_: fc_in[", k, "] is on ", fc_in[k].device(),
+                ", fc_out on ", fc_out.device());
+    if (!bias.empty()) {
+      TORCH_CHECK(bias[k].dim() == 1 && bias[k].size(0) == H && bias[k].device() == fc_out.device(),
+                  "prune_neurons_: fc_in_bias[", k, "] must be [", H, "] on ", fc_out.device());
+    }
+  }
+  TORCH_CHECK(neurons.dim() == 1 && neurons.scalar_type() == at::kLong, "prune_neurons_: neurons must be int64 [n]");
+  TORCH_CHECK(neurons.device() == fc_out.device(), "prune_neurons_: neurons on ", neurons.device(), ", weights on ",
+              fc_out.device());
+  if (neurons.numel()) {
+    auto lo = neurons.min().item<int64_t>(), hi = neurons.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < H, "prune_neurons_: neuron index out of range [0, ", H, "): min ", lo, ", max ", hi);
+  }
+}
+
+// kind: "masks" (dense: bool, same shape as the param) or "indices" (compact: int32 [nnz], state [nnz])
+inline void check_adamw(const char* op, at::TensorList params, at::TensorList grads, at::TensorList m,
+                        at::TensorList v, at::TensorList sel, bool dense, int64_t step) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && m.size() == n && v.size() == n && sel.size() == n, op,
+              ": lists differ in length (params ", n, ", grads ", grads.size(), ", exp_avgs ", m.size(),
+              ", exp_avg_sqs ", v.size(), dense ? ", masks " : ", indices ", sel.size(), ")");
+  TORCH_CHECK(step >= 1, op, ": step must be >= 1, got ", step);
+  for (size_t i = 0; i < n; ++i) {
+    const auto& p = params[i];
+    const auto dev = p.device();
+    TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kBFloat16 || p.scalar_type() == at::kHalf,
+                op, ": params[", i, "] must be fp32, bf16 or fp16, got ", p.scalar_type());
+    TORCH_CHECK(grads[i].scalar_type() == p.scalar_type() && grads[i].sizes() == p.sizes(), op, ": grads[", i,
+                "] must match params[", i, "] (", p.sizes(), " ", p.scalar_type(), "), got ", grads[i].sizes(), " ",
+                grads[i].scalar_type());
+    const auto state = dense ? p.sizes() : sel[i].sizes();
+    TORCH_CHECK(m[i].scalar_type() == at::kFloat && v[i].scalar_type() == at::kFloat && m[i].sizes() == state &&
+                v[i].sizes() == state, op, ": exp_avgs[", i, "] and exp_avg_sqs[", i, "] must be fp32 of shape ", state);
+    if (dense) {
+      TORCH_CHECK(sel[i].scalar_type() == at::kBool && sel[i].sizes() == p.sizes(), op, ": masks[", i,
+                  "] must be bool of shape ", p.sizes());
+    } else {
+      TORCH_CHECK(sel[i].scalar_type() == at::kInt && sel[i].dim() == 1, op, ": indices[", i, "] must be int32 [nnz]");
+    }
+    for (const auto* t : {&grads[i], &m[i], &v[i], &sel[i]}) {
+      TORCH_CHECK(t->device() == dev, op, ": tensors of entry ", i, " are on different devices (", dev, ", ",
+                  t->device(), ")");
+    }
+    for (const auto* t : {&p, &grads[i], &m[i], &v[i], &sel[i]}) {
+      TORCH_CHECK(t->is_contiguous(), op, ": every tensor of entry ", i, " must be contiguous");
+    }
+    if (!dense && sel[i].numel()) {
+      auto lo = sel[i].min().item<int>(), hi = sel[i].max().item<int>();
+      TORCH_CHECK(lo >= 0 && hi < p.numel(), op, ": indices[", i, "] out of range [0, ", p.numel(), ")");
+    }
+  }
+}
+
+struct AdamW {
+  float lr, beta1, beta2, eps, wd, bc1, bc2_sqrt;
+  AdamW(int64_t step, double lr_, double b1, double b2, double eps_, double wd_)
+      : lr(lr_), beta1(b1), beta2(b2), eps(eps_), wd(wd_),
+        bc1(1.0 - std::pow(b1, (double)step)), bc2_sqrt(std::sqrt(1.0 - std::pow(b2, (double)step))) {}
+  // torch.optim.AdamW's order: p *= 1 - lr·wd; m = lerp(m, g, 1-β1); v = β2·v + (1-β2)·g²;
+  // denom = √v/√(1-β2^t) + eps; p -= lr/(1-β1^t) · m/denom.
+#if defined(__CUDACC__)
+  __host__ __device__
+#endif
+  inline void update(float& p, float g, float& m, float& v) const {
+    p *= 1.0f - lr * wd;
+    m += (1.0f - beta1) * (g - m);
+    v = beta2 * v + (1.0f - beta2) * g * g;
+    const float denom = sqrtf(v) / bc2_sqrt + eps;
+    p -= (lr / bc1) * (m / denom);
+  }
+};
+
+}  // namespace surgery

@@ -1,0 +1,62 @@
+// masked_adamw_ (dense state) and sparse_adamw_ (compact state) on CPU: fp32 math, at::parallel_for.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "checks.h"
+
+namespace surgery {
+
+void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                      at::TensorList masks, int64_t step, double lr, double beta1, double beta2, double eps,
+                      double weight_decay) {
+  check_adamw("masked_adamw_", params, grads, exp_avgs, exp_avg_sqs, masks, true, step);
+  const AdamW opt(step, lr, beta1, beta2, eps, weight_decay);
+  for (size_t i = 0; i < params.size(); ++i) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[i].scalar_type(), "masked_adamw_", [&] {
+      scalar_t* p = params[i].data_ptr<scalar_t>();
+      const scalar_t* g = grads[i].data_ptr<scalar_t>();
+      float* m = exp_avgs[i].data_ptr<float>();
+      float* v = exp_avg_sqs[i].data_ptr<float>();
+      const bool* keep = masks[i].data_ptr<bool>();
+      at::parallel_for(0, params[i].numel(), 4096, [&](int64_t a, int64_t b) {
+        for (int64_t j = a; j < b; ++j) {
+          if (!keep[j]) continue;
+          float pj = static_cast<float>(p[j]);
+          opt.update(pj, static_cast<float>(g[j]), m[j], v[j]);
+          p[j] = static_cast<scalar_t>(pj);
+        }
+      });
+    });
+  }
+}
+
+void sparse_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                      at::TensorList indices, int64_t step, double lr, double beta1, double beta2, double eps,
+                      double weight_decay) {
+  check_adamw("sparse_adamw_", params, grads, exp_avgs, exp_avg_sqs, indices, false, step);
+  const AdamW opt(step, lr, beta1, beta2, eps, weight_decay);
+  for (size_t i = 0; i < params.size(); ++i) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[i].scalar_type(), "sparse_adamw_", [&] {
+      scalar_t* p = params[i].data_ptr<scalar_t>();
+      const scalar_t* g = grads[i].data_ptr<scalar_t>();
+      float* m = exp_avgs[i].data_ptr<float>();
+      float* v = exp_avg_sqs[i].data_ptr<float>();
+      const int* idx = indices[i].data_ptr<int>();
+      at::parallel_for(0, indices[i].numel(), 4096, [&](int64_t a, int64_t b) {
+        for (int64_t k = a; k < b; ++k) {
+          const int j = idx[k];
+          float pj = static_cast<float>(p[j]);
+          opt.update(pj, static_cast<float>(g[j]), m[k], v[k]);
+          p[j] = static_cast<scalar_t>(pj);
+        }
+      });
+    });
+  }
+}
+
+TORCH_LIBRARY_IMPL(surgery, CPU, m) {
+  m.impl("masked_adamw_", &masked_adamw_cpu);
+  m.impl("sparse_adamw_", &sparse_adamw_cpu);
+}
+
+}  // namespace surgery

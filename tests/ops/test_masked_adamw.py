@@ -1,0 +1,103 @@
+import pytest
+import torch
+
+import surgery.ops as ops
+from surgery.ops import reference
+
+SHAPES = [(1,), (7, 33), (129, 5), (3, 4, 17)]
+HP = dict(lr=3e-3, beta1=0.9, beta2=0.995, eps=1e-8)
+
+
+def fresh(device, dtype, seed, density):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    params = [torch.randn(s, generator=g).to(device, dtype) for s in SHAPES]
+    masks = [(torch.rand(s, generator=g) < density).to(device) for s in SHAPES]
+    grads = [[torch.randn(s, generator=g).to(device, dtype) for s in SHAPES] for _ in range(7)]
+    return params, masks, grads
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.05])
+def test_all_true_mask_matches_torch_adamw(device, wd):
+    params, _, grads = fresh(device, torch.float32, 1, 1.0)
+    ref = [p.clone().requires_grad_(True) for p in params]
+    opt = torch.optim.AdamW(ref, lr=HP["lr"], betas=(HP["beta1"], HP["beta2"]), eps=HP["eps"], weight_decay=wd,
+                            foreach=False)
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    masks = [torch.ones_like(p, dtype=torch.bool) for p in params]
+    for step, gs in enumerate(grads, 1):
+        for r, g in zip(ref, gs):
+            r.grad = g.clone()
+        opt.step()
+        ops.masked_adamw_(params, gs, m, v, masks, step=step, weight_decay=wd, **HP)
+    for p, r, mi, vi in zip(params, ref, m, v):
+        st = opt.state[r]
+        torch.testing.assert_close(p, r.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mi, st["exp_avg"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(vi, st["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_out_entries_bit_identical_and_matches_reference(device, dtype):
+    params, masks, grads = fresh(device, dtype, 2, 0.3)
+    before = [p.clone() for p in params]
+    twin = [p.clone() for p in params]
+    m, v = ([torch.rand(p.shape, device=device) for p in params] for _ in range(2))
+    rm, rv = [x.clone() for x in m], [x.clone() for x in v]
+    m0, v0 = [x.clone() for x in m], [x.clone() for x in v]
+    for step, gs in enumerate(grads * 3, 1):
+        ops.masked_adamw_(params, gs, m, v, masks, step=step, weight_decay=0.1, **HP)
+        reference.masked_adamw_(twin, gs, rm, rv, masks, step=step, weight_decay=0.1, **HP)
+    for p, b, t, k, mi, vi, mi0, vi0 in zip(params, before, twin, masks, m, v, m0, v0):
+        assert torch.equal(p[~k], b[~k]) and torch.equal(mi[~k], mi0[~k]) and torch.equal(vi[~k], vi0[~k])
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(p.float(), t.float(), rtol=tol, atol=tol)
+        assert not torch.equal(p[k], b[k]) or k.sum() == 0
+
+
+def test_compact_equals_dense_on_masked_entries(device):
+    params, masks, grads = fresh(device, torch.float32, 3, 0.1)
+    dense = [p.clone() for p in params]
+    idx = [torch.nonzero(k.reshape(-1)).flatten().int() for k in masks]
+    m = [torch.zeros(i.numel(), device=device) for i in idx]
+    v = [torch.zeros(i.numel(), device=device) for i in idx]
+    dm = [torch.zeros_like(p) for p in params]
+    dv = [torch.zeros_like(p) for p in params]
+    for step, gs in enumerate(grads, 1):
+        ops.sparse_adamw_(params, gs, m, v, idx, step=step, weight_decay=0.01, **HP)
+        ops.masked_adamw_(dense, gs, dm, dv, masks, step=step, weight_decay=0.01, **HP)
+    for p, d, mi, dmi, i in zip(params, dense, m, dm, idx):
+        assert torch.equal(p, d)
+        assert torch.equal(mi, dmi.reshape(-1)[i.long()])
+
+
+def test_opcheck(device):
+    params, masks, grads = fresh(device, torch.float32, 4, 0.5)
+    state = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    torch.library.opcheck(torch.ops.surgery.masked_adamw_.default,
+                          (params, grads[0], *state, masks, 1, 1e-3, 0.9, 0.999, 1e-8, 0.0))
+    idx = [torch.nonzero(k.reshape(-1)).flatten().int() for k in masks]
+    sstate = [torch.zeros(i.numel(), device=device) for i in idx], [torch.zeros(i.numel(), device=device) for i in idx]
+    torch.library.opcheck(torch.ops.surgery.sparse_adamw_.default,
+                          (params, grads[0], *sstate, idx, 1, 1e-3, 0.9, 0.999, 1e-8, 0.01))
+
+
+def test_bad_calls_raise(device):
+    params, masks, grads = fresh(device, torch.float32, 5, 0.5)
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    call = lambda *a, **k: ops.masked_adamw_(*a, **{**dict(step=1, weight_decay=0.0, **HP), **k})  # noqa: E731
+    with pytest.raises(RuntimeError, match="lists differ in length"):
+        call(params, grads[0][:-1], m, v, masks)
+    with pytest.raises(RuntimeError, match="grads\\[1\\] must match"):
+        call(params, [grads[0][0], grads[0][1].t().contiguous(), *grads[0][2:]], m, v, masks)
+    with pytest.raises(RuntimeError, match="must be bool"):
+        call(params, grads[0], m, v, [k.float() for k in masks])
+    with pytest.raises(RuntimeError, match="must be fp32"):
+        call(params, grads[0], [x.double() for x in m], v, masks)
+    with pytest.raises(RuntimeError, match="step must be >= 1"):
+        call(params, grads[0], m, v, masks, step=0)
+    idx = [torch.tensor([0, p.numel()], dtype=torch.int32, device=device) for p in params]
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.sparse_adamw_(params, grads[0], [torch.zeros(2, device=device)] * 4, [torch.zeros(2, device=device)] * 4,
+                          idx, step=1, weight_decay=0.0, **HP)
