@@ -27,7 +27,7 @@ def extensions():
     cxx = ["-O3", "-std=c++17"]
     if cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.9;9.0")
-        ext = CUDAExtension("surgery._C", cpu + sorted(glob.glob("csrc/cuda/*.cu")),
+        ext = CUDAExtension("surgery._C", cpu + sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu")),
                             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]})
     else:
         ext = CppExtension("surgery._C", cpu, extra_compile_args={"cxx": cxx})

@@ -1,8 +1,6 @@
 // prune_neurons_ on CUDA: one launch zeroes the rows of each input projection (and bias), one the columns of fc_out.
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include "../checks.h"
 
@@ -27,10 +25,10 @@ __global__ void zero_cols(T* w, const int64_t* idx, int64_t n, int64_t rows, int
 
 static int blocks_for(int64_t work) { return (int)std::min<int64_t>((work + 255) / 256, 65535); }
 
-void prune_neurons_cuda(at::TensorList fc_in, at::TensorList bias, const at::Tensor& fc_out, const at::Tensor& neurons) {
-  check_prune(fc_in, bias, fc_out, neurons);
+// Launcher only: validation and registration live in ops_cuda.cpp (host C++), so nothing here throws.
+cudaError_t prune_neurons_launch(at::TensorList fc_in, at::TensorList bias, const at::Tensor& fc_out,
+                                 const at::Tensor& neurons) {
   const int64_t n = neurons.numel();
-  if (n == 0) return;
   const c10::cuda::CUDAGuard guard(fc_out.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   for (size_t k = 0; k < fc_in.size(); ++k) {
@@ -40,15 +38,13 @@ void prune_neurons_cuda(at::TensorList fc_in, at::TensorList bias, const at::Ten
       zero_rows<scalar_t><<<blocks_for(n * cols), 256, 0, stream>>>(fc_in[k].data_ptr<scalar_t>(), b,
                                                                      neurons.data_ptr<int64_t>(), n, cols);
     });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, fc_out.scalar_type(), "prune_cols", [&] {
     zero_cols<scalar_t><<<blocks_for(n * fc_out.size(0)), 256, 0, stream>>>(
         fc_out.data_ptr<scalar_t>(), neurons.data_ptr<int64_t>(), n, fc_out.size(0), fc_out.size(1));
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return cudaGetLastError();
 }
-
-TORCH_LIBRARY_IMPL(surgery, CUDA, m) { m.impl("prune_neurons_", &prune_neurons_cuda); }
 
 }  // namespace surgery
