@@ -24,11 +24,11 @@ def extensions():
         return [], {}
     flag = os.environ.get("SURGERY_CUDA")
     cuda = flag == "1" or (flag != "0" and torch.version.cuda is not None and CUDA_HOME is not None)
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3"]  # the C++ standard is BuildExtension's: it must match libtorch's (C++20 headers), or c10::Error crashes when thrown
     if cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.9;9.0")
         ext = CUDAExtension("surgery._C", cpu + sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu")),
-                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]})
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]})
     else:
         ext = CppExtension("surgery._C", cpu, extra_compile_args={"cxx": cxx})
     return [ext], {"build_ext": BuildExtension}

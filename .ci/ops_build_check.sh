@@ -18,7 +18,7 @@ if [ -z "$(python -c "import torch; print(torch.version.cuda or '')")" ]; then
 fi
 for cu in csrc/cuda/*.cu; do
   for sm in 80 89 90; do
-    "$NVCC" -c "$cu" -o "$tmp/$(basename "$cu" .cu)_sm$sm.o" $includes -I"$pyinc" -std=c++17 -O3 \
+    "$NVCC" -c "$cu" -o "$tmp/$(basename "$cu" .cu)_sm$sm.o" $includes -I"$pyinc" -std=c++20 -O3 \
       -gencode=arch=compute_$sm,code=sm_$sm -Xcompiler -fPIC -D_GLIBCXX_USE_CXX11_ABI=$abi \
       -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H --expt-relaxed-constexpr \
       -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \

@@ -35,22 +35,28 @@ def _stats_kernel(z_ptr, mask_ptr, part_ptr, n_rows, H, stride_row, rows_per_pro
     tl.store(base + 3 * H, pos, mask=col_ok)
 
 
+# GPU launch shape: columns per program, rows per tile, programs per SM, warps (set from the sweep
+# in benchmarks/sweep_activation_stats.py)
+CUDA_CONFIG = dict(block_h=128, block_r=32, programs_per_sm=4, num_warps=4)
+
+
 def _launch(z2: torch.Tensor, row_mask: torch.Tensor | None) -> torch.Tensor:
     """z2: [N, H] with unit column stride -> [4, H] fp32 (two stages: partials, then a fixed-order sum)."""
     n, h = z2.shape
-    block_h = min(128, triton.next_power_of_2(h))
+    cfg = CUDA_CONFIG if z2.is_cuda else dict(block_h=128, block_r=16, programs_per_sm=0, num_warps=4)
+    block_h = min(cfg["block_h"], triton.next_power_of_2(h))
     col_blocks = triton.cdiv(h, block_h)
     if z2.is_cuda:
-        target = 4 * torch.cuda.get_device_properties(z2.device).multi_processor_count
-        row_blocks = max(1, min(triton.cdiv(n, 32), triton.cdiv(target, col_blocks)))
+        target = cfg["programs_per_sm"] * torch.cuda.get_device_properties(z2.device).multi_processor_count
+        row_blocks = max(1, min(triton.cdiv(n, cfg["block_r"]), triton.cdiv(target, col_blocks)))
     else:  # the interpreter: few programs
         row_blocks = max(1, min(4, triton.cdiv(n, 16)))
     rows_per_prog = triton.cdiv(max(n, 1), row_blocks)
     partial = torch.empty((row_blocks, 4, h), device=z2.device, dtype=torch.float32)
     mask = row_mask if row_mask is not None else z2  # unused pointer when HAS_MASK is False
     _stats_kernel[(row_blocks, col_blocks)](z2, mask, partial, n, h, z2.stride(0), rows_per_prog,
-                                            HAS_MASK=row_mask is not None, BLOCK_R=16 if not z2.is_cuda else 32,
-                                            BLOCK_H=block_h, num_warps=4)
+                                            HAS_MASK=row_mask is not None, BLOCK_R=cfg["block_r"],
+                                            BLOCK_H=block_h, num_warps=cfg["num_warps"])
     return partial.sum(0)
 
 

@@ -39,14 +39,6 @@ def _compiled(op: str, device) -> bool:
     return False
 
 
-def _same_lengths(op: str, **lists) -> None:
-    # Checked here as well as in C++: on CUDA, torch.ops.surgery.*_ with lists of unequal length crashed the
-    # process (segfault seen on an H100, torch 2.11) before the C++ check could raise.
-    lengths = {k: len(v) for k, v in lists.items()}
-    if len(set(lengths.values())) > 1:
-        raise RuntimeError(f"{op}: lists differ in length ({', '.join(f'{k} {n}' for k, n in lengths.items())})")
-
-
 def prune_neurons_(fc_in, fc_in_bias, fc_out: torch.Tensor, neurons: torch.Tensor) -> None:
     """Zero rows `neurons` of each input projection [H, D] (a tensor, or a list for gated MLPs) and of its
     bias (tensor, list or None), and columns `neurons` of fc_out [D, H], in place."""
@@ -62,7 +54,6 @@ def prune_neurons_(fc_in, fc_in_bias, fc_out: torch.Tensor, neurons: torch.Tenso
 
 def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, masks, *, step, lr, beta1, beta2, eps, weight_decay) -> None:
     """torch.optim.AdamW's update where masks[i] is True; other entries (params and moments) untouched."""
-    _same_lengths("masked_adamw_", params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, masks=masks)
     if params and not _compiled("masked_adamw_", params[0].device):
         return reference.masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, masks, step=step, lr=lr, beta1=beta1,
                                        beta2=beta2, eps=eps, weight_decay=weight_decay)
@@ -72,8 +63,6 @@ def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, masks, *, step, lr, beta
 
 def sparse_adamw_(params, grads, exp_avgs, exp_avg_sqs, indices, *, step, lr, beta1, beta2, eps, weight_decay) -> None:
     """masked_adamw_ with compact state addressed by int32 flat `indices` (state fp32 [nnz])."""
-    _same_lengths("sparse_adamw_", params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
-                  indices=indices)
     if params and not _compiled("sparse_adamw_", params[0].device):
         return reference.sparse_adamw_(params, grads, exp_avgs, exp_avg_sqs, indices, step=step, lr=lr, beta1=beta1,
                                        beta2=beta2, eps=eps, weight_decay=weight_decay)

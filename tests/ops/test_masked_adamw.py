@@ -42,7 +42,8 @@ def test_masked_out_entries_bit_identical_and_matches_reference(device, dtype):
     params, masks, grads = fresh(device, dtype, 2, 0.3)
     before = [p.clone() for p in params]
     twin = [p.clone() for p in params]
-    m, v = ([torch.rand(p.shape, device=device) for p in params] for _ in range(2))
+    torch.manual_seed(20)
+    m, v = ([torch.rand(p.shape).to(device) for p in params] for _ in range(2))
     rm, rv = [x.clone() for x in m], [x.clone() for x in v]
     m0, v0 = [x.clone() for x in m], [x.clone() for x in v]
     for step, gs in enumerate(grads * 3, 1):
@@ -52,7 +53,8 @@ def test_masked_out_entries_bit_identical_and_matches_reference(device, dtype):
         assert torch.equal(p[~k], b[~k]) and torch.equal(mi[~k], mi0[~k]) and torch.equal(vi[~k], vi0[~k])
         tol = 1e-5 if dtype == torch.float32 else 1e-2
         torch.testing.assert_close(p.float(), t.float(), rtol=tol, atol=tol)
-        assert not torch.equal(p[k], b[k]) or k.sum() == 0
+        if dtype == torch.float32:  # in bf16 a few small steps can round back to the start
+            assert not torch.equal(p[k], b[k]) or k.sum() == 0
 
 
 def test_compact_equals_dense_on_masked_entries(device):
@@ -83,8 +85,6 @@ def test_opcheck(device):
 
 
 def test_bad_calls_raise(device):
-    if device == "cuda":
-        pytest.skip("open bug: a failing TORCH_CHECK on the CUDA dispatch path segfaulted (H100, torch 2.11)")
     params, masks, grads = fresh(device, torch.float32, 5, 0.5)
     m = [torch.zeros_like(p) for p in params]
     v = [torch.zeros_like(p) for p in params]
