@@ -37,7 +37,7 @@ def _stats_kernel(z_ptr, mask_ptr, part_ptr, n_rows, H, stride_row, rows_per_pro
 
 # GPU launch shape: columns per program, rows per tile, programs per SM, warps (set from the sweep
 # in benchmarks/sweep_activation_stats.py)
-CUDA_CONFIG = dict(block_h=128, block_r=32, programs_per_sm=4, num_warps=4)
+CUDA_CONFIG = dict(block_h=128, block_r=64, programs_per_sm=8, num_warps=4)
 
 
 def _launch(z2: torch.Tensor, row_mask: torch.Tensor | None) -> torch.Tensor:
