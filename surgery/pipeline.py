@@ -98,10 +98,7 @@ def prepare(cfg: Config):
     selected = [m.layer for m in mlps]
     if not params:
         raise ValueError(f"scope {cfg.scope!r} with --layers {cfg.layers} selects no parameters")
-    for p in adapter.model.parameters():
-        p.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
+    adapter.train_only(params)
     return splits, adapter, params, selected
 
 
@@ -148,8 +145,7 @@ def prune_and_mask(cfg: Config, overwrite: bool = False) -> dict:
                           weight_decay=cfg.weight_decay, steps=cfg.steps, batch_size=cfg.batch_size,
                           max_grad_norm=cfg.max_grad_norm, seed=cfg.seed)
         timings["unlearn_s"] = time.perf_counter() - t
-        for p in adapter.model.parameters():
-            p.requires_grad_(False)
+        adapter.train_only({})
         save(adapter, tmp)
         timings["total_s"] = time.perf_counter() - t0
         report = {

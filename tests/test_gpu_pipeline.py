@@ -16,10 +16,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def collected(model_dir, data, device):
     adapter = load(str(model_dir), device=device)
     params = adapter.scope_params("mlp")
-    for p in adapter.model.parameters():
-        p.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
+    adapter.train_only(params)
     return collect(adapter, load_splits(*data), params, batch_size=4, progress=False)
 
 

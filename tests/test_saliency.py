@@ -56,10 +56,7 @@ def test_collect_matches_independent_computation(name, tiny_dirs, data, tmp_path
     adapter = load(str(tiny_dirs[name]))
     splits = load_splits(*data)
     params = adapter.scope_params("mlp")
-    for p in adapter.model.parameters():
-        p.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
+    adapter.train_only(params)
     sal = collect(adapter, splits, params, batch_size=3, progress=False)
     sal.save(tmp_path / "saliency.safetensors")
     sal = Saliency.load(tmp_path / "saliency.safetensors")

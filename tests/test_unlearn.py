@@ -14,10 +14,7 @@ def setup(tiny_dirs, data):
     adapter = load(str(tiny_dirs["tiny-llava"]))
     splits = load_splits(*data)
     params = adapter.scope_params("mlp")
-    for p in adapter.model.parameters():
-        p.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
+    adapter.train_only(params)
     return adapter, splits, params
 
 

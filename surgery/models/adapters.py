@@ -130,6 +130,13 @@ class Adapter:
             return {k: p for k, p in named.items() if k.startswith(tower + ".") or k.startswith(self.family.projector + ".")}
         raise ValueError(f"unknown scope {scope!r}; choose one of {', '.join(SCOPES)}")
 
+    def train_only(self, params: dict[str, nn.Parameter]) -> None:
+        """requires_grad on `params` only: everything else (the LLM, by default) is frozen."""
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for p in params.values():
+            p.requires_grad_(True)
+
     # ----- inputs -----
     @property
     def device(self):
