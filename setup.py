@@ -24,7 +24,7 @@ def extensions():
         return [], {}
     flag = os.environ.get("SURGERY_CUDA")
     cuda = flag == "1" or (flag != "0" and torch.version.cuda is not None and CUDA_HOME is not None)
-    cxx = ["-O3"]  # the C++ standard is BuildExtension's: it must match libtorch's (C++20 headers), or c10::Error crashes when thrown
+    cxx = ["-O3"]  # the C++ standard is left to BuildExtension (torch's own default)
     if cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.9;9.0")
         ext = CUDAExtension("surgery._C", cpu + sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu")),
