@@ -1,45 +1,89 @@
 """Triton kernels for saliency collection (installed as `surgery.kernels`).
 
-CUDA tensors run the Triton kernels; CPU tensors take the reference twin, except under
-TRITON_INTERPRET=1 (set before this module is imported), where they run the Triton kernels too."""
+Which path a call takes: CUDA tensors run the Triton kernels; CPU tensors run the PyTorch reference twin
+(`surgery.kernels.reference`), except under TRITON_INTERPRET=1, where they run the Triton kernels through
+Triton's interpreter (tests without a GPU). Triton decides at `import triton` whether its functions are
+compiled or interpreted, so the variable must be set before triton is first imported; `INTERPRET` says
+whether it was. Without triton everything takes the reference path (one warning when a CUDA tensor
+arrives). `calls` counts the calls taken per path."""
 import os
 import warnings
+from collections import Counter
+
+import torch
 
 from . import reference
 
 try:
-    from . import activation_stats as _stats
-    from . import fisher as _fisher
+    import triton  # noqa: F401
     HAS_TRITON = True
-except ImportError:  # no triton: everything takes the reference path
+except ImportError:
     HAS_TRITON = False
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+calls: Counter = Counter()  # "triton" / "reference": calls taken per path (tests check which path ran)
 _warned = False
 
 
+def _triton_interpreted() -> bool:
+    """Whether triton's own @jit functions were defined for the interpreter (TRITON_INTERPRET=1 at its import)."""
+    import triton.language.standard as std
+    from triton.runtime.jit import JITFunction
+    return not any(isinstance(v, JITFunction) for v in vars(std).values())
+
+
+INTERPRET = False
+if HAS_TRITON:
+    from . import activation_stats as _stats  # binds the name to the module; the def below rebinds it
+    from . import fisher as _fisher
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        INTERPRET = _triton_interpreted()
+        if not INTERPRET:
+            warnings.warn("TRITON_INTERPRET=1 was set after triton was imported: CPU tensors take the "
+                          "PyTorch reference path of surgery.kernels", stacklevel=2)
+
+
 def use_triton(t) -> bool:
-    """Whether a call on tensor `t` runs the Triton kernel."""
+    """Whether a call on tensor `t` runs the Triton kernel (else the reference twin)."""
     global _warned
-    if t.is_cuda and not HAS_TRITON and not _warned:
-        warnings.warn("triton is not installed: surgery.kernels runs its PyTorch reference path", stacklevel=3)
-        _warned = True
-    return HAS_TRITON and (t.is_cuda or (INTERPRET and t.device.type == "cpu"))
+    if not isinstance(t, torch.Tensor):
+        return False
+    if not HAS_TRITON:
+        if t.is_cuda and not _warned:
+            warnings.warn("triton is not installed: surgery.kernels runs its PyTorch reference path", stacklevel=3)
+            _warned = True
+        return False
+    return t.is_cuda or (INTERPRET and t.device.type == "cpu")
 
 
 def activation_stats(z, out=None, row_mask=None):
-    """z: [..., H] fp32/fp16/bf16 -> [4, H] fp32 rows Σz, Σ|z|, Σz², count(z>0); added into `out` if given.
-    row_mask: bool z.shape[:-1], False rows excluded. Deterministic, fp32 accumulation."""
+    """z: [..., H] fp32/fp16/bf16 -> [4, H] fp32 rows Σz, Σ|z|, Σz², count(z>0), added into `out` when
+    given (fp32 [4, H], same device; returned). row_mask: bool z.shape[:-1]; False rows are left out.
+    One read of z, fp32 accumulation, deterministic (same bits on every run)."""
     if use_triton(z):
+        calls["triton"] += 1
         return _stats.activation_stats(z, out, row_mask)
+    calls["reference"] += 1
     return reference.activation_stats(z, out, row_mask)
 
 
 def fisher_accumulate_(fisher, grads, scale=1.0):
-    """fisher[i] += scale * grads[i]**2 (fisher fp32, grads any float dtype)."""
-    if fisher and use_triton(fisher[0]):
+    """fisher[i] += scale·grads[i]² in place; fisher: list of fp32 contiguous tensors, grads: same shapes,
+    any float dtype (squared in fp32). Few launches: one per (device, grad dtype) group."""
+    if len(fisher) and use_triton(fisher[0]):
+        calls["triton"] += 1
         return _fisher.fisher_accumulate_(fisher, grads, scale)
+    calls["reference"] += 1
     return reference.fisher_accumulate_(fisher, grads, scale)
 
 
-__all__ = ["activation_stats", "fisher_accumulate_", "reference", "HAS_TRITON", "INTERPRET"]
+def fisher_accumulate_flat_(fisher, grad, scale=1.0):
+    """fisher: fp32 [N] contiguous += scale·grad² (grad [N], any float dtype), one launch."""
+    if use_triton(fisher):
+        calls["triton"] += 1
+        return _fisher.fisher_accumulate_flat_(fisher, grad, scale)
+    calls["reference"] += 1
+    return reference.fisher_accumulate_([fisher], [grad], scale)
+
+
+__all__ = ["activation_stats", "fisher_accumulate_", "fisher_accumulate_flat_", "reference", "calls",
+           "use_triton", "HAS_TRITON", "INTERPRET"]

@@ -1,93 +1,150 @@
-"""Fused per-neuron activation statistics: one read of z -> Σz, Σ|z|, Σz², count(z>0) in fp32."""
+"""Fused per-neuron activation statistics: one read of z -> Σz, Σ|z|, Σz², count(z>0) in fp32.
+
+Deterministic two-stage reduction, no atomics: stage 1 reduces a block of rows × a block of columns per
+program into partials [row_blocks, 4, H]; stage 2 sums the partials over row blocks in a fixed order and
+writes (or adds into) the [4, H] result. The launch shape is fixed per device kind (no autotuning), so the
+same input gives the same bits on every run."""
 import torch
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _stats_kernel(z_ptr, mask_ptr, part_ptr, n_rows, H, stride_row, rows_per_prog,
-                  HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Program (r, h): rows [r·rows_per_prog, ...) × columns [h·BLOCK_H, ...) -> partial[r, 0:4, cols]."""
+def _stats_partial_kernel(z_ptr, mask_ptr, part_ptr, n_rows, H, stride_row, rows_per_prog,
+                          HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+                          UNROLL: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """Program (r, h): rows [r·rows_per_prog, +rows_per_prog) × columns [h·BLOCK_H, +BLOCK_H) -> part[r, :, cols].
+    Each loop step loads UNROLL·BLOCK_R rows at once and folds them into [BLOCK_R, BLOCK_H] accumulators."""
     pid_r, pid_h = tl.program_id(0), tl.program_id(1)
     cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     col_ok = cols < H
-    s1 = tl.zeros([BLOCK_H], dtype=tl.float32)
-    s_abs = tl.zeros([BLOCK_H], dtype=tl.float32)
-    s2 = tl.zeros([BLOCK_H], dtype=tl.float32)
-    pos = tl.zeros([BLOCK_H], dtype=tl.float32)
+    # 2-D accumulators: the loop body is element-wise (the UNROLL fold stays inside each thread); rows are
+    # reduced across threads once, after the loop. Reducing across rows inside the loop costs a
+    # shared-memory round trip and two barriers per tile, which stalled the loads of the first version.
+    s1 = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)
+    s_abs = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)
+    pos = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)
     row_start = pid_r * rows_per_prog
     row_end = tl.minimum(row_start + rows_per_prog, n_rows)
-    for r0 in range(row_start, row_end, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
+    # NUM_STAGES > 1: software-pipelined loop (asynchronous copies of the next tiles while this one is summed)
+    for r0 in tl.range(row_start, row_end, BLOCK_R * UNROLL, num_stages=NUM_STAGES):
+        rows = r0 + tl.arange(0, BLOCK_R * UNROLL)
         row_ok = rows < row_end
         if HAS_MASK:
             row_ok = row_ok & (tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0)
         ok = row_ok[:, None] & col_ok[None, :]
-        z = tl.load(z_ptr + rows[:, None].to(tl.int64) * stride_row + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + rows[:, None].to(tl.int64) * stride_row + cols[None, :], mask=ok, other=0.0)
+        z = tl.reshape(z.to(tl.float32), (UNROLL, BLOCK_R, BLOCK_H))
         s1 += tl.sum(z, axis=0)
         s_abs += tl.sum(tl.abs(z), axis=0)
         s2 += tl.sum(z * z, axis=0)
         pos += tl.sum((z > 0).to(tl.float32), axis=0)
-    base = part_ptr + pid_r * 4 * H + cols
-    tl.store(base, s1, mask=col_ok)
-    tl.store(base + H, s_abs, mask=col_ok)
-    tl.store(base + 2 * H, s2, mask=col_ok)
-    tl.store(base + 3 * H, pos, mask=col_ok)
+    base = part_ptr + pid_r.to(tl.int64) * 4 * H + cols
+    tl.store(base, tl.sum(s1, axis=0), mask=col_ok)
+    tl.store(base + H, tl.sum(s_abs, axis=0), mask=col_ok)
+    tl.store(base + 2 * H, tl.sum(s2, axis=0), mask=col_ok)
+    tl.store(base + 3 * H, tl.sum(pos, axis=0), mask=col_ok)
 
 
-# GPU launch shape: columns per program, rows per tile, programs per SM, warps (set from the sweep
-# in benchmarks/sweep_activation_stats.py)
-CUDA_CONFIG = dict(block_h=128, block_r=64, programs_per_sm=8, num_warps=4)
+@triton.jit
+def _stats_finish_kernel(part_ptr, out_ptr, n_parts, n_out, ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr):
+    """out[j] (+)= Σ_p part[p, j] for j in this program's block, p = 0, 1, ... in order."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n_out
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for p in range(n_parts):
+        acc += tl.load(part_ptr + p * n_out + offs, mask=ok, other=0.0)
+    if ACCUMULATE:
+        acc += tl.load(out_ptr + offs, mask=ok, other=0.0)
+    tl.store(out_ptr + offs, acc, mask=ok)
 
 
-def _launch(z2: torch.Tensor, row_mask: torch.Tensor | None) -> torch.Tensor:
-    """z2: [N, H] with unit column stride -> [4, H] fp32 (two stages: partials, then a fixed-order sum)."""
+# GPU launch shape: columns and rows per tile, tiles folded per loop step, software-pipeline depth (cp.async
+# stages), programs per SM, warps per program. 168 registers per thread at this shape (sm_90, Triton 3.9):
+# 3 programs of 4 warps fit on an SM; two tiles (16 KB) in flight per program. Not yet timed on a GPU:
+# `python benchmarks/bench_kernels.py --sweep` times the alternatives.
+CUDA_CONFIG = dict(block_h=512, block_r=8, unroll=1, num_stages=3, programs_per_sm=3, num_warps=4)
+# The interpreter runs programs one after another in Python: few, wide programs (still more than one row
+# block, so the two-stage path is exercised).
+INTERPRETER_CONFIG = dict(block_h=128, block_r=8, unroll=2, num_stages=1, row_blocks=3, num_warps=4)
+
+
+def _launch(z2: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
+    """z2: [N, H], unit column stride; mask: int8 [N] or None; out: fp32 [4, H] or None -> [4, H] fp32."""
     n, h = z2.shape
-    cfg = CUDA_CONFIG if z2.is_cuda else dict(block_h=128, block_r=16, programs_per_sm=0, num_warps=4)
-    block_h = min(cfg["block_h"], triton.next_power_of_2(h))
-    col_blocks = triton.cdiv(h, block_h)
+    accumulate = out is not None
+    if not accumulate:
+        out = torch.empty((4, h), device=z2.device, dtype=torch.float32)
+    if h == 0:
+        return out
     if z2.is_cuda:
-        target = cfg["programs_per_sm"] * torch.cuda.get_device_properties(z2.device).multi_processor_count
-        row_blocks = max(1, min(triton.cdiv(n, cfg["block_r"]), triton.cdiv(target, col_blocks)))
-    else:  # the interpreter: few programs
-        row_blocks = max(1, min(4, triton.cdiv(n, 16)))
-    rows_per_prog = triton.cdiv(max(n, 1), row_blocks)
+        cfg = CUDA_CONFIG
+        block_h = min(cfg["block_h"], triton.next_power_of_2(h))
+        col_blocks = triton.cdiv(h, block_h)
+        # one full wave: programs_per_sm is how many programs fit on an SM at once (registers), and rounding
+        # down keeps a few leftover programs from running alone in a second wave
+        slots = cfg["programs_per_sm"] * torch.cuda.get_device_properties(z2.device).multi_processor_count
+        row_blocks = min(triton.cdiv(n, cfg["block_r"] * cfg["unroll"]), slots // col_blocks)
+    else:
+        cfg = INTERPRETER_CONFIG
+        block_h = min(cfg["block_h"], triton.next_power_of_2(h))
+        col_blocks = triton.cdiv(h, block_h)
+        row_blocks = min(cfg["row_blocks"], triton.cdiv(n, cfg["block_r"] * cfg["unroll"]))
+    row_blocks = max(row_blocks, 1)
     partial = torch.empty((row_blocks, 4, h), device=z2.device, dtype=torch.float32)
-    mask = row_mask if row_mask is not None else z2  # unused pointer when HAS_MASK is False
-    _stats_kernel[(row_blocks, col_blocks)](z2, mask, partial, n, h, z2.stride(0), rows_per_prog,
-                                            HAS_MASK=row_mask is not None, BLOCK_R=cfg["block_r"],
-                                            BLOCK_H=block_h, num_warps=cfg["num_warps"])
-    return partial.sum(0)
+    _stats_partial_kernel[(row_blocks, col_blocks)](
+        z2, z2 if mask is None else mask, partial, n, h, z2.stride(0), triton.cdiv(n, row_blocks),
+        HAS_MASK=mask is not None, BLOCK_R=cfg["block_r"], BLOCK_H=block_h, UNROLL=cfg["unroll"],
+        NUM_STAGES=cfg["num_stages"], num_warps=cfg["num_warps"])
+    block = 1024
+    _stats_finish_kernel[(triton.cdiv(4 * h, block),)](partial, out, row_blocks, 4 * h,
+                                                       ACCUMULATE=accumulate, BLOCK=block, num_warps=4)
+    return out
 
 
 def rows_view(z: torch.Tensor) -> torch.Tensor:
-    """z as [N, H] with unit column stride, without a copy when the leading dims flatten to one stride."""
+    """z: [..., H] as [N, H] with unit column stride; no copy when the leading dims flatten to one row stride."""
     if z.stride(-1) != 1:
         z = z.contiguous()
     try:
         return z.view(-1, z.shape[-1])
-    except RuntimeError:
+    except RuntimeError:  # leading dims not flattenable to one stride
         return z.reshape(-1, z.shape[-1])
 
 
 def activation_stats(z: torch.Tensor, out: torch.Tensor | None = None,
                      row_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """z: [..., H] fp32/fp16/bf16 -> [4, H] fp32 rows Σz, Σ|z|, Σz², count(z>0), added into `out` if given.
-    row_mask: bool [...] (z.shape[:-1]); False rows are left out. Deterministic: no atomics."""
+    """z: [..., H] fp32/fp16/bf16 -> [4, H] fp32 rows Σz, Σ|z|, Σz², count(z>0); added into `out` when given
+    (then `out` is returned). row_mask: bool, shape z.shape[:-1]; rows where it is False are left out."""
     check(z, out, row_mask)
-    stats = _launch(rows_view(z), None if row_mask is None else row_mask.reshape(-1).contiguous().to(torch.int8))
-    return stats if out is None else out.add_(stats)
+    mask = None if row_mask is None else row_mask.reshape(-1).contiguous().view(torch.int8)
+    return _launch(rows_view(z), mask, out)
 
 
 def check(z, out, row_mask) -> None:
+    """Raise TypeError / ValueError naming the bad argument."""
     if not isinstance(z, torch.Tensor) or z.dim() < 1:
-        raise TypeError("activation_stats: z must be a tensor of shape [..., H]")
+        raise TypeError(f"activation_stats: z must be a tensor of shape [..., H], got {type(z).__name__}"
+                        + (f" of shape {list(z.shape)}" if isinstance(z, torch.Tensor) else ""))
     if z.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"activation_stats: z must be fp32, fp16 or bf16, got {z.dtype}")
-    if out is not None and (out.shape != (4, z.shape[-1]) or out.dtype != torch.float32 or out.device != z.device):
-        raise ValueError(f"activation_stats: out must be fp32 [4, {z.shape[-1]}] on {z.device}, "
-                         f"got {out.dtype} {list(out.shape)} on {out.device}")
-    if row_mask is not None and (row_mask.shape != z.shape[:-1] or row_mask.dtype != torch.bool
-                                 or row_mask.device != z.device):
-        raise ValueError(f"activation_stats: row_mask must be bool {list(z.shape[:-1])} on {z.device}, "
-                         f"got {row_mask.dtype} {list(row_mask.shape)} on {row_mask.device}")
+    h = z.shape[-1]
+    if out is not None:
+        if not isinstance(out, torch.Tensor) or out.dtype != torch.float32:
+            raise TypeError(f"activation_stats: out must be an fp32 tensor [4, {h}], got "
+                            f"{getattr(out, 'dtype', type(out).__name__)}")
+        if tuple(out.shape) != (4, h) or not out.is_contiguous():
+            raise ValueError(f"activation_stats: out must be a contiguous fp32 tensor [4, {h}], got "
+                             f"shape {list(out.shape)}{'' if out.is_contiguous() else ' (not contiguous)'}")
+        if out.device != z.device:
+            raise ValueError(f"activation_stats: out is on {out.device} but z is on {z.device}")
+    if row_mask is not None:
+        if not isinstance(row_mask, torch.Tensor) or row_mask.dtype != torch.bool:
+            raise TypeError(f"activation_stats: row_mask must be a bool tensor {list(z.shape[:-1])}, got "
+                            f"{getattr(row_mask, 'dtype', type(row_mask).__name__)}")
+        if row_mask.shape != z.shape[:-1]:
+            raise ValueError(f"activation_stats: row_mask must have shape z.shape[:-1] = {list(z.shape[:-1])}, "
+                             f"got {list(row_mask.shape)}")
+        if row_mask.device != z.device:
+            raise ValueError(f"activation_stats: row_mask is on {row_mask.device} but z is on {z.device}")

@@ -1,48 +1,115 @@
+"""fisher_accumulate_: Triton kernels (flat and multi-tensor) vs the reference twin."""
+import sys
+
 import pytest
 import torch
 
 import surgery.kernels as K
 from surgery.kernels import reference
 
-needs_interp = pytest.mark.skipif(not (K.INTERPRET and K.HAS_TRITON), reason="needs TRITON_INTERPRET=1 and triton")
+kernel_module = sys.modules["surgery.kernels.fisher"] if K.HAS_TRITON else None
+NO_CUDA = not torch.cuda.is_available()
+interp = pytest.mark.skipif(not (K.HAS_TRITON and NO_CUDA),
+                            reason="CPU tensors run the Triton interpreter only on machines without CUDA")
 
 
-def tensors(device, dtype, shapes, seed):
-    g = torch.Generator(device=device).manual_seed(seed)
-    fisher = [torch.rand(s, device=device, generator=g) for s in shapes]
-    grads = [torch.randn(s, device=device, generator=g).to(dtype) for s in shapes]
+def tensors(shapes, dtype=torch.float32, device="cpu"):
+    fisher = [torch.rand(s, device=device) for s in shapes]
+    grads = [(torch.randn(s, device=device) * 3).to(dtype) for s in shapes]
     return fisher, grads
 
 
-@needs_interp
-@pytest.mark.parametrize("scale", [1.0, 0.3])
-def test_matches_reference(scale):
-    fisher, grads = tensors("cpu", torch.float32, [(1,), (7, 33), (3, 5, 100), (0,), (1025,)], seed=int(scale * 10))
+def check_against_reference(fisher, grads, scale, fn=None):
     expect = [f.clone() for f in fisher]
     reference.fisher_accumulate_(expect, grads, scale)
-    K.fisher_accumulate_(fisher, grads, scale)
+    before = K.calls["triton"]
+    (fn or K.fisher_accumulate_)(fisher, grads, scale)
+    assert K.calls["triton"] == before + 1, "fisher_accumulate_ took the reference path, not the Triton kernel"
     for f, e in zip(fisher, expect):
-        torch.testing.assert_close(f, e, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(f, e, rtol=1e-6, atol=1e-6)
 
 
-@needs_interp
+@interp
+@pytest.mark.parametrize("scale", [1.0, 0.3])
+def test_many_tensors_match_reference(scale):
+    torch.manual_seed(int(scale * 10))
+    fisher, grads = tensors([(1,), (7, 33), (3, 5, 100), (0,), (1025,), (2, 600)])
+    check_against_reference(fisher, grads, scale)
+    check_against_reference(fisher, grads, scale)  # second call: the cached table
+
+
+@interp
+def test_one_tensor_and_flat_buffer():
+    torch.manual_seed(1)
+    fisher, grads = tensors([(9, 31)])
+    check_against_reference(fisher, grads, 0.5)
+    flat_f, flat_g = torch.rand(3000), torch.randn(3000)
+    expect = flat_f + 0.25 * flat_g * flat_g
+    before = K.calls["triton"]
+    K.fisher_accumulate_flat_(flat_f, flat_g, 0.25)
+    assert K.calls["triton"] == before + 1
+    torch.testing.assert_close(flat_f, expect, rtol=1e-6, atol=1e-6)
+
+
+@interp
+def test_views_of_one_buffer_and_odd_layouts():
+    """Parameters as views of flat buffers at unaligned offsets; a transposed (non-contiguous) grad."""
+    torch.manual_seed(2)
+    fbuf, gbuf = torch.rand(1000), torch.randn(1000)
+    cuts = [(0, 7), (7, 300), (307, 1), (308, 692)]
+    fisher = [fbuf[a:a + n] for a, n in cuts]
+    grads = [gbuf[a:a + n] for a, n in cuts]
+    check_against_reference(fisher, grads, 1.5)
+    f, g = tensors([(12, 5)])
+    check_against_reference([f[0], torch.rand(4)], [torch.randn(5, 12).t(), torch.randn(4)], 1.0)
+
+
+@interp
+def test_mixed_grad_dtypes():
+    torch.manual_seed(3)
+    fisher = [torch.rand(40), torch.rand(3, 11), torch.rand(17)]
+    grads = [torch.randn(40), torch.randn(3, 11, dtype=torch.float64), torch.randn(17).half()]
+    check_against_reference(fisher, grads, 0.7)
+
+
+@pytest.mark.skipif(not K.HAS_TRITON, reason="needs triton")
 def test_bad_arguments_raise():
-    f, g = tensors("cpu", torch.float32, [(3, 4)], seed=0)
+    f, g = tensors([(3, 4)])
+    call = kernel_module.fisher_accumulate_
     with pytest.raises(ValueError, match="1 fisher tensors but 2 grads"):
-        K.fisher_accumulate_(f, g * 2)
-    with pytest.raises(TypeError, match="contiguous fp32"):
-        K.fisher_accumulate_([f[0].double()], g)
-    with pytest.raises(ValueError, match=r"fisher\[0\] \[3, 4\]"):
-        K.fisher_accumulate_(f, [torch.randn(4, 3)])
+        call(f, g * 2)
+    with pytest.raises(TypeError, match=r"fisher\[0\] must be a contiguous fp32 tensor, got torch.float64"):
+        call([f[0].double()], g)
+    with pytest.raises(TypeError, match=r"fisher\[0\] must be a contiguous fp32 tensor, got torch.float32 \(not contiguous\)"):
+        call([torch.rand(4, 3).t()], g)
+    with pytest.raises(TypeError, match=r"grads\[0\] must be floating point, got torch.int64"):
+        call(f, [torch.ones(3, 4, dtype=torch.long)])
+    with pytest.raises(ValueError, match=r"fisher\[0\] has shape \[3, 4\] but grads\[0\] \[4, 3\]"):
+        call(f, [torch.randn(4, 3)])
+    with pytest.raises(ValueError, match=r"fisher\[0\] is on cpu but grads\[0\] on meta"):
+        call(f, [torch.randn(3, 4, device="meta")])
+    with pytest.raises(TypeError, match="must be lists of tensors"):
+        call(f[0], g[0])
+    with pytest.raises(ValueError, match="fisher has shape"):
+        kernel_module.fisher_accumulate_flat_(torch.zeros(5), torch.zeros(6))
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(NO_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_matches_reference(dtype):
-    fisher, grads = tensors("cuda", dtype, [(4096, 1024), (4096,), (1024, 4096), (1024,), (13, 7)], seed=3)
-    expect = [f.clone() for f in fisher]
-    reference.fisher_accumulate_(expect, grads, 0.25)
-    K.fisher_accumulate_(fisher, grads, 0.25)
-    for f, e in zip(fisher, expect):
-        torch.testing.assert_close(f, e, rtol=1e-6, atol=1e-7)
+    torch.manual_seed(4)
+    fisher, grads = tensors([(4096, 1024), (4096,), (1024, 4096), (1024,), (13, 7), (0,)], dtype, "cuda")
+    check_against_reference(fisher, grads, 0.25)
+    check_against_reference(fisher[:1], grads[:1], 2.0)
+    fbuf, gbuf = torch.rand(100_003, device="cuda"), torch.randn(100_003, device="cuda").to(dtype)
+    cuts = [(0, 7), (7, 50_000), (50_007, 3), (50_010, 49_993)]  # unaligned views
+    check_against_reference([fbuf[a:a + n] for a, n in cuts], [gbuf[a:a + n] for a, n in cuts], 1.0)
+
+
+@interp
+def test_more_tensors_than_one_table_block():
+    """300 tensors (the kernel scans its table in blocks of 128), in reverse allocation order."""
+    torch.manual_seed(5)
+    fisher, grads = tensors([(int(n),) for n in torch.randint(0, 40, (300,))])
+    check_against_reference(fisher[::-1], grads[::-1], 0.3)
