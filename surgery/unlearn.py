@@ -92,7 +92,7 @@ def unlearn(adapter: Adapter, splits: Splits, params: dict[str, torch.nn.Paramet
             loss_rvqa = answer_loss(adapter.model(**batch.inputs).logits, batch.labels).mean()
         student = feats[0].reshape(-1, feats[0].shape[-1]).float()
         target = torch.cat([teacher[i] for i in idx]).to(student.device, torch.float32)
-        loss_vkd = (student - target).pow(2).sum(-1).mean()
+        loss_vkd = (student - target).pow(2).mean()  # MSE: β means the same at any feature width
         loss = loss_rvqa + beta * loss_vkd
 
         losses = {"fqa": torch.zeros(()), "rqa": torch.zeros(())}
