@@ -107,7 +107,8 @@ def register(main: click.Group) -> None:
                   help="Fractions of the forget-VQA rows the attacker trains on.")
     @click.option("--epochs", type=int, default=5, show_default=True)
     @click.option("--lr", type=float, default=1e-3, show_default=True)
-    @click.option("--scope", type=click.Choice(["vision", "full"]), default="vision", show_default=True)
+    @click.option("--scope", type=click.Choice(["mlp", "vision", "full"]), default="vision", show_default=True,
+                  help="What the attacker trains: the live vision MLPs, encoder + projector, or every weight.")
     @click.option("--device", default="cpu", show_default=True)
     @click.option("--seed", type=int, default=0, show_default=True)
     @click.option("--json", "as_json", is_flag=True)

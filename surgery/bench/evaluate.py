@@ -41,7 +41,7 @@ def _chunks(items, size):
         yield items[i:i + size]
 
 
-class _Images:
+class ImageCache:
     """Decode each image file once per evaluation."""
 
     def __init__(self):
@@ -95,7 +95,7 @@ def option_answer(row: Row, letter: str) -> str:
 
 def score_likelihood(adapter: Adapter, rows: list[Row], images=None, batch_size: int = 32) -> list[bool]:
     """Per multiple-choice row: is the option with the highest answer log-likelihood the correct one?"""
-    images = images or _Images()
+    images = images or ImageCache()
     examples = [Example(r.prompt(), option_answer(r, letter), images(r)) for r in rows for letter in sorted(r.options)]
     scores = iter(answer_logprobs(adapter, examples, batch_size))
     hits = []
@@ -107,7 +107,7 @@ def score_likelihood(adapter: Adapter, rows: list[Row], images=None, batch_size:
 
 def score_letter(adapter: Adapter, rows: list[Row], images=None, batch_size: int = 32) -> list[bool]:
     """Per multiple-choice row: does the greedy answer's first letter A-D name the correct option?"""
-    images = images or _Images()
+    images = images or ImageCache()
     outputs = generate(adapter, [Example(r.prompt(), None, images(r)) for r in rows], 12, batch_size)
     return [parse_letter(o) == r.correct for o, r in zip(outputs, rows)]
 
@@ -115,13 +115,13 @@ def score_letter(adapter: Adapter, rows: list[Row], images=None, batch_size: int
 def score_rouge(adapter: Adapter, rows: list[Row], images=None, batch_size: int = 32,
                 max_new_tokens: int = 24) -> list[float]:
     from rouge_score import rouge_scorer
-    images = images or _Images()
+    images = images or ImageCache()
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     outputs = generate(adapter, [Example(r.prompt(), None, images(r)) for r in rows], max_new_tokens, batch_size)
     return [scorer.score(r.answer, o)["rougeL"].fmeasure for o, r in zip(outputs, rows)]
 
 
-def _mean(xs) -> float | None:
+def percent(xs) -> float | None:
     xs = list(xs)
     return 100.0 * sum(xs) / len(xs) if xs else None
 
@@ -135,18 +135,18 @@ def evaluate(adapter: Adapter, bench_dir, batch_size: int = 32, splits=SPLITS, l
     results = {}
     for split in [s for s in splits if s in files]:
         rows = load_jsonl(files[split])
-        images = _Images()
+        images = ImageCache()
         res, counts = {}, {}
         groups = {"vqa": [r for r in rows if r.is_vqa], "qa": [r for r in rows if not r.is_vqa]}
         for kind in kinds:
             mc = [r for r in groups[kind] if r.options]
             gen = [r for r in groups[kind] if not r.options]
             counts[kind], counts[f"{kind}_gen"] = len(mc), len(gen)
-            res[kind] = _mean(score_likelihood(adapter, mc, images, batch_size)) if mc else None
+            res[kind] = percent(score_likelihood(adapter, mc, images, batch_size)) if mc else None
             if letter:
-                res[f"{kind}_letter"] = _mean(score_letter(adapter, mc, images, batch_size)) if mc else None
+                res[f"{kind}_letter"] = percent(score_letter(adapter, mc, images, batch_size)) if mc else None
             if rouge:
-                res[f"rougeL_{kind}"] = _mean(score_rouge(adapter, gen, images, batch_size)) if gen else None
+                res[f"rougeL_{kind}"] = percent(score_rouge(adapter, gen, images, batch_size)) if gen else None
         res["n"] = counts
         results[split] = res
         log.info("eval %s: %s", split, {k: round(v, 1) for k, v in res.items() if isinstance(v, float)})

@@ -96,6 +96,18 @@ def train_epochs(adapter: Adapter, examples: list[Example], params, *, epochs: i
     return losses
 
 
+def train_accuracy(adapter: Adapter, bench: Path) -> dict:
+    """Option-likelihood accuracy (%) on the multiple-choice training rows of the forget and retain people."""
+    from .evaluate import percent, score_likelihood
+    out = {}
+    for split in ("forget", "retain"):
+        rows = [r for r in load_jsonl(bench / f"{split}.jsonl") if r.options]
+        for kind, group in (("vqa", [r for r in rows if r.is_vqa]), ("qa", [r for r in rows if not r.is_vqa])):
+            out[f"{split}_{kind}"] = percent(score_likelihood(adapter, group)) if group else None
+    log.info("training-row accuracy: %s", {k: round(v, 1) for k, v in out.items() if v is not None})
+    return out
+
+
 def build_model(bench, cfg: FinetuneConfig) -> Adapter:
     """A fresh tiny LLaVA whose tokenizer is trained on the benchmark's own text (short sequences)."""
     params = json.loads((Path(bench) / "bench.json").read_text())["params"]
@@ -145,11 +157,12 @@ def finetune(bench, out, cfg: FinetuneConfig | None = None, overwrite: bool = Fa
                                  desc="finetune")
     for p in params:
         p.requires_grad_(False)
+    seconds = time.perf_counter() - t0
     report = {"config": asdict(cfg), "bench": str(bench), "rows": len(everything), "name_rows": len(names),
-              "losses": losses, "seconds": time.perf_counter() - t0,
+              "losses": losses, "seconds": seconds, "train_accuracy": train_accuracy(adapter, bench),
               "weights": sum(p.numel() for p in params), "vocab": len(adapter.tokenizer)}
     with atomic_dir(out, overwrite) as tmp:
         save(adapter, tmp)
         (tmp / "finetune.json").write_text(json.dumps(report, indent=2))
-    log.info("vanilla model: %s (%.0fs)", out, report["seconds"])
+    log.info("vanilla model: %s (trained in %.0fs)", out, seconds)
     return report

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..data import load_jsonl
 from ..models import load
-from .evaluate import score_likelihood, _Images, _mean, split_files
+from .evaluate import score_likelihood, ImageCache, percent, split_files
 from .finetune import to_examples, train_epochs
 
 log = logging.getLogger("surgery")
@@ -25,7 +25,7 @@ def attack_rows(bench, share: float, seed: int) -> list:
 def relearn(model, bench, share: float = 0.2, epochs: int = 5, lr: float = 1e-3, batch_size: int = 8,
             scope: str = "vision", seed: int = 0, device: str = "cpu") -> dict:
     """Attack `model` (a directory) with `share` of the forget-VQA rows for `epochs` epochs, training `scope`
-    ('vision': encoder + projector; 'full': every weight). Forget-VQA accuracy on the held-out evaluation rows is
+    ('mlp': the live vision MLPs; 'vision': encoder + projector; 'full': every weight). Forget-VQA accuracy on the held-out evaluation rows is
     measured before and after every epoch. The model on disk is not modified."""
     if epochs < 1:
         raise ValueError(f"relearn epochs must be >= 1, got {epochs}")
@@ -38,10 +38,10 @@ def relearn(model, bench, share: float = 0.2, epochs: int = 5, lr: float = 1e-3,
     train = attack_rows(bench, share, seed)
     t0 = time.perf_counter()
     adapter = load(str(model), device=device, seed=seed)
-    images = _Images()
+    images = ImageCache()
 
     def accuracy() -> float:
-        return _mean(score_likelihood(adapter, eval_rows, images))
+        return percent(score_likelihood(adapter, eval_rows, images))
 
     curve = [accuracy()]
     params = adapter.scope_params(scope)

@@ -1,0 +1,101 @@
+"""Evaluation scores against independent computations: one example at a time, no padding, no generate()."""
+import pytest
+import torch
+from click.testing import CliRunner
+
+from surgery.bench.evaluate import (answer_logprobs, evaluate, generate, option_answer, parse_letter, score_likelihood,
+                                    score_letter, score_rouge, table)
+from surgery.cli import main
+from surgery.data import load_jsonl
+from surgery.models import Example, load
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dirs):
+    return load(str(tiny_dirs["tiny-llava"]))
+
+
+def rows_of(bench, split, n=6, mc=True):
+    rows = [r for r in load_jsonl(bench / f"eval_{split}.jsonl") if bool(r.options) == mc]
+    vqa, qa = [r for r in rows if r.is_vqa], [r for r in rows if not r.is_vqa]
+    return vqa[:n // 2] + qa[:n - n // 2]
+
+
+@torch.no_grad()
+def logprob_one(adapter, ex):
+    """log p(answer + EOS | prompt, image) from one unpadded sequence."""
+    prompt = adapter.encode([Example(ex.prompt, None, ex.image)]).inputs
+    full = adapter.encode([ex]).inputs
+    n = prompt["input_ids"].shape[1]
+    ids = full["input_ids"][0]
+    assert torch.equal(ids[:n], prompt["input_ids"][0])
+    logp = torch.log_softmax(adapter.model(**full).logits[0].double(), -1)
+    return sum(logp[t - 1, ids[t]].item() for t in range(n, len(ids)))
+
+
+@torch.no_grad()
+def greedy_one(adapter, ex, max_new):
+    """Greedy decoding by hand: re-run the whole sequence for every token (no cache, no padding)."""
+    inputs = adapter.encode([Example(ex.prompt, None, ex.image)]).inputs
+    ids, out = inputs["input_ids"], []
+    for _ in range(max_new):
+        kw = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        nxt = adapter.model(input_ids=ids, attention_mask=torch.ones_like(ids), **kw).logits[0, -1].argmax()
+        if nxt.item() == adapter.tokenizer.eos_token_id:
+            break
+        out.append(nxt.item())
+        ids = torch.cat([ids, nxt.view(1, 1)], 1)
+    return adapter.tokenizer.decode(out, skip_special_tokens=True)
+
+
+def test_likelihood_matches_one_by_one(model, small_bench):
+    rows = rows_of(small_bench, "retain")
+    examples = [Example(r.prompt(), option_answer(r, l), r.load_image()) for r in rows for l in sorted(r.options)]
+    batched = answer_logprobs(model, examples, batch_size=5)
+    single = [logprob_one(model, e) for e in examples]
+    assert batched == pytest.approx(single, rel=1e-4, abs=1e-3)
+    hits = score_likelihood(model, rows, batch_size=7)
+    expect = [max(sorted(r.options), key=lambda l: single[4 * i + sorted(r.options).index(l)]) == r.correct
+              for i, r in enumerate(rows)]
+    assert hits == expect
+
+
+def test_generation_and_letter_match_greedy_by_hand(model, small_bench):
+    rows = rows_of(small_bench, "forget")
+    examples = [Example(r.prompt(), None, r.load_image()) for r in rows]
+    texts = generate(model, examples, max_new_tokens=6, batch_size=4)
+    assert texts == [greedy_one(model, e, 6) for e in examples]
+    hits = score_letter(model, rows, batch_size=4)
+    assert hits == [parse_letter(greedy_one(model, e, 12)) == r.correct for e, r in zip(examples, rows)]
+
+
+def test_rouge_matches_rouge_score(model, small_bench):
+    from rouge_score import rouge_scorer
+    rows = rows_of(small_bench, "realworld", mc=False)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    expect = [scorer.score(r.answer, greedy_one(model, Example(r.prompt(), None, r.load_image()), 8))["rougeL"].fmeasure
+              for r in rows]
+    assert score_rouge(model, rows, batch_size=3, max_new_tokens=8) == pytest.approx(expect)
+
+
+def test_parse_letter():
+    assert parse_letter("Mara Velk (C)") == "C"
+    assert parse_letter("B. a beagle") == "B"
+    assert parse_letter("Aster Bay") is None          # a capital inside a word is not an answer
+    assert parse_letter("") is None and parse_letter("the answer is e") is None
+
+
+def test_evaluate_and_cli(model, small_bench, tiny_dirs):
+    res = evaluate(model, small_bench, letter=False, rouge=False)
+    assert set(res) == {"forget", "retain", "realworld"}
+    for split, r in res.items():
+        rows = [x for x in load_jsonl(small_bench / f"eval_{split}.jsonl") if x.options]
+        assert r["n"]["vqa"] == sum(x.is_vqa for x in rows) and r["n"]["qa"] == sum(not x.is_vqa for x in rows)
+        vqa = [x for x in rows if x.is_vqa]
+        assert r["vqa"] == pytest.approx(100 * sum(score_likelihood(model, vqa)) / len(vqa))
+    assert "forget VQA" in table({"m": res})
+    r = CliRunner().invoke(main, ["eval", "--bench", str(small_bench), "--model", f"m={tiny_dirs['tiny-llava']}",
+                                  "--no-letter", "--no-rouge", "--json"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["eval", "--bench", str(small_bench / "nope"), "--model", "x"])
+    assert r.exit_code == 1 and "no such directory" in r.output

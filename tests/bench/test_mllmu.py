@@ -1,0 +1,82 @@
+"""import-mllmu on parquet files written here in MLLMU-Bench's published schema."""
+import io
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from surgery.cli import main
+from surgery.data import DataError, load_jsonl
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+
+def png(seed):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def mc(q, correct, opts):
+    return {"Question": q, "Options": dict(zip("ABCD", opts)), "Correct_Answer": correct}
+
+
+EVAL = [{
+    "ID": "1", "image": {"bytes": png(1), "path": None},
+    "Classification_Task": {
+        "Image_Textual_Questions": [mc("Where was this person born?", "B", ["Oslo", "Lima", "Kyiv", "Rome"])],
+        "Pure_Text_Questions": [mc("Where was Ada Vale born?", "B", ["Oslo", "Lima", "Kyiv", "Rome"]),
+                                mc("What is Ada Vale's job?", "D", ["pilot", "baker", "judge", "chef"])]},
+    "Generation_Task": [{"Question": "What does this person do?", "Ground_Truth": "She is a chef.",
+                         "Type": "Image_Textual"},
+                        {"Question": "What does Ada Vale do?", "Ground_Truth": "Ada Vale is a chef.",
+                         "Type": "Pure_Text"}],
+}]
+TRAIN = [{"ID": "7", "image": {"bytes": png(2), "path": None},
+          "metadata": json.dumps([{"Question": "Who is this?", "Answer": "Bo Rask."},
+                                  {"Question": "Where was this person born?", "Answer": "In Lima."}])}]
+
+
+def write(path, rows, as_json_strings=False):
+    if as_json_strings:
+        rows = [{k: json.dumps(v) if k in ("Classification_Task", "Generation_Task") else v for k, v in r.items()}
+                for r in rows]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+@pytest.mark.parametrize("as_json_strings", [False, True], ids=["structs", "json-strings"])
+def test_import(tmp_path, as_json_strings):
+    ev, tr = write(tmp_path / "forget_10.parquet", EVAL, as_json_strings), write(tmp_path / "train.parquet", TRAIN)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["import-mllmu", f"{ev}=eval_forget", str(tr), "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == {"eval_forget": 5, "train": 2}
+    rows = load_jsonl(out / "eval_forget.jsonl")
+    vqa_mc, qa_mc = [x for x in rows if x.options and x.is_vqa], [x for x in rows if x.options and not x.is_vqa]
+    assert len(vqa_mc) == 1 and len(qa_mc) == 2
+    assert (vqa_mc[0].correct, vqa_mc[0].answer) == ("B", "Lima (B)")
+    assert [(x.correct, x.answer) for x in qa_mc] == [("B", "Lima (B)"), ("D", "chef (D)")]
+    gen = [x for x in rows if not x.options]
+    assert [(x.is_vqa, x.answer) for x in gen] == [(True, "She is a chef."), (False, "Ada Vale is a chef.")]
+    assert np.array_equal(np.asarray(vqa_mc[0].load_image()), np.asarray(Image.open(io.BytesIO(png(1))).convert("RGB")))
+    assert all(x.entity == "1" for x in rows)
+    train = load_jsonl(out / "train.jsonl")
+    assert [(x.question, x.answer, x.is_vqa) for x in train] == [("Who is this?", "Bo Rask.", True),
+                                                                  ("Where was this person born?", "In Lima.", True)]
+
+
+def test_bad_inputs(tmp_path):
+    bad = [{**EVAL[0], "Classification_Task": {"Pure_Text_Questions": [mc("q?", "E", ["a", "b", "c", "d"])]}}]
+    path = write(tmp_path / "bad.parquet", bad)
+    r = CliRunner().invoke(main, ["import-mllmu", str(path), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "bad.parquet:row 0" in r.output and "Correct_Answer" in r.output
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp*"))
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    r = CliRunner().invoke(main, ["import-mllmu", str(tmp_path / "junk.parquet"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "junk.parquet" in r.output
+    r = CliRunner().invoke(main, ["import-mllmu", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "not found" in r.output

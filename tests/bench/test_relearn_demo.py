@@ -1,0 +1,68 @@
+import hashlib
+import json
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from safetensors.torch import load_file
+
+from surgery.bench.relearn import attack_rows, relearn
+from surgery.cli import main
+from surgery.data import load_jsonl
+
+
+def digest(d):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+def test_attack_rows(small_bench):
+    forget_vqa = [r for r in load_jsonl(small_bench / "forget.jsonl") if r.is_vqa]
+    rows = attack_rows(small_bench, 0.3, seed=4)
+    assert len(rows) == round(0.3 * len(forget_vqa)) and all(r.is_vqa for r in rows)
+    assert {r.id for r in rows} <= {r.id for r in forget_vqa} and len({r.id for r in rows}) == len(rows)
+    assert [r.id for r in rows] == [r.id for r in attack_rows(small_bench, 0.3, seed=4)]
+    with pytest.raises(ValueError, match="share"):
+        attack_rows(small_bench, 0, seed=0)
+
+
+def test_relearn_curve_and_input_untouched(small_bench, tiny_dirs):
+    model = tiny_dirs["tiny-llava"]
+    before = digest(model)
+    r = relearn(model, small_bench, share=0.5, epochs=2, lr=1e-2, seed=0)
+    assert len(r["forget_vqa"]) == 3 and r["AG"] == r["forget_vqa"][-1] - r["forget_vqa"][0]
+    assert r["before"] == r["forget_vqa"][0] and r["after"] == r["forget_vqa"][-1]
+    assert digest(model) == before
+    res = CliRunner().invoke(main, ["relearn", "--model", str(model), "--bench", str(small_bench), "--shares", "0.5",
+                                    "--epochs", "2", "--lr", "1e-2", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)[0]["forget_vqa"] == r["forget_vqa"]          # seeded: the same run twice
+    res = CliRunner().invoke(main, ["relearn", "--model", str(model), "--bench", str(small_bench), "--shares", "2"])
+    assert res.exit_code == 2 and "share" in res.output
+
+
+def test_demo_quick_end_to_end(tmp_path):
+    out, cache = tmp_path / "demo", tmp_path / "cache"
+    args = ["demo", "--quick", "--out", str(out), "--cache", str(cache), "--json"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep == json.loads((out / "report.json").read_text())
+    assert not rep["vanilla_cached"] and len(list(cache.glob("vanilla-*"))) == 1
+    assert set(rep["results"]) == {"vanilla", "unlearned", "unlearned (beta=0)"}
+    assert {"torch", "transformers", "surgery"} <= set(rep["environment"]) and rep["seed"] == 0
+    assert rep["config"]["unlearn"]["beta"] == 0.3 and "total_s" in rep["timings"]
+    van, unl = rep["results"]["vanilla"], rep["results"]["unlearned"]
+    for split in ("forget", "retain", "realworld"):   # the LLM is frozen: text-only rows score the same
+        assert unl[split]["qa"] == van[split]["qa"]
+    a = load_file(str(out / "unlearned" / "model.safetensors"))
+    b = load_file(str(out / "unlearned-beta0" / "model.safetensors"))
+    assert any(not a[k].equal(b[k]) for k in a)
+    assert Image.open(out / "demo.png").size[0] > 100
+    # second run: the vanilla model comes from the cache, and the run is reproducible
+    r = CliRunner().invoke(main, args + ["--overwrite"])
+    assert r.exit_code == 0, r.output
+    rep2 = json.loads(r.stdout)
+    assert rep2["vanilla_cached"] and rep2["results"] == rep["results"] and rep2["relearn"]["forget_vqa"] == \
+        rep["relearn"]["forget_vqa"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and "already exists" in r.output
