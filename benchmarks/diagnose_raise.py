@@ -15,3 +15,20 @@ for dev in ("cpu", "cuda"):
             import os
             r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
             print(dev, bool(env), name, "rc", r.returncode, (r.stdout.strip() or r.stderr.strip().splitlines()[-1:]))
+
+# Where it crashes: a native backtrace of one failing case (gdb, when installed), and what _C links against.
+import glob
+import os
+import shutil
+
+import surgery
+
+so = glob.glob(os.path.join(os.path.dirname(surgery.__file__), "_C*.so"))
+for tool in (["ldd"], ["readelf", "-p", ".comment"]):
+    if so and shutil.which(tool[0]):
+        print(f"$ {' '.join(tool)} _C.so\n" + subprocess.run(tool + so[:1], capture_output=True, text=True).stdout)
+if shutil.which("gdb"):
+    code = f"import torch, surgery.ops as ops\nd='cpu'\n{CASES['adamw_step0']}"
+    r = subprocess.run(["gdb", "-batch", "-ex", "run", "-ex", "bt 30", "--args", sys.executable, "-c", code],
+                       capture_output=True, text=True)
+    print("gdb backtrace:\n" + "\n".join(line for line in r.stdout.splitlines() if line.startswith("#")))
