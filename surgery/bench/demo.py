@@ -116,12 +116,23 @@ def figure(results: dict, attack: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def is_demo_output(path: Path) -> bool:
+    """A directory a previous `surgery demo` wrote (the demo replaces its own output without --overwrite)."""
+    try:
+        return "relearn" in json.loads((path / "report.json").read_text()) and (path / "bench").is_dir()
+    except (OSError, ValueError):
+        return False
+
+
 def demo(out, cfg: DemoConfig | None = None, cache: Path | None = None, overwrite: bool = False) -> dict:
     """Run the demo into `out` (atomically). Returns the report (also written to OUT/report.json)."""
     cfg = cfg or DemoConfig.make()
     out, cache = Path(out), Path(cache or cache_root())
     if out.exists() and not overwrite:
-        raise FileExistsError(f"--out {out} already exists (pass --overwrite to replace it)")
+        if not is_demo_output(out):
+            raise FileExistsError(f"--out {out} already exists and is not a demo output (pass --overwrite to replace it)")
+        log.info("replacing the previous demo output in %s", out)
+        overwrite = True
     seed_everything(cfg.seed)
     t0, timings = time.perf_counter(), {}
     with atomic_dir(out, overwrite) as tmp:

@@ -59,10 +59,13 @@ def test_demo_quick_end_to_end(tmp_path):
     assert any(not a[k].equal(b[k]) for k in a)
     assert Image.open(out / "demo.png").size[0] > 100
     # second run: the vanilla model comes from the cache, and the run is reproducible
-    r = CliRunner().invoke(main, args + ["--overwrite"])
+    r = CliRunner().invoke(main, args)                 # a previous demo output is replaced without --overwrite
     assert r.exit_code == 0, r.output
     rep2 = json.loads(r.stdout)
     assert rep2["vanilla_cached"] and rep2["results"] == rep["results"] and rep2["relearn"]["forget_vqa"] == \
         rep["relearn"]["forget_vqa"]
-    r = CliRunner().invoke(main, args)
-    assert r.exit_code == 1 and "already exists" in r.output
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(other), "--cache", str(cache)])
+    assert r.exit_code == 1 and "not a demo output" in r.output and (other / "keep.txt").exists()
