@@ -147,6 +147,8 @@ def register(main: click.Group) -> None:
         a = report["relearn"]
         click.echo(f"relearning {a['share']:.0%} x {a['epochs']} epochs: forget-VQA "
                    + " -> ".join(f"{x:.1f}" for x in a["forget_vqa"]) + f"   AG {a['AG']:+.1f}", err=True)
+        click.echo("QA option log-likelihoods, largest change from vanilla: "
+                   + ", ".join(f"{k} {v:g}" for k, v in report["qa_logprob_max_abs_change"].items()), err=True)
         for name, ok in report["targets"].items():
             click.echo(f"  [{'met' if ok else 'MISSED'}] {name}", err=True)
         click.echo(f"{out}/report.json, {out}/demo.png ({report['timings']['total_s']:.0f}s)", err=True)

@@ -15,7 +15,9 @@ import torch
 from ..config import Config
 from ..models import load
 from ..pipeline import atomic_dir, environment, prune_and_mask, seed_everything
-from .evaluate import CHANCE, evaluate, table
+from ..data import load_jsonl
+from ..models import Example
+from .evaluate import CHANCE, answer_logprobs, evaluate, option_answer, table
 from .finetune import FinetuneConfig, finetune
 from .make_bench import make_bench
 from .relearn import relearn
@@ -79,14 +81,15 @@ def vanilla_model(bench: Path, cfg: FinetuneConfig, cache: Path) -> tuple[Path, 
     return path, False
 
 
-def targets(results: dict, attack: dict, quick: bool) -> dict:
+def targets(results: dict, attack: dict, qa_shift: dict, quick: bool) -> dict:
     """The issue's efficacy targets, checked against the measured numbers (likelihood accuracy, percent)."""
     van, unl = results["vanilla"], results["unlearned"]
     checks = {
         "forget_vqa <= chance + 15": unl["forget"]["vqa"] <= CHANCE + 15,
         "retain_vqa within 5 of vanilla": abs(unl["retain"]["vqa"] - van["retain"]["vqa"]) <= 5,
         "realworld_vqa within 5 of vanilla": abs(unl["realworld"]["vqa"] - van["realworld"]["vqa"]) <= 5,
-        "forget_qa and retain_qa unchanged": all(unl[s]["qa"] == van[s]["qa"] for s in ("forget", "retain")),
+        "forget_qa and retain_qa unchanged (every QA option log-likelihood identical)":
+            all(unl[s]["qa"] == van[s]["qa"] for s in ("forget", "retain")) and qa_shift["unlearned"] == 0.0,
         "relearn AG <= 10": attack["AG"] <= 10,
     }
     if "unlearned (beta=0)" in results:
@@ -159,22 +162,32 @@ def demo(out, cfg: DemoConfig | None = None, cache: Path | None = None, overwrit
             timings[f"prune_and_mask_s[{name}]"] = time.perf_counter() - t
 
         results = {}
+        qa_examples = [Example(r.prompt(), option_answer(r, letter), None)
+                       for split in ("forget", "retain", "realworld")
+                       for r in load_jsonl(bench / f"eval_{split}.jsonl") if r.options and not r.is_vqa
+                       for letter in sorted(r.options)]
+        qa_logprobs = {}
         for name, path in models.items():
             t = time.perf_counter()
-            results[name] = evaluate(load(str(path), seed=cfg.seed), bench)
+            adapter = load(str(path), seed=cfg.seed)
+            results[name] = evaluate(adapter, bench)
+            qa_logprobs[name] = torch.tensor(answer_logprobs(adapter, qa_examples), dtype=torch.float64)
             timings[f"eval_s[{name}]"] = time.perf_counter() - t
 
         t = time.perf_counter()
         attack = relearn(models["unlearned"], bench, share=cfg.relearn_share, epochs=cfg.relearn_epochs,
                          seed=cfg.seed)
         timings["relearn_s"] = time.perf_counter() - t
+        # text-only rows never reach the vision weights: every QA option's log-likelihood must be bit-identical
+        qa_shift = {name: float((lp - qa_logprobs["vanilla"]).abs().max()) for name, lp in qa_logprobs.items()
+                    if name != "vanilla"}
         timings["total_s"] = time.perf_counter() - t0
 
         figure(results, attack, tmp / "demo.png")
         report = {"config": {**asdict(cfg), "out": str(out), "cache": str(cache)}, "seed": cfg.seed,
                   "dtype": "float32", "environment": environment("cpu"), "vanilla_model": str(vanilla),
-                  "vanilla_cached": cached, "results": results, "relearn": attack,
-                  "targets": targets(results, attack, cfg.quick), "timings": timings, "table": table(results)}
+                  "vanilla_cached": cached, "results": results, "relearn": attack, "qa_logprob_max_abs_change": qa_shift,
+                  "targets": targets(results, attack, qa_shift, cfg.quick), "timings": timings, "table": table(results)}
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
     log.info("demo written to %s in %.0fs", out, timings["total_s"])
     return report

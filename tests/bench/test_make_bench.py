@@ -72,3 +72,8 @@ def test_bad_arguments(tmp_path):
     r = CliRunner().invoke(main, ["make-bench", "--out", str(tmp_path / "z"), "--people", "200"])
     assert r.exit_code == 1 and "at most" in r.output and not (tmp_path / "z").exists()
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_finetune_refuses_a_non_benchmark(tmp_path):
+    r = CliRunner().invoke(main, ["finetune", "--bench", str(tmp_path), "--out", str(tmp_path / "m")])
+    assert r.exit_code == 1 and "not a benchmark directory" in r.output and not (tmp_path / "m").exists()

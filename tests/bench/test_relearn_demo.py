@@ -51,6 +51,7 @@ def test_demo_quick_end_to_end(tmp_path):
     assert set(rep["results"]) == {"vanilla", "unlearned", "unlearned (beta=0)"}
     assert {"torch", "transformers", "surgery"} <= set(rep["environment"]) and rep["seed"] == 0
     assert rep["config"]["unlearn"]["beta"] == 0.3 and "total_s" in rep["timings"]
+    assert rep["qa_logprob_max_abs_change"] == {"unlearned": 0.0, "unlearned (beta=0)": 0.0}
     van, unl = rep["results"]["vanilla"], rep["results"]["unlearned"]
     for split in ("forget", "retain", "realworld"):   # the LLM is frozen: text-only rows score the same
         assert unl[split]["qa"] == van[split]["qa"]
