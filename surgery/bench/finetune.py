@@ -49,15 +49,11 @@ def bench_rows(path) -> list[tuple]:
     return list(zip(rows, raw))
 
 
-def to_examples(rows, images: dict | None = None) -> list[Example]:
-    """Examples with each image decoded once (`images` caches PIL images by path across calls)."""
-    images = {} if images is None else images
-    out = []
-    for r in rows:
-        if r.image is not None and r.image not in images:
-            images[r.image] = r.load_image()
-        out.append(Example(r.prompt(), r.answer, images.get(r.image)))
-    return out
+def to_examples(rows, images=None) -> list[Example]:
+    """Examples with each image decoded once (`images`: an `evaluate.ImageCache` shared across calls)."""
+    from .evaluate import ImageCache
+    images = images or ImageCache()
+    return [Example(r.prompt(), r.answer, images(r)) for r in rows]
 
 
 def train_epochs(adapter: Adapter, examples: list[Example], params, *, epochs: int, lr: float, batch_size: int,
@@ -141,8 +137,7 @@ def finetune(bench, out, cfg: FinetuneConfig | None = None, overwrite: bool = Fa
     t0 = time.perf_counter()
     rows = bench_rows(bench / "train.jsonl")
     adapter = build_model(bench, cfg)
-    images: dict = {}
-    everything = to_examples([r for r, _ in rows], images)
+    everything = to_examples([r for r, _ in rows])
     names = [e for e, (_, raw) in zip(everything, rows) if raw.get("attribute") == "name" and e.image is not None]
     params = [p for p in adapter.model.parameters()]
     for p in params:

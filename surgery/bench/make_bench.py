@@ -24,8 +24,6 @@ A row with an image asks about "the person in the image" (VQA); one without name
 """
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -245,7 +243,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 def make_bench(out, seed: int = 0, people: int = 40, forget_share: float = 0.1, real_world: int = 10,
                train_views: int = 4, test_views: int = 2, image_size: int = 32, mc_repeats: int = 2,
                overwrite: bool = False) -> dict:
-    """Write the benchmark into `out` (atomically: a temporary sibling renamed when complete).
+    """Write the benchmark into `out` (atomically, through `pipeline.atomic_dir`).
     Returns a summary: people per split and row counts per file."""
     out = Path(out)
     if people < 2 or real_world < 1 or people + real_world < 4:
@@ -275,11 +273,9 @@ def make_bench(out, seed: int = 0, people: int = 40, forget_share: float = 0.1, 
             split = "realworld" if pop == "realworld" else ("forget" if i in forget_idx else "retain")
             everyone.append((f"{'rw' if pop == 'realworld' else 'p'}{i:03d}", split, p, pools))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
-    try:
+    from ..pipeline import atomic_dir
+    with atomic_dir(out, overwrite) as tmp:
+        (tmp / "images").mkdir()
         files = {k: [] for k in ("train", "forget", "retain", "eval_forget", "eval_retain", "eval_realworld")}
         for pid, split, person, pools in everyone:
             prng = np.random.default_rng([seed, int(pid[-3:]), split == "realworld"])
@@ -299,8 +295,7 @@ def make_bench(out, seed: int = 0, people: int = 40, forget_share: float = 0.1, 
             files[f"eval_{split}"] += test
         for name, rows in files.items():
             _write_jsonl(tmp / f"{name}.jsonl", rows)
-        profiles = [{"id": pid, "split": split, **{k: v for k, v in p.items() if k != "identity"},
-                     "identity": p["identity"]} for pid, split, p, _ in everyone]
+        profiles = [{"id": pid, "split": split, **p} for pid, split, p, _ in everyone]
         (tmp / "people.json").write_text(json.dumps(profiles, indent=1, sort_keys=True), encoding="utf-8")
         params = {"version": VERSION, "seed": seed, "people": people, "forget_share": forget_share,
                   "real_world": real_world, "train_views": train_views, "test_views": test_views,
@@ -309,11 +304,6 @@ def make_bench(out, seed: int = 0, people: int = 40, forget_share: float = 0.1, 
                                                 for s in ("forget", "retain", "realworld")},
                    "rows": {name: len(rows) for name, rows in files.items()}}
         (tmp / "bench.json").write_text(json.dumps(summary, indent=1, sort_keys=True), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return summary
 
 
