@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Compile every csrc/cuda/*.cu with nvcc -c against torch's headers for sm_80, sm_89 and sm_90, so CUDA
-# build errors show up on machines without a GPU.
+# Compile every csrc/cuda/*.cu with nvcc -c against torch's headers for sm_80, sm_89 and sm_90, and check the
+# host-side csrc/cuda/*.cpp with the C++ compiler, so CUDA build errors show up on machines without a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NVCC=${NVCC:-$(command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null || true)}
@@ -25,4 +25,14 @@ for cu in csrc/cuda/*.cu; do
       -D__CUDA_NO_HALF2_OPERATORS__
     echo "ok  $cu sm_$sm"
   done
+done
+cudainc=""
+for d in "${CUDA_HOME:-}/include" "$(dirname "$NVCC")/../include" /usr/local/cuda/include; do
+  if [ -f "$d/cuda_runtime_api.h" ]; then cudainc=$d; break; fi
+done
+if [ -z "$cudainc" ]; then echo "cuda_runtime_api.h not found: host C++ check of csrc/cuda/*.cpp skipped"; exit 0; fi
+for cpp in csrc/cuda/*.cpp; do
+  "${CXX:-c++}" -fsyntax-only -std=c++20 $includes -I"$cudainc" -I"$pyinc" -D_GLIBCXX_USE_CXX11_ABI=$abi \
+    -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H "$cpp"
+  echo "ok  $cpp (host C++)"
 done

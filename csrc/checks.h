@@ -2,6 +2,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include "adamw.h"
+
 namespace surgery {
 
 inline void check_prune(at::TensorList fc_in, at::TensorList bias, const at::Tensor& fc_out,
@@ -30,9 +32,11 @@ inline void check_prune(at::TensorList fc_in, at::TensorList bias, const at::Ten
   }
 }
 
-// kind: "masks" (dense: bool, same shape as the param) or "indices" (compact: int32 [nnz], state [nnz])
+// sel: masks (dense: bool, same shape as the param) or indices (compact: int32 [nnz], state [nnz]). The index
+// range check reads the indices; CUDA skips it here and runs one batched check instead (a sync per tensor
+// would cost more than the update itself).
 inline void check_adamw(const char* op, at::TensorList params, at::TensorList grads, at::TensorList m,
-                        at::TensorList v, at::TensorList sel, bool dense, int64_t step) {
+                        at::TensorList v, at::TensorList sel, bool dense, int64_t step, bool index_range = true) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && m.size() == n && v.size() == n && sel.size() == n, op,
               ": lists differ in length (params ", n, ", grads ", grads.size(), ", exp_avgs ", m.size(),
@@ -41,6 +45,7 @@ inline void check_adamw(const char* op, at::TensorList params, at::TensorList gr
   for (size_t i = 0; i < n; ++i) {
     const auto& p = params[i];
     const auto dev = p.device();
+    TORCH_CHECK(dev == params[0].device(), op, ": params[", i, "] is on ", dev, ", params[0] on ", params[0].device());
     TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kBFloat16 || p.scalar_type() == at::kHalf,
                 op, ": params[", i, "] must be fp32, bf16 or fp16, got ", p.scalar_type());
     TORCH_CHECK(grads[i].scalar_type() == p.scalar_type() && grads[i].sizes() == p.sizes(), op, ": grads[", i,
@@ -62,30 +67,11 @@ inline void check_adamw(const char* op, at::TensorList params, at::TensorList gr
     for (const auto* t : {&p, &grads[i], &m[i], &v[i], &sel[i]}) {
       TORCH_CHECK(t->is_contiguous(), op, ": every tensor of entry ", i, " must be contiguous");
     }
-    if (!dense && sel[i].numel()) {
+    if (!dense && index_range && sel[i].numel()) {
       auto lo = sel[i].min().item<int>(), hi = sel[i].max().item<int>();
       TORCH_CHECK(lo >= 0 && hi < p.numel(), op, ": indices[", i, "] out of range [0, ", p.numel(), ")");
     }
   }
 }
-
-struct AdamW {
-  float lr, beta1, beta2, eps, wd, bc1, bc2_sqrt;
-  AdamW(int64_t step, double lr_, double b1, double b2, double eps_, double wd_)
-      : lr(lr_), beta1(b1), beta2(b2), eps(eps_), wd(wd_),
-        bc1(1.0 - std::pow(b1, (double)step)), bc2_sqrt(std::sqrt(1.0 - std::pow(b2, (double)step))) {}
-  // torch.optim.AdamW's order: p *= 1 - lr·wd; m = lerp(m, g, 1-β1); v = β2·v + (1-β2)·g²;
-  // denom = √v/√(1-β2^t) + eps; p -= lr/(1-β1^t) · m/denom.
-#if defined(__CUDACC__)
-  __host__ __device__
-#endif
-  inline void update(float& p, float g, float& m, float& v) const {
-    p *= 1.0f - lr * wd;
-    m += (1.0f - beta1) * (g - m);
-    v = beta2 * v + (1.0f - beta2) * g * g;
-    const float denom = sqrtf(v) / bc2_sqrt + eps;
-    p -= (lr / bc1) * (m / denom);
-  }
-};
 
 }  // namespace surgery

@@ -12,6 +12,7 @@ cudaError_t masked_adamw_launch(at::TensorList, at::TensorList, at::TensorList, 
                                 const AdamW&);
 cudaError_t sparse_adamw_launch(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                                 const AdamW&);
+cudaError_t index_range_launch(at::TensorList, at::TensorList, const at::Tensor&);
 
 static void ok(cudaError_t e, const char* op) { TORCH_CHECK(e == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(e)); }
 
@@ -32,8 +33,16 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
 void sparse_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                        at::TensorList indices, int64_t step, double lr, double beta1, double beta2, double eps,
                        double weight_decay) {
-  check_adamw("sparse_adamw_", params, grads, exp_avgs, exp_avg_sqs, indices, false, step);
+  check_adamw("sparse_adamw_", params, grads, exp_avgs, exp_avg_sqs, indices, false, step, /*index_range=*/false);
   if (params.empty()) return;
+  // All index lists range-checked in one launch and one device-to-host copy, before anything is written.
+  const at::Tensor bad = at::zeros({(int64_t)params.size()}, indices[0].options().dtype(at::kInt));
+  ok(index_range_launch(params, indices, bad), "sparse_adamw_");
+  const at::Tensor flags = bad.cpu();
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(flags.data_ptr<int>()[i] == 0, "sparse_adamw_: indices[", i, "] out of range [0, ",
+                params[i].numel(), ")");
+  }
   ok(sparse_adamw_launch(params, grads, exp_avgs, exp_avg_sqs, indices, AdamW(step, lr, beta1, beta2, eps, weight_decay)),
      "sparse_adamw_");
 }

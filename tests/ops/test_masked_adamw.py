@@ -103,3 +103,39 @@ def test_bad_calls_raise(device):
     with pytest.raises(RuntimeError, match="out of range"):
         ops.sparse_adamw_(params, grads[0], [torch.zeros(2, device=device)] * 4, [torch.zeros(2, device=device)] * 4,
                           idx, step=1, weight_decay=0.0, **HP)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_multi_tensor_launch_matches_cpu():
+    """More tensors than one launch holds, sizes around the vector width and the block chunk, misaligned views
+    (the scalar path), three dtypes in one call: the CUDA kernels against the CPU kernels."""
+    g = torch.Generator().manual_seed(6)
+    sizes = [1, 3, 4, 5, 8, 9, 4095, 4096, 4097, 8193, 20001] + torch.randint(1, 3000, (30,), generator=g).tolist()
+    dtypes = [(torch.float32, torch.bfloat16, torch.float16)[i % 3] for i in range(len(sizes))]
+    full = [[], [], [], [], []]  # params, grads, exp_avgs, exp_avg_sqs, masks, each with `off` extra entries
+    offs = [1 if i % 4 == 3 else 0 for i in range(len(sizes))]  # a view 1 entry in: not 16-byte aligned
+    for n, dt, off in zip(sizes, dtypes, offs):
+        for lst, t in zip(full, (torch.randn(n + off, generator=g).to(dt), torch.randn(n + off, generator=g).to(dt),
+                                 torch.randn(n + off, generator=g) * 0.1, torch.rand(n + off, generator=g) * 0.1,
+                                 torch.rand(n + off, generator=g) < 0.4)):
+            lst.append(t)
+    params, grads, m, v, masks = ([t[off:] for t, off in zip(ts, offs)] for ts in full)
+    cpu = [[t.clone() for t in ts] for ts in (params, grads, m, v, masks)]
+    gpu = [[t.cuda()[off:] for t, off in zip(ts, offs)] for ts in full]
+    for step in (1, 2, 3):
+        ops.masked_adamw_(*cpu, step=step, weight_decay=0.1, **HP)
+        ops.masked_adamw_(*gpu, step=step, weight_decay=0.1, **HP)
+    for c_list, g_list, before in zip(cpu[:4:2] + cpu[3:4], gpu[:4:2] + gpu[3:4], (params, m, v)):
+        for c, gp, b, k in zip(c_list, g_list, before, masks):
+            gp = gp.cpu()
+            assert torch.equal(gp[~k], b[~k])  # masked-out entries untouched
+            tol = 1e-5 if c.dtype == torch.float32 else 1e-2  # FMA contraction on the GPU; 1 ulp in 16-bit
+            torch.testing.assert_close(gp, c, rtol=tol, atol=tol)
+    idx = [torch.nonzero(k).flatten().int().cuda() for k in masks]
+    sp = [p.cuda() for p in params]
+    sm, sv = ([x.cuda()[k.cuda()] for x, k in zip(xs, masks)] for xs in (m, v))
+    for step in (1, 2, 3):
+        ops.sparse_adamw_(sp, gpu[1], sm, sv, idx, step=step, weight_decay=0.1, **HP)
+    for s, d, mi, dmi, k in zip(sp, gpu[0], sm, gpu[2], masks):
+        assert torch.equal(s, d) and torch.equal(mi, dmi[k.cuda()])

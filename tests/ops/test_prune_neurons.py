@@ -13,11 +13,12 @@ def weights(device, dtype, H=37, D=11, gated=False, seed=0):
     return fc_in, bias, fc_out
 
 
+@pytest.mark.parametrize("D", [11, 64])  # 64: rows of whole 16-byte vectors (the CUDA kernel's vector path)
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_reference(device, gated, dtype):
+def test_matches_reference(device, gated, dtype, D):
     neurons = torch.tensor([0, 5, 36, 17], device=device)
-    fast, ref = weights(device, dtype, gated=gated), weights(device, dtype, gated=gated)
+    fast, ref = weights(device, dtype, D=D, gated=gated), weights(device, dtype, D=D, gated=gated)
     ops.prune_neurons_(fast[0] if gated else fast[0][0], fast[1] if gated else fast[1][0], fast[2], neurons)
     reference.prune_neurons_(ref[0], ref[1], ref[2], neurons)
     for a, b in zip([*fast[0], *fast[1], fast[2]], [*ref[0], *ref[1], ref[2]]):
