@@ -101,10 +101,18 @@ inline std::vector<Table> plan(const std::vector<Entry>& entries, int64_t chunk,
 
 inline int64_t blocks(const Table& t) { return t.first_block[t.count]; }
 
-SURGERY_HD inline int find_tensor(const Table& t, int64_t block) {
+// What one block covers: entries [lo, hi) of tensor i, as VEC-wide vectors up to `tail`, scalars after it.
+struct Span {
+  int i;
+  int64_t lo, hi, tail;
+};
+
+template <int VEC>
+SURGERY_HD inline Span span(const Table& t, int64_t block, int64_t chunk) {
   int i = 0;
   while (block >= t.first_block[i + 1]) ++i;
-  return i;
+  const int64_t lo = (block - t.first_block[i]) * chunk, hi = lo + chunk < t.n[i] ? lo + chunk : t.n[i];
+  return {i, lo, hi, t.vec[i] ? lo + (hi - lo) / VEC * VEC : lo};
 }
 
 // Dense state: entries with mask false are not touched (a vector with no true lane is not even loaded).
@@ -116,13 +124,11 @@ struct Dense {
   static constexpr bool DENSE = true;
 
   SURGERY_HD static void block(const Table& t, int64_t block, int thread, const AdamW& opt) {
-    const int i = find_tensor(t, block);
+    const auto [i, lo, hi, tail] = span<VEC>(t, block, CHUNK);
     T* p = static_cast<T*>(t.p[i]);
     const T* g = static_cast<const T*>(t.g[i]);
     float *m = t.m[i], *v = t.v[i];
     const bool* keep = static_cast<const bool*>(t.sel[i]);
-    const int64_t lo = (block - t.first_block[i]) * CHUNK, hi = lo + CHUNK < t.n[i] ? lo + CHUNK : t.n[i];
-    const int64_t tail = t.vec[i] ? lo + (hi - lo) / VEC * VEC : lo;
     for (int64_t j = lo + int64_t(thread) * VEC; j < tail; j += int64_t(kThreads) * VEC) {
       const auto k = load<Vec<bool, VEC>>(keep + j);
       bool any = false;
@@ -161,13 +167,11 @@ struct Compact {
   static constexpr bool DENSE = false;
 
   SURGERY_HD static void block(const Table& t, int64_t block, int thread, const AdamW& opt) {
-    const int i = find_tensor(t, block);
+    const auto [i, lo, hi, tail] = span<VEC>(t, block, CHUNK);
     T* p = static_cast<T*>(t.p[i]);
     const T* g = static_cast<const T*>(t.g[i]);
     float *m = t.m[i], *v = t.v[i];
     const int* idx = static_cast<const int*>(t.sel[i]);
-    const int64_t lo = (block - t.first_block[i]) * CHUNK, hi = lo + CHUNK < t.n[i] ? lo + CHUNK : t.n[i];
-    const int64_t tail = t.vec[i] ? lo + (hi - lo) / VEC * VEC : lo;
     for (int64_t k = lo + int64_t(thread) * VEC; k < tail; k += int64_t(kThreads) * VEC) {
       const auto jv = load<Vec<int, VEC>>(idx + k);
       auto mv = load<Vec<float, VEC>>(m + k);
@@ -197,10 +201,8 @@ struct IndexRange {
   static constexpr int ALIGN_PG = 1, ALIGN_SEL = Compact<float>::ALIGN_SEL;
 
   SURGERY_HD static void block(const Table& t, int64_t block, int thread, int* bad) {
-    const int i = find_tensor(t, block);
+    const auto [i, lo, hi, tail] = span<VEC>(t, block, CHUNK);
     const int* idx = static_cast<const int*>(t.sel[i]);
-    const int64_t lo = (block - t.first_block[i]) * CHUNK, hi = lo + CHUNK < t.n[i] ? lo + CHUNK : t.n[i];
-    const int64_t tail = t.vec[i] ? lo + (hi - lo) / VEC * VEC : lo;
     bool out = false;
     for (int64_t k = lo + int64_t(thread) * VEC; k < tail; k += int64_t(kThreads) * VEC) {
       const auto jv = load<Vec<int, VEC>>(idx + k);
