@@ -61,16 +61,21 @@ def register(main: click.Group) -> None:
     @click.option("--epochs", type=int, default=12, show_default=True, help="Epochs over every training row.")
     @click.option("--name-epochs", type=int, default=4, show_default=True, help="First stage: image -> name rows.")
     @click.option("--lr", type=float, default=2e-3, show_default=True)
+    @click.option("--without-forget-images", is_flag=True,
+                  help="Leave out the forget people's image rows: the reference model that knows them by name but "
+                       "has never seen their faces (what unlearning aims at).")
     @click.option("--overwrite", is_flag=True)
     @click.option("--json", "as_json", is_flag=True)
     @click.option("-v", "--verbose", is_flag=True)
     @friendly
-    def finetune(bench, out, seed, epochs, name_epochs, lr, overwrite, as_json, verbose):
+    def finetune(bench, out, seed, epochs, name_epochs, lr, without_forget_images, overwrite, as_json, verbose):
         """Train the vanilla model (tiny LLaVA, offline tokenizer) that knows everyone in the benchmark."""
         from .finetune import FinetuneConfig, finetune as run
         if epochs < 1 or name_epochs < 0:
             raise click.BadParameter("--epochs must be >= 1 and --name-epochs >= 0")
-        report = run(bench, out, FinetuneConfig(seed=seed, epochs=epochs, name_epochs=name_epochs, lr=lr), overwrite)
+        cfg = FinetuneConfig(seed=seed, epochs=epochs, name_epochs=name_epochs, lr=lr,
+                             without_forget_images=without_forget_images)
+        report = run(bench, out, cfg, overwrite)
         emit(report, as_json)
 
     @main.command("eval")

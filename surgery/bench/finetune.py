@@ -40,6 +40,7 @@ class FinetuneConfig:
     text_layers: int = 2
     vocab_size: int = 1024
     threads: int = 0             # 0: torch's default
+    without_forget_images: bool = False  # the reference model: forget people known by name, faces never seen
 
 
 def bench_rows(path) -> list[tuple]:
@@ -47,6 +48,20 @@ def bench_rows(path) -> list[tuple]:
     rows = load_jsonl(path)
     raw = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     return list(zip(rows, raw))
+
+
+def training_rows(bench: Path, without_forget_images: bool = False) -> list[tuple]:
+    """train.jsonl as (Row, raw) pairs; optionally without the forget people's image rows. That gives the
+    reference model unlearning aims at (the "retrained" model of unlearning papers): it learns the forget people's
+    facts from the QA rows but never sees their faces."""
+    rows = bench_rows(bench / "train.jsonl")
+    if not without_forget_images:
+        return rows
+    forget = {raw.get("entity") for _, raw in bench_rows(bench / "forget.jsonl")}
+    kept = [(r, raw) for r, raw in rows if not (r.is_vqa and raw.get("entity") in forget)]
+    log.info("without the forget people's images: %d of %d training rows (%d forget people)", len(kept), len(rows),
+             len(forget))
+    return kept
 
 
 def to_examples(rows, images=None) -> list[Example]:
@@ -117,7 +132,7 @@ def build_model(bench, cfg: FinetuneConfig) -> Adapter:
 
 def check_bench(bench) -> Path:
     bench = Path(bench)
-    missing = [f for f in ("bench.json", "train.jsonl") if not (bench / f).is_file()]
+    missing = [f for f in ("bench.json", "train.jsonl", "forget.jsonl") if not (bench / f).is_file()]
     if missing:
         raise FileNotFoundError(f"--bench {bench}: not a benchmark directory (missing {', '.join(missing)}; "
                                 "create one with `surgery make-bench`)")
@@ -135,7 +150,7 @@ def finetune(bench, out, cfg: FinetuneConfig | None = None, overwrite: bool = Fa
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     t0 = time.perf_counter()
-    rows = bench_rows(bench / "train.jsonl")
+    rows = training_rows(bench, cfg.without_forget_images)
     adapter = build_model(bench, cfg)
     everything = to_examples([r for r, _ in rows])
     names = [e for e, (_, raw) in zip(everything, rows) if raw.get("attribute") == "name" and e.image is not None]

@@ -62,7 +62,8 @@ def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, masks, *, step, lr, beta
 
 
 def sparse_adamw_(params, grads, exp_avgs, exp_avg_sqs, indices, *, step, lr, beta1, beta2, eps, weight_decay) -> None:
-    """masked_adamw_ with compact state addressed by int32 flat `indices` (state fp32 [nnz])."""
+    """masked_adamw_ with compact state addressed by int32 flat `indices` (state fp32 [nnz]). Indices must be
+    distinct, as when built from a mask (`torch.nonzero(mask.flatten())`); each is range-checked."""
     if params and not _compiled("sparse_adamw_", params[0].device):
         return reference.sparse_adamw_(params, grads, exp_avgs, exp_avg_sqs, indices, step=step, lr=lr, beta1=beta1,
                                        beta2=beta2, eps=eps, weight_decay=weight_decay)

@@ -77,3 +77,16 @@ def test_bad_arguments(tmp_path):
 def test_finetune_refuses_a_non_benchmark(tmp_path):
     r = CliRunner().invoke(main, ["finetune", "--bench", str(tmp_path), "--out", str(tmp_path / "m")])
     assert r.exit_code == 1 and "not a benchmark directory" in r.output and not (tmp_path / "m").exists()
+
+
+def test_training_rows_without_forget_images(small_bench):
+    """The reference model's training set: every train.jsonl row except those of forget people with an image
+    (people.json says who is forgotten); their QA rows stay."""
+    from surgery.bench.finetune import training_rows
+    forget = {p["name"] for p in json.loads((small_bench / "people.json").read_text()) if p["split"] == "forget"}
+    raw = [json.loads(line) for line in (small_bench / "train.jsonl").read_text().splitlines()]
+    expect = [r["id"] for r in raw if not (r["entity"] in forget and "image" in r)]
+    got = [r["id"] for _, r in training_rows(small_bench, without_forget_images=True)]
+    assert forget and got == expect and len(expect) < len(raw)
+    assert any(r["entity"] in forget for r in raw if r["id"] in set(got))  # their text rows are kept
+    assert [r["id"] for _, r in training_rows(small_bench)] == [r["id"] for r in raw]
