@@ -1,13 +1,14 @@
 """`surgery demo`: the whole evaluation loop on the built-in benchmark, from nothing.
 
 make-bench -> finetune (cached by content hash) -> prune-and-mask (β = 0.3 and the β = 0 ablation) -> eval vanilla
-vs unlearned -> relearning attack -> table on stderr, report.json and demo.png in OUT."""
+vs unlearned -> relearning attack -> table on stderr, report.json and demo.png in OUT. With `reference`, also the
+model that never saw the forget people's faces (what unlearning aims at), evaluated and attacked the same way."""
 import hashlib
 import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -37,6 +38,7 @@ class DemoConfig:
     seed: int = 0
     quick: bool = False                # a few-second run of every stage (tests), not a measurement
     ablation: bool = True              # also run β = 0 (does VKD keep retain accuracy?)
+    reference: bool = False            # also train the model that never saw the forget faces (cached)
     relearn_share: float = 0.2
     relearn_epochs: int = 5
     unlearn: dict = field(default_factory=lambda: dict(UNLEARN))
@@ -71,11 +73,11 @@ def content_hash(bench: Path, cfg: FinetuneConfig) -> str:
     return h.hexdigest()[:16]
 
 
-def vanilla_model(bench: Path, cfg: FinetuneConfig, cache: Path) -> tuple[Path, bool]:
+def vanilla_model(bench: Path, cfg: FinetuneConfig, cache: Path, name: str = "vanilla") -> tuple[Path, bool]:
     """The fine-tuned model for this benchmark: from the cache, else trained into it. Returns (path, was cached)."""
-    path = cache / f"vanilla-{content_hash(bench, cfg)}"
+    path = cache / f"{name}-{content_hash(bench, cfg)}"
     if (path / "finetune.json").is_file():
-        log.info("vanilla model from cache: %s", path)
+        log.info("%s model from cache: %s", name, path)
         return path, True
     finetune(bench, path, cfg, overwrite=True)
     return path, False
@@ -98,7 +100,7 @@ def targets(results: dict, attack: dict, qa_shift: dict, quick: bool) -> dict:
     return {"quick run: not a measurement": True} if quick else checks
 
 
-def figure(results: dict, attack: dict, path: Path) -> None:
+def figure(results: dict, attack: dict, attack_ref: dict | None, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -111,7 +113,9 @@ def figure(results: dict, attack: dict, path: Path) -> None:
     ax.axhline(CHANCE, color="grey", ls=":", lw=1, label="chance")
     ax.set_ylabel("accuracy (%)"), ax.set_ylim(0, 122), ax.set_yticks(range(0, 101, 20))
     ax.legend(fontsize=8, loc="upper center", ncol=len(results) + 1), ax.set_title("vanilla vs unlearned")
-    ax2.plot(range(len(attack["forget_vqa"])), attack["forget_vqa"], marker="o")
+    ax2.plot(range(len(attack["forget_vqa"])), attack["forget_vqa"], marker="o", label="unlearned")
+    if attack_ref:
+        ax2.plot(range(len(attack_ref["forget_vqa"])), attack_ref["forget_vqa"], marker="s", label="reference")
     ax2.axhline(results["vanilla"]["forget"]["vqa"], color="C0", ls="--", lw=1, label="vanilla")
     ax2.set_xlabel("relearning epoch"), ax2.set_ylabel("forget-VQA accuracy (%)"), ax2.set_ylim(0, 105)
     ax2.set_title(f"relearning attack ({attack['share']:.0%} of forget-VQA)"), ax2.legend(fontsize=8)
@@ -149,6 +153,11 @@ def demo(out, cfg: DemoConfig | None = None, cache: Path | None = None, overwrit
         vanilla, cached = vanilla_model(bench, cfg.finetune, cache)
         timings["finetune_s" + ("_cached" if cached else "")] = time.perf_counter() - t
 
+        if cfg.reference:
+            t = time.perf_counter()
+            reference, _ = vanilla_model(bench, replace(cfg.finetune, without_forget_images=True), cache, "reference")
+            timings["finetune_reference_s"] = time.perf_counter() - t
+
         runs = {"unlearned": cfg.unlearn}
         if cfg.ablation:
             runs["unlearned (beta=0)"] = {**cfg.unlearn, "beta": 0.0}
@@ -160,6 +169,8 @@ def demo(out, cfg: DemoConfig | None = None, cache: Path | None = None, overwrit
                                   retain=str(bench / "retain.jsonl"), out=str(dest), seed=cfg.seed, **kw))
             models[name] = dest
             timings[f"prune_and_mask_s[{name}]"] = time.perf_counter() - t
+        if cfg.reference:
+            models["reference"] = reference
 
         results = {}
         qa_examples = [Example(r.prompt(), option_answer(r, letter), None)
@@ -178,15 +189,17 @@ def demo(out, cfg: DemoConfig | None = None, cache: Path | None = None, overwrit
         attack = relearn(models["unlearned"], bench, share=cfg.relearn_share, epochs=cfg.relearn_epochs,
                          seed=cfg.seed)
         timings["relearn_s"] = time.perf_counter() - t
+        attack_ref = relearn(reference, bench, share=cfg.relearn_share, epochs=cfg.relearn_epochs,
+                             seed=cfg.seed) if cfg.reference else None
         # text-only rows never reach the vision weights: every QA option's log-likelihood must be bit-identical
-        qa_shift = {name: float((lp - qa_logprobs["vanilla"]).abs().max()) for name, lp in qa_logprobs.items()
-                    if name != "vanilla"}
+        qa_shift = {name: float((qa_logprobs[name] - qa_logprobs["vanilla"]).abs().max()) for name in runs}
         timings["total_s"] = time.perf_counter() - t0
 
-        figure(results, attack, tmp / "demo.png")
+        figure(results, attack, attack_ref, tmp / "demo.png")
         report = {"config": {**asdict(cfg), "out": str(out), "cache": str(cache)}, "seed": cfg.seed,
                   "dtype": "float32", "environment": environment("cpu"), "vanilla_model": str(vanilla),
                   "vanilla_cached": cached, "results": results, "relearn": attack, "qa_logprob_max_abs_change": qa_shift,
+                  **({"relearn_reference": attack_ref} if attack_ref else {}),
                   "targets": targets(results, attack, qa_shift, cfg.quick), "timings": timings, "table": table(results)}
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
     log.info("demo written to %s in %.0fs", out, timings["total_s"])

@@ -70,3 +70,18 @@ def test_demo_quick_end_to_end(tmp_path):
     (other / "keep.txt").write_text("x")
     r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(other), "--cache", str(cache)])
     assert r.exit_code == 1 and "not a demo output" in r.output and (other / "keep.txt").exists()
+
+
+def test_demo_quick_with_reference(tmp_path):
+    """--reference: the model trained without the forget people's image rows is cached apart from the vanilla one,
+    evaluated and attacked like the unlearned model."""
+    out, cache = tmp_path / "demo", tmp_path / "cache"
+    r = CliRunner().invoke(main, ["demo", "--quick", "--no-ablation", "--reference", "--out", str(out),
+                                  "--cache", str(cache), "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert set(rep["results"]) == {"vanilla", "unlearned", "reference"}
+    assert len(rep["relearn_reference"]["forget_vqa"]) == rep["config"]["relearn_epochs"] + 1
+    van, ref = (json.loads(next(cache.glob(f"{n}-*/finetune.json")).read_text()) for n in ("vanilla", "reference"))
+    forget_image_rows = [row for row in load_jsonl(out / "bench" / "forget.jsonl") if row.is_vqa]
+    assert ref["rows"] == van["rows"] - len(forget_image_rows) and ref["config"]["without_forget_images"]
