@@ -64,11 +64,27 @@ def load(model: str, device="cpu", dtype=torch.float32, trust_remote_code: bool 
     return Adapter(m.to(device).eval(), tok, ip, proc)
 
 
+def llava_processor(adapter: Adapter):
+    """LLaVA's own processor, complete: it expands <image> into one token per patch, so it needs the patch size and
+    the feature strategy (a processor assembled by AutoProcessor from a tokenizer and an image processor lacks them
+    and fails on the first image)."""
+    cfg = adapter.model.config
+    return transformers.LlavaProcessor(
+        image_processor=adapter.image_processor, tokenizer=adapter.tokenizer, patch_size=cfg.vision_config.patch_size,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy, num_additional_image_tokens=1,  # CLS
+        chat_template=getattr(adapter.processor, "chat_template", None) or adapter.tokenizer.chat_template)
+
+
 def save(adapter: Adapter, out: Path) -> None:
-    """A normal HF checkpoint: safetensors weights, config, tokenizer, image processor (and processor)."""
+    """A normal HF checkpoint: safetensors weights, config, tokenizer, image processor (and processor), loadable
+    and usable with AutoModelForImageTextToText + AutoProcessor alone."""
     adapter.model.save_pretrained(out, safe_serialization=True)
     adapter.tokenizer.save_pretrained(out)
+    processor = adapter.processor
+    if adapter.model_type == "llava" and adapter.image_processor is not None and \
+            getattr(processor, "patch_size", None) is None:
+        processor = llava_processor(adapter)
     if adapter.image_processor is not None:
         adapter.image_processor.save_pretrained(out)
-    if adapter.processor is not None:
-        adapter.processor.save_pretrained(out)
+    if processor is not None:
+        processor.save_pretrained(out)

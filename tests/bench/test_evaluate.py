@@ -99,3 +99,28 @@ def test_evaluate_and_cli(model, small_bench, tiny_dirs):
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(main, ["eval", "--bench", str(small_bench / "nope"), "--model", "x"])
     assert r.exit_code == 1 and "no such directory" in r.output
+
+
+@torch.no_grad()
+def test_saved_model_scores_with_transformers_alone(model, tiny_dirs, small_bench):
+    """A saved LLaVA is usable without surgery: AutoProcessor expands the image token and the answer log-likelihoods
+    computed from it equal ours."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    proc = AutoProcessor.from_pretrained(tiny_dirs["tiny-llava"])
+    hf = AutoModelForImageTextToText.from_pretrained(tiny_dirs["tiny-llava"]).eval()
+    rows = rows_of(small_bench, "retain")
+    examples = [Example(r.prompt(), option_answer(r, l), r.load_image()) for r in rows for l in sorted(r.options)]
+    theirs = []
+    for e in examples:
+        content = ([{"type": "image"}] if e.image is not None else []) + [{"type": "text", "text": e.prompt}]
+        prompt = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        enc = proc(text=prompt, images=e.image, return_tensors="pt") if e.image is not None else \
+            proc(text=prompt, return_tensors="pt")
+        answer = proc.tokenizer(" " + e.answer, add_special_tokens=False)["input_ids"] + [proc.tokenizer.eos_token_id]
+        ids = torch.cat([enc["input_ids"], torch.tensor([answer])], 1)
+        kw = {"pixel_values": enc["pixel_values"]} if e.image is not None else {}
+        logp = torch.log_softmax(hf(input_ids=ids, attention_mask=torch.ones_like(ids), **kw).logits[0].double(), -1)
+        n = ids.shape[1] - len(answer)
+        theirs.append(sum(logp[t - 1, ids[0, t]].item() for t in range(n, ids.shape[1])))
+    assert any(e.image is not None for e in examples) and any(e.image is None for e in examples)
+    assert answer_logprobs(model, examples) == pytest.approx(theirs, rel=1e-4, abs=1e-3)
