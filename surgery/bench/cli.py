@@ -171,7 +171,8 @@ def register(main: click.Group) -> None:
     @click.option("-v", "--verbose", is_flag=True)
     @friendly
     def import_mllmu_cmd(parquet, out, overwrite, as_json, verbose):
-        """Convert MLLMU-Bench parquet files (PARQUET or PARQUET=NAME) into OUT/NAME.jsonl + OUT/images/."""
+        """Convert MLLMU-Bench parquet files or shard directories (PARQUET or PARQUET=NAME) into OUT/NAME.jsonl +
+        OUT/images/."""
         from .mllmu import import_mllmu
         counts = import_mllmu(list(parquet), out, overwrite)
         for name, n in counts.items():

@@ -1,20 +1,28 @@
 """MLLMU-Bench parquet -> our JSONL + PNG files, so users with the real benchmark can run every command on it.
 
-Schema read (per row): `image` {"bytes": PNG/JPEG bytes}; evaluation rows carry `Classification_Task`
-{"Image_Textual_Questions": [...], "Pure_Text_Questions": [...]} of {"Question", "Options": {"A".."D"},
-"Correct_Answer"} and `Generation_Task` [{"Question", "Ground_Truth", "Type"}] (Type naming "Image" means the
-question is asked with the image); training rows carry `metadata`, a JSON string of [{"Question", "Answer"}]
-pairs, asked with the image (VQA rows). Nested fields may also arrive as JSON strings; both are accepted.
-Multiple-choice answers are written as "<option text> (<letter>)", the form `surgery eval` scores."""
+Schema read (per row, as the official MLLMU-Bench code reads it): `ID`; `image` {"bytes": PNG/JPEG bytes}, or on
+the test set `images`, a list of them (held-out views: the image questions are asked once per view); evaluation rows
+carry `Classification_Task` {"Image_Textual_Questions": [...], "Pure_Text_Questions": [...]} of {"Question",
+"Options": {"A".."D"}, "Correct_Answer": a letter}, `Generation_Task` and `Mask_Task` (fill in the blank "__"), both
+[{"Question", "Ground_Truth", "Type": "Image_Textual" | "Pure_Text"}]; training rows (ft_Data) carry `metadata`, a
+JSON string of [{"Question", "Answer"}] pairs asked with the image (VQA rows; pairs with an empty side are skipped,
+as the official preprocessing does). Nested fields may also arrive as JSON strings; both are accepted. A directory
+stands for every parquet file in it (the test set ships as shards). Multiple-choice answers are written as
+"<option text> (<letter>)", the form `surgery eval` scores; generation and fill-in-the-blank rows have no options
+(ROUGE-L in `surgery eval`)."""
 import io
 import json
+import logging
+import re
 from pathlib import Path
 
 from PIL import Image
 
 from ..data import DataError
 
+log = logging.getLogger("surgery")
 ID_COLUMNS = ("ID", "id", "Name", "name")
+LETTER = re.compile(r"^\(?([A-Da-d])[).:]?$")
 
 
 def _field(value, where: str, name: str):
@@ -33,62 +41,79 @@ def _mc(q: dict, where: str) -> dict:
         question = q["Question"]
     except (KeyError, TypeError, AttributeError) as e:
         raise DataError(f"{where}: a classification question lacks {e}") from None
-    correct = str(correct).strip().rstrip(".").upper()[:1]
+    letter = LETTER.match(str(correct).strip())
+    by_text = [k for k, v in options.items() if v.strip() == str(correct).strip()]
+    correct = letter.group(1).upper() if letter else (by_text[0] if len(by_text) == 1 else None)
     if correct not in options:
-        raise DataError(f"{where}: Correct_Answer {q['Correct_Answer']!r} is not one of the options {sorted(options)}")
+        raise DataError(f"{where}: Correct_Answer {q['Correct_Answer']!r} is neither a letter nor the text of one of "
+                        f"the options {sorted(options)}")
     return {"question": question, "options": options, "correct": correct,
             "answer": f"{options[correct]} ({correct})", "task": "mc"}
 
 
+def _images(row: dict, where: str, image_dir: Path, stem: str, i: int) -> list[str]:
+    """Write the row's image (`image`) or views (`images`, the test set) as PNG; their paths relative to OUT."""
+    values = row.get("images") if row.get("images") is not None else [row.get("image")]
+    paths = []
+    for k, value in enumerate(v for v in values if v is not None):
+        data = value.get("bytes") if isinstance(value, dict) else value
+        if not data:
+            raise DataError(f"{where}: an image has no bytes")
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                paths.append(f"images/{stem}_{i:05d}" + (f"_{k}" if len(values) > 1 else "") + ".png")
+                im.convert("RGB").save(image_dir / Path(paths[-1]).name, format="PNG")
+        except OSError as e:
+            raise DataError(f"{where}: image {k} cannot be decoded ({e})") from None
+    return paths
+
+
+def _free_form(q, where: str, task: str, answer_key: str) -> dict:
+    try:
+        return {"question": q["Question"], "answer": q[answer_key], "task": task}
+    except (KeyError, TypeError) as e:
+        raise DataError(f"{where}: a {task} question lacks {e}") from None
+
+
 def convert_rows(table_rows: list[dict], source: str, image_dir: Path, stem: str) -> list[dict]:
     """Our rows for one parquet table (a list of row dicts); images are written into image_dir."""
-    out = []
+    out, skipped = [], 0
     for i, row in enumerate(table_rows):
         where = f"{source}:row {i}"
         entity = next((str(row[c]) for c in ID_COLUMNS if row.get(c) is not None), None)
-        image = None
-        if row.get("image") is not None:
-            data = row["image"].get("bytes") if isinstance(row["image"], dict) else row["image"]
-            if not data:
-                raise DataError(f"{where}: column 'image' has no bytes")
-            try:
-                with Image.open(io.BytesIO(data)) as im:
-                    image = f"images/{stem}_{i:05d}.png"
-                    im.convert("RGB").save(image_dir / Path(image).name, format="PNG")
-            except OSError as e:
-                raise DataError(f"{where}: the image cannot be decoded ({e})") from None
+        images = _images(row, where, image_dir, stem, i)
 
         def add(rec: dict, with_image: bool, kind: str):
-            if with_image and image is None:
+            if with_image and not images:
                 raise DataError(f"{where}: an image question but the row has no image")
-            rec = {**rec, "image": image if with_image else None, "entity": entity, "id": f"{stem}-{i}-{len(out)}",
-                   "attribute": kind}
-            out.append({k: v for k, v in rec.items() if v is not None})
+            for image in images if with_image else [None]:
+                rec = {**rec, "image": image, "entity": entity, "id": f"{stem}-{i}-{len(out)}", "attribute": kind}
+                out.append({k: v for k, v in rec.items() if v is not None})
 
         cls = _field(row.get("Classification_Task"), where, "Classification_Task")
         if cls:
             for key, with_image in (("Image_Textual_Questions", True), ("Pure_Text_Questions", False)):
                 for q in _field(cls.get(key), where, key) or []:
                     add(_mc(q, where), with_image, key)
-        for q in _field(row.get("Generation_Task"), where, "Generation_Task") or []:
-            try:
-                rec = {"question": q["Question"], "answer": q["Ground_Truth"], "task": "gen"}
-            except (KeyError, TypeError) as e:
-                raise DataError(f"{where}: a generation question lacks {e}") from None
-            add(rec, "image" in str(q.get("Type", "")).lower(), str(q.get("Type", "gen")))
-        meta = _field(row.get("metadata"), where, "metadata")
-        for qa in meta or []:
-            try:
-                rec = {"question": qa["Question"], "answer": qa["Answer"], "task": "gen"}
-            except (KeyError, TypeError) as e:
-                raise DataError(f"{where}: a metadata pair lacks {e}") from None
+        for column, task in (("Generation_Task", "gen"), ("Mask_Task", "mask")):
+            for q in _field(row.get(column), where, column) or []:
+                kind = str(q.get("Type", task)) if isinstance(q, dict) else task
+                add(_free_form(q, where, task, "Ground_Truth"), "image" in kind.lower(), kind)
+        for qa in _field(row.get("metadata"), where, "metadata") or []:
+            rec = _free_form(qa, where, "gen", "Answer")
+            if not (str(rec["question"]).strip() and str(rec["answer"]).strip()):
+                skipped += 1
+                continue
             add(rec, True, "train")
+    if skipped:
+        log.warning("%s: skipped %d metadata pairs with an empty question or answer", source, skipped)
     return out
 
 
 def import_mllmu(sources: list[str], out, overwrite: bool = False) -> dict:
-    """Convert each `PARQUET` or `PARQUET=NAME` into OUT/NAME.jsonl (NAME defaults to the file's stem) with its
-    images in OUT/images/. Written atomically. Returns {NAME: row count}."""
+    """Convert each `PARQUET` or `PARQUET=NAME` (a file, or a directory of shards read in name order) into
+    OUT/NAME.jsonl (NAME defaults to the file's stem or the directory's name) with its images in OUT/images/.
+    Written atomically. Returns {NAME: row count}."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -100,23 +125,33 @@ def import_mllmu(sources: list[str], out, overwrite: bool = False) -> dict:
     for s in sources:
         path, _, name = s.partition("=")
         path = Path(path)
-        if not path.is_file():
+        if path.is_dir():
+            files = sorted(path.glob("*.parquet"))
+            if not files:
+                raise FileNotFoundError(f"{path}: a directory without .parquet files")
+        elif path.is_file():
+            files = [path]
+        else:
             raise FileNotFoundError(f"{path}: file not found")
-        jobs.append((path, name or path.stem))
+        jobs.append((files, name or path.stem))
     names = [n for _, n in jobs]
     if len(set(names)) != len(names):
         raise ValueError(f"import-mllmu: two inputs map to the same output name ({names}); use PARQUET=NAME")
     counts = {}
     with atomic_dir(Path(out), overwrite) as tmp:
         (tmp / "images").mkdir()
-        for path, name in jobs:
-            try:
-                rows = pq.read_table(path).to_pylist()
-            except Exception as e:
-                raise DataError(f"{path}: not a readable parquet file ({e})") from None
-            converted = convert_rows(rows, str(path), tmp / "images", name)
+        for files, name in jobs:
+            converted = []
+            for k, path in enumerate(files):
+                try:
+                    rows = pq.read_table(path).to_pylist()
+                except Exception as e:
+                    raise DataError(f"{path}: not a readable parquet file ({e})") from None
+                stem = name if len(files) == 1 else f"{name}.shard{k}"
+                converted += convert_rows(rows, str(path), tmp / "images", stem)
             if not converted:
-                raise DataError(f"{path}: no Classification_Task, Generation_Task or metadata questions found")
+                raise DataError(f"{', '.join(map(str, files))}: no Classification_Task, Generation_Task, Mask_Task "
+                                "or metadata questions found")
             (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in converted),
                                                encoding="utf-8")
             counts[name] = len(converted)

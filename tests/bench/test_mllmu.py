@@ -80,3 +80,43 @@ def test_bad_inputs(tmp_path):
     assert r.exit_code == 1 and "junk.parquet" in r.output
     r = CliRunner().invoke(main, ["import-mllmu", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "o")])
     assert r.exit_code == 1 and "not found" in r.output
+
+
+TEST_SET = [{  # the test set: several held-out views per person in `images`, fill-in-the-blank questions
+    "ID": "3", "images": [{"bytes": png(3), "path": None}, {"bytes": png(4), "path": None}],
+    "Classification_Task": {
+        "Image_Textual_Questions": [mc("What is this person's job?", "chef", ["pilot", "baker", "judge", "chef"])],
+        "Pure_Text_Questions": [mc("Where was Cy Moor born?", "(C)", ["Oslo", "Lima", "Kyiv", "Rome"])]},
+    "Generation_Task": [],
+    "Mask_Task": [{"Question": "This person works as a __.", "Ground_Truth": "chef", "Type": "Image_Textual"},
+                  {"Question": "Cy Moor was born in __.", "Ground_Truth": "Kyiv", "Type": "Pure_Text"}],
+}]
+
+
+def test_test_set_shards_views_and_mask_task(tmp_path):
+    shards = tmp_path / "Test_Set"
+    shards.mkdir()
+    write(shards / "train-00000-of-00002.parquet", TEST_SET)
+    write(shards / "train-00001-of-00002.parquet", [{**EVAL[0], "Mask_Task": []}])
+    ft = [{**TRAIN[0], "metadata": json.dumps([{"Question": "Who is this?", "Answer": ""},
+                                               {"Question": "Who is this?", "Answer": "Bo Rask."}])}]
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["import-mllmu", f"{shards}=eval_forget", str(write(tmp_path / "ft.parquet", ft)),
+                                  "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    rows = load_jsonl(out / "eval_forget.jsonl")
+    views = [x for x in rows if x.entity == "3" and x.options and x.is_vqa]
+    assert [(x.correct, x.answer) for x in views] == [("D", "chef (D)")] * 2     # option text -> its letter
+    assert [np.asarray(x.load_image()).tolist() for x in views] == \
+        [np.asarray(Image.open(io.BytesIO(png(k))).convert("RGB")).tolist() for k in (3, 4)]
+    assert [(x.correct, x.is_vqa) for x in rows if x.entity == "3" and x.options and not x.is_vqa] == [("C", False)]
+    blanks = [(x.question, x.answer, x.is_vqa) for x in rows if x.entity == "3" and not x.options]
+    assert blanks == [("This person works as a __.", "chef", True)] * 2 + [("Cy Moor was born in __.", "Kyiv", False)]
+    assert len([x for x in rows if x.entity == "1"]) == 5                           # the second shard, appended
+    assert [(x.question, x.answer) for x in load_jsonl(out / "ft.jsonl")] == [("Who is this?", "Bo Rask.")]
+
+
+def test_ambiguous_correct_answer(tmp_path):
+    bad = [{**EVAL[0], "Classification_Task": {"Pure_Text_Questions": [mc("q?", "Paris", ["a", "b", "c", "d"])]}}]
+    r = CliRunner().invoke(main, ["import-mllmu", str(write(tmp_path / "bad.parquet", bad)), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "bad.parquet:row 0" in r.output and "'Paris'" in r.output
