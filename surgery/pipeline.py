@@ -69,10 +69,24 @@ def atomic_dir(out: Path, overwrite: bool):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def cpu_name() -> str:
+    """The processor's model name (training on the CPU is only bit-reproducible on the same kind of CPU)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device) -> dict:
+    import numpy
+    import PIL
     env = {"surgery": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-           "python": platform.python_version(), "platform": platform.platform(), "device": str(device),
-           "ops_backend": ops.backend(device) if hasattr(ops, "backend") else "reference"}
+           "numpy": numpy.__version__, "pillow": PIL.__version__, "python": platform.python_version(),
+           "platform": platform.platform(), "cpu": cpu_name(), "threads": torch.get_num_threads(),
+           "device": str(device), "ops_backend": ops.backend(device) if hasattr(ops, "backend") else "reference"}
     if str(device).startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(device)
     try:

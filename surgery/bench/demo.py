@@ -62,15 +62,21 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "surgery"
 
 
-def content_hash(bench: Path, cfg: FinetuneConfig) -> str:
-    """What the vanilla model depends on: every benchmark file, the fine-tuning config, the library versions."""
-    import transformers
-    from .. import __version__
-    h = hashlib.sha256(json.dumps([asdict(cfg), __version__, torch.__version__, transformers.__version__]).encode())
+def bench_digest(bench: Path, h=None) -> str:
+    """SHA-256 over every benchmark file (names and bytes): equal digests mean the same benchmark."""
+    h = h or hashlib.sha256()
     for path in sorted(p for p in bench.rglob("*") if p.is_file()):
         h.update(path.relative_to(bench).as_posix().encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
+
+
+def content_hash(bench: Path, cfg: FinetuneConfig) -> str:
+    """What the vanilla model depends on: every benchmark file, the fine-tuning config, the library versions."""
+    import transformers
+    from .. import __version__
+    return bench_digest(bench, hashlib.sha256(json.dumps([asdict(cfg), __version__, torch.__version__,
+                                                          transformers.__version__]).encode()))
 
 
 def vanilla_model(bench: Path, cfg: FinetuneConfig, cache: Path, name: str = "vanilla") -> tuple[Path, bool]:
@@ -197,7 +203,8 @@ def demo(out, cfg: DemoConfig | None = None, cache: Path | None = None, overwrit
 
         figure(results, attack, attack_ref, tmp / "demo.png")
         report = {"config": {**asdict(cfg), "out": str(out), "cache": str(cache)}, "seed": cfg.seed,
-                  "dtype": "float32", "environment": environment("cpu"), "vanilla_model": str(vanilla),
+                  "dtype": "float32", "environment": environment("cpu"), "bench_digest": bench_digest(bench),
+                  "vanilla_model": str(vanilla),
                   "vanilla_cached": cached, "results": results, "relearn": attack, "qa_logprob_max_abs_change": qa_shift,
                   **({"relearn_reference": attack_ref} if attack_ref else {}),
                   "targets": targets(results, attack, qa_shift, cfg.quick), "timings": timings, "table": table(results)}
