@@ -150,6 +150,9 @@ def collect(**kw):
 @click.option("--steps", type=int, default=50, show_default=True)
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True)
+@click.option("--saliency", type=click.Path(exists=True, dir_okay=False),
+              help="Reuse a saliency.safetensors (from `surgery collect` or an earlier run on the same model and data) "
+                   "instead of collecting again.")
 @friendly
 def prune_and_mask(**kw):
     """Collect -> select -> prune -> unlearn -> save the unlearned model to OUT."""

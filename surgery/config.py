@@ -29,6 +29,7 @@ class Config:
     batch_size: int = 4
     max_grad_norm: float = 1.0
     collect_batch_size: int = 8
+    saliency: str | None = None         # reuse this saliency.safetensors (same data, batch size and weights)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

@@ -17,7 +17,7 @@ from .config import Config
 from .data import load_splits
 from .models import load, save
 from .prune import prune, pruned_entries
-from .saliency import Saliency, collect
+from .saliency import Saliency, check_source, collect, source_of
 from .select import fisher_mask, neuron_importance, select_neurons
 from .unlearn import projector_features, unlearn
 
@@ -117,8 +117,17 @@ def prepare(cfg: Config):
 
 
 def run_collect(cfg: Config, adapter, splits, params, timings: dict) -> Saliency:
+    """Collect saliency, or reuse cfg.saliency when it was collected from the same data, batch size and weights."""
     t = time.perf_counter()
+    source = source_of(cfg.forget, cfg.retain, params, cfg.collect_batch_size)
+    if cfg.saliency:
+        sal = Saliency.load(cfg.saliency)
+        check_source(sal, source, cfg.saliency)
+        log.info("saliency reused from %s", cfg.saliency)
+        timings["saliency_load_s"] = time.perf_counter() - t
+        return sal
     sal = collect(adapter, splits, params, batch_size=cfg.collect_batch_size)
+    sal.source = source
     timings["collect_s"] = time.perf_counter() - t
     return sal
 

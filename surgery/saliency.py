@@ -1,10 +1,12 @@
 """Streaming saliency collection: one pass per split. Forward pre-hooks on each vision MLP's output
 projection feed the post-activation hidden z to `activation_stats`; post-accumulate-grad hooks fold each
 gradient into its Fisher buffer as backward produces it and free it, so no full set of gradients is held."""
+import hashlib
 import json
 import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -25,9 +27,10 @@ class Saliency:
     tokens: dict = field(default_factory=dict)
     fisher: dict = field(default_factory=dict)
     batches: dict = field(default_factory=dict)
+    source: dict = field(default_factory=dict)  # what it was collected from: see `source_of`
 
     def save(self, path) -> None:
-        tensors, meta = {}, {"tokens": self.tokens, "batches": self.batches}
+        tensors, meta = {}, {"tokens": self.tokens, "batches": self.batches, "source": self.source}
         for s, per_layer in self.stats.items():
             for layer, t in per_layer.items():
                 tensors[f"stats.{s}.{layer}"] = t.contiguous().cpu()
@@ -42,7 +45,7 @@ class Saliency:
         with safe_open(str(path), "pt") as f:
             meta = json.loads(f.metadata()["surgery"])
         sal = cls(tokens={s: {int(k): v for k, v in d.items()} for s, d in meta["tokens"].items()},
-                  batches=meta["batches"])
+                  batches=meta["batches"], source=meta.get("source", {}))
         for key, t in load_file(str(path)).items():
             kind, s, rest = key.split(".", 2)
             if kind == "stats":
@@ -50,6 +53,32 @@ class Saliency:
             else:
                 sal.fisher.setdefault(s, {})[rest] = t
         return sal
+
+
+def source_of(forget, retain, params: dict[str, torch.nn.Parameter], batch_size: int) -> dict:
+    """What a saliency file depends on: the two data files (SHA-256), the collection batch size, and per trainable
+    parameter its shape and fp64 Σθ, Σ|θ| (a cheap fingerprint of the weights it was taken on, before pruning)."""
+    digest = {k: hashlib.sha256(Path(f).read_bytes()).hexdigest() for k, f in (("forget", forget), ("retain", retain))}
+    weights = {n: [list(p.shape), float(p.detach().double().sum()), float(p.detach().double().abs().sum())]
+               for n, p in params.items()}
+    return {**digest, "collect_batch_size": batch_size, "weights": weights}
+
+
+def check_source(sal: Saliency, expected: dict, path) -> None:
+    """Refuse a saliency file collected from other data, another batch size or other weights."""
+    got = sal.source
+    if not got:
+        raise ValueError(f"--saliency {path}: records no source (written by an older surgery); collect it again")
+    for key, what in (("forget", "forget file"), ("retain", "retain file"), ("collect_batch_size", "collect batch size")):
+        if got.get(key) != expected[key]:
+            now = "" if key != "collect_batch_size" else f" ({got.get(key)}, now {expected[key]})"
+            raise ValueError(f"--saliency {path}: collected with another {what}{now}")
+    if set(got["weights"]) != set(expected["weights"]):
+        raise ValueError(f"--saliency {path}: collected for other parameters (scope or --layers differ)")
+    for name, (shape, *sums) in expected["weights"].items():
+        theirs = got["weights"][name]
+        if theirs[0] != shape or not all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6) for a, b in zip(theirs[1:], sums)):
+            raise ValueError(f"--saliency {path}: collected on other weights ({name} differs): another model?")
 
 
 def examples(rows: list[Row]) -> list[Example]:

@@ -165,3 +165,39 @@ def test_missing_cuda_device_is_a_clear_error(data, tmp_path):
     res = CliRunner().invoke(main, ["prune-and-mask", "--forget", str(data[0]), "--retain", str(data[1]),
                                     "--out", str(tmp_path / "o"), "--device", "cuda"])
     assert res.exit_code == 1 and "--device cuda: no such CUDA device" in res.output
+
+
+
+def test_saliency_reuse(tiny_dirs, data, tmp_path):
+    """--saliency from an earlier run gives the same unlearned model as collecting again."""
+    common = ["prune-and-mask", "--model", tiny_dirs["tiny-llava"], "--forget", data[0], "--retain", data[1],
+              "--steps", 3, "--lr", 1e-2, "--prune-frac", 0.05]
+    assert run_cli(*common, "--out", tmp_path / "a").exit_code == 0
+    saliency = tmp_path / "a" / "saliency.safetensors"
+    res = run_cli(*common, "--out", tmp_path / "b", "--saliency", saliency, "--json")
+    assert res.exit_code == 0, res.output
+    assert "saliency_load_s" in json.loads(res.stdout)["timings"]
+    for f in ("model.safetensors", "masks.safetensors", "saliency.safetensors"):
+        a, b = load_file(str(tmp_path / "a" / f)), load_file(str(tmp_path / "b" / f))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+
+
+def test_saliency_reuse_refuses_another_source(tiny_dirs, data, tmp_path):
+    """...and is refused, with nothing written, when the weights, the data, the batch size or the scope differ."""
+    from surgery.models import save
+    model_dir = tiny_dirs["tiny-llava"]
+    assert run_cli("prune-and-mask", "--model", model_dir, "--forget", data[0], "--retain", data[1], "--steps", 2,
+                   "--out", tmp_path / "a").exit_code == 0
+    saliency = tmp_path / "a" / "saliency.safetensors"
+    other_model = tmp_path / "m"
+    save(load("tiny-llava", seed=11), other_model)           # the same architecture, other weights
+    edited = data[0].parent / "forget2.jsonl"
+    edited.write_text(data[0].read_text().replace("Who is", "Who's"))
+    cases = [(["--model", other_model, "--forget", data[0]], "other weights"),
+             (["--model", model_dir, "--forget", edited], "another forget"),
+             (["--model", model_dir, "--forget", data[0], "--collect-batch-size", 4], "another collect batch size (8, now 4)"),
+             (["--model", model_dir, "--forget", data[0], "--layers", "0-0"], "other parameters")]
+    for args, message in cases:
+        res = CliRunner().invoke(main, [str(a) for a in ["prune-and-mask", *args, "--retain", data[1], "--steps", 2,
+                                                         "--out", tmp_path / "c", "--saliency", saliency]])
+        assert res.exit_code == 1 and message in res.output and not (tmp_path / "c").exists(), (args, res.output)

@@ -167,12 +167,13 @@ def demo(out, cfg: DemoConfig | None = None, cache: Path | None = None, overwrit
         runs = {"unlearned": cfg.unlearn}
         if cfg.ablation:
             runs["unlearned (beta=0)"] = {**cfg.unlearn, "beta": 0.0}
-        models = {"vanilla": vanilla}
+        models, saliency = {"vanilla": vanilla}, None
         for name, kw in runs.items():
             t = time.perf_counter()
             dest = tmp / ("unlearned" if kw["beta"] == cfg.unlearn["beta"] else "unlearned-beta0")
-            prune_and_mask(Config(model=str(vanilla), forget=str(bench / "forget.jsonl"),
+            prune_and_mask(Config(model=str(vanilla), forget=str(bench / "forget.jsonl"), saliency=saliency,
                                   retain=str(bench / "retain.jsonl"), out=str(dest), seed=cfg.seed, **kw))
+            saliency = str(dest / "saliency.safetensors")  # β changes nothing before unlearning: collect once
             models[name] = dest
             timings[f"prune_and_mask_s[{name}]"] = time.perf_counter() - t
         if cfg.reference:
