@@ -63,8 +63,9 @@ def friendly(fn):
     """Turn expected failures into one clear line and exit status 1 (tracebacks only with -v)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        logging.basicConfig(level=logging.DEBUG if kwargs.get("verbose") else logging.INFO, stream=sys.stderr,
-                            format="surgery: %(message)s")
+        # our progress at INFO; other libraries' (rouge-score, matplotlib) only from WARNING, under their own name
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
+        log.setLevel(logging.DEBUG if kwargs.get("verbose") else logging.INFO)
         try:
             return fn(*args, **kwargs)
         except (DataError, FileExistsError, FileNotFoundError, ValueError, RuntimeError, OSError) as e:
