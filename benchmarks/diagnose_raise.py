@@ -24,9 +24,27 @@ import shutil
 import surgery
 
 so = glob.glob(os.path.join(os.path.dirname(surgery.__file__), "_C*.so"))
-for tool in (["ldd"], ["readelf", "-p", ".comment"]):
+# Suspects, from the crash being a SIGSEGV (a failed catch would abort instead): _C.so's unwind tables (mixed
+# compilers: .comment lists more than one), a private copy of the unwinder or libstdc++ inside _C.so (defined
+# _Unwind_* / __cxa_throw / __gxx_personality symbols, libgcc_s missing from NEEDED), or _Unwind_* bound to another
+# unwinder such as libunwind (LD_DEBUG).
+for tool in (["ldd"], ["readelf", "-p", ".comment"], ["readelf", "-lW"], ["readelf", "-d"]):
     if so and shutil.which(tool[0]):
-        print(f"$ {' '.join(tool)} _C.so\n" + subprocess.run(tool + so[:1], capture_output=True, text=True).stdout)
+        text = subprocess.run(tool + so[:1], capture_output=True, text=True).stdout
+        if tool[-1] == "-lW":
+            text = "\n".join(line for line in text.splitlines() if "EH_FRAME" in line or "GNU_STACK" in line)
+        if tool[-1] == "-d":
+            text = "\n".join(line for line in text.splitlines() if "NEEDED" in line or "RUNPATH" in line)
+        print(f"$ {' '.join(tool)} _C.so\n{text}")
+if so and shutil.which("nm"):
+    defined = subprocess.run(["nm", "-D", "--defined-only", so[0]], capture_output=True, text=True).stdout
+    print("unwinder / EH symbols defined inside _C.so (expected: none):\n" + "\n".join(
+        line for line in defined.splitlines() if any(k in line for k in ("_Unwind_", "__cxa_throw", "__gxx_personality"))))
+code = "import torch, surgery.ops"
+r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "LD_DEBUG": "bindings"})
+print("_Unwind_* / __cxa_throw bindings (LD_DEBUG):\n" + "\n".join(sorted({
+    line.split("binding", 1)[-1].strip() for line in r.stderr.splitlines()
+    if ("_Unwind_RaiseException" in line or "__cxa_throw" in line or "_Unwind_Find_FDE" in line)})[:20]))
 if shutil.which("gdb"):
     code = f"import torch, surgery.ops as ops\nd='cpu'\n{CASES['adamw_step0']}"
     r = subprocess.run(["gdb", "-batch", "-ex", "run", "-ex", "bt 30", "--args", sys.executable, "-c", code],
