@@ -6,24 +6,36 @@
 
 namespace surgery {
 
+inline bool is_weight_dtype(const at::Tensor& t) {
+  const auto s = t.scalar_type();
+  return s == at::kFloat || s == at::kDouble || s == at::kBFloat16 || s == at::kHalf;
+}
+
 inline void check_prune(at::TensorList fc_in, at::TensorList bias, const at::Tensor& fc_out,
                         const at::Tensor& neurons) {
   TORCH_CHECK(!fc_in.empty(), "prune_neurons_: fc_in is empty");
   TORCH_CHECK(bias.empty() || bias.size() == fc_in.size(), "prune_neurons_: ", bias.size(), " biases for ",
               fc_in.size(), " input projections");
   TORCH_CHECK(fc_out.dim() == 2 && fc_out.is_contiguous(), "prune_neurons_: fc_out must be a contiguous [D, H] matrix");
+  TORCH_CHECK(is_weight_dtype(fc_out), "prune_neurons_: fc_out must be fp32, fp64, bf16 or fp16, got ",
+              fc_out.scalar_type());
   const int64_t H = fc_out.size(1);
   for (size_t k = 0; k < fc_in.size(); ++k) {
     TORCH_CHECK(fc_in[k].dim() == 2 && fc_in[k].size(0) == H && fc_in[k].is_contiguous(), "prune_neurons_: fc_in[", k,
                 "] must be a contiguous [", H, ", D] matrix, got ", fc_in[k].sizes());
+    TORCH_CHECK(is_weight_dtype(fc_in[k]), "prune_neurons_: fc_in[", k, "] must be fp32, fp64, bf16 or fp16, got ",
+                fc_in[k].scalar_type());
     TORCH_CHECK(fc_in[k].device() == fc_out.device(), "prune_neurons_: fc_in[", k, "] is on ", fc_in[k].device(),
                 ", fc_out on ", fc_out.device());
     if (!bias.empty()) {
-      TORCH_CHECK(bias[k].dim() == 1 && bias[k].size(0) == H && bias[k].device() == fc_out.device(),
-                  "prune_neurons_: fc_in_bias[", k, "] must be [", H, "] on ", fc_out.device());
+      TORCH_CHECK(bias[k].dim() == 1 && bias[k].size(0) == H && bias[k].is_contiguous() &&
+                  bias[k].device() == fc_out.device() && bias[k].scalar_type() == fc_in[k].scalar_type(),
+                  "prune_neurons_: fc_in_bias[", k, "] must be a contiguous [", H, "] ", fc_in[k].scalar_type(),
+                  " vector on ", fc_out.device());
     }
   }
-  TORCH_CHECK(neurons.dim() == 1 && neurons.scalar_type() == at::kLong, "prune_neurons_: neurons must be int64 [n]");
+  TORCH_CHECK(neurons.dim() == 1 && neurons.scalar_type() == at::kLong && neurons.is_contiguous(),
+              "prune_neurons_: neurons must be a contiguous int64 [n] tensor");
   TORCH_CHECK(neurons.device() == fc_out.device(), "prune_neurons_: neurons on ", neurons.device(), ", weights on ",
               fc_out.device());
   if (neurons.numel()) {

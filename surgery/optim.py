@@ -4,6 +4,7 @@ import torch
 from . import ops
 
 COMPACT_BELOW = 0.25  # mask density under which state is stored only for the masked entries
+INT32_MAX = 2**31 - 1  # compact state's indices are int32
 
 
 class MaskedAdamW(torch.optim.Optimizer):
@@ -24,7 +25,11 @@ class MaskedAdamW(torch.optim.Optimizer):
             m = torch.ones_like(p, dtype=torch.bool) if m is None else m.to(p.device, torch.bool)
             if m.shape != p.shape:
                 raise ValueError(f"MaskedAdamW: mask of shape {list(m.shape)} for a param of shape {list(p.shape)}")
-            dense = not (compact if compact is not None else m.float().mean().item() < COMPACT_BELOW)
+            if compact and p.numel() > INT32_MAX:
+                raise ValueError(f"MaskedAdamW: compact state addresses entries with int32 indices; a param of "
+                                 f"{p.numel()} entries needs dense state (compact=None or False)")
+            dense = p.numel() > INT32_MAX or \
+                not (compact if compact is not None else m.float().mean().item() < COMPACT_BELOW)
             st = self.state[p]
             st["step"] = torch.zeros((), dtype=torch.int64)
             if dense:

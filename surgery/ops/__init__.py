@@ -54,7 +54,9 @@ def prune_neurons_(fc_in, fc_in_bias, fc_out: torch.Tensor, neurons: torch.Tenso
 
 def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, masks, *, step, lr, beta1, beta2, eps, weight_decay) -> None:
     """torch.optim.AdamW's update where masks[i] is True; other entries (params and moments) untouched."""
-    if params and not _compiled("masked_adamw_", params[0].device):
+    if not params:
+        return
+    if not _compiled("masked_adamw_", params[0].device):
         return reference.masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, masks, step=step, lr=lr, beta1=beta1,
                                        beta2=beta2, eps=eps, weight_decay=weight_decay)
     torch.ops.surgery.masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, masks, step, lr, beta1, beta2, eps,
@@ -64,7 +66,9 @@ def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, masks, *, step, lr, beta
 def sparse_adamw_(params, grads, exp_avgs, exp_avg_sqs, indices, *, step, lr, beta1, beta2, eps, weight_decay) -> None:
     """masked_adamw_ with compact state addressed by int32 flat `indices` (state fp32 [nnz]). Indices must be
     distinct, as when built from a mask (`torch.nonzero(mask.flatten())`); each is range-checked."""
-    if params and not _compiled("sparse_adamw_", params[0].device):
+    if not params:
+        return
+    if not _compiled("sparse_adamw_", params[0].device):
         return reference.sparse_adamw_(params, grads, exp_avgs, exp_avg_sqs, indices, step=step, lr=lr, beta1=beta1,
                                        beta2=beta2, eps=eps, weight_decay=weight_decay)
     torch.ops.surgery.sparse_adamw_(params, grads, exp_avgs, exp_avg_sqs, indices, step, lr, beta1, beta2, eps,

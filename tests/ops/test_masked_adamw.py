@@ -37,6 +37,31 @@ def test_all_true_mask_matches_torch_adamw(device, wd):
         torch.testing.assert_close(vi, st["exp_avg_sq"], rtol=1e-5, atol=1e-9)
 
 
+def test_default_betas_match_torch_adamw_closely(device):
+    """β2 = 0.999: every factor (1 − β2, 1 − lr·wd, lr / (1 − β1^t)) must be formed in double and rounded once, as
+    torch does; forming 1 − β2 from a float β2 puts every exp_avg_sq off by 1.3e-5 relative."""
+    g = torch.Generator().manual_seed(5)
+    params = [torch.randn(4099, generator=g).to(device)]
+    ref = [params[0].clone().requires_grad_(True)]
+    opt = torch.optim.AdamW(ref, lr=1e-3, weight_decay=0.01, foreach=False)
+    m, v = [torch.zeros_like(params[0])], [torch.zeros_like(params[0])]
+    for step in range(1, 6):
+        grad = torch.randn(4099, generator=g).to(device)
+        ref[0].grad = grad.clone()
+        opt.step()
+        ops.masked_adamw_(params, [grad], m, v, [torch.ones(4099, dtype=torch.bool, device=device)], step=step,
+                          lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
+    st = opt.state[ref[0]]
+    torch.testing.assert_close(v[0], st["exp_avg_sq"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(m[0], st["exp_avg"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(params[0], ref[0].detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_empty_lists_are_a_no_op(device):
+    ops.masked_adamw_([], [], [], [], [], step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    ops.sparse_adamw_([], [], [], [], [], step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_masked_out_entries_bit_identical_and_matches_reference(device, dtype):
     params, masks, grads = fresh(device, dtype, 2, 0.3)

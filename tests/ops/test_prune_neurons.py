@@ -38,3 +38,19 @@ def test_opcheck_and_bad_calls(device):
         ops.prune_neurons_(torch.randn(36, 11, device=device), None, fc_out, torch.tensor([1], device=device))
     with pytest.raises(RuntimeError, match="biases for"):
         ops.prune_neurons_(fc_in, bias * 2, fc_out, torch.tensor([1], device=device))
+
+
+def test_strided_or_byte_arguments_raise(device):
+    """A bias or index view with a stride, or a 1-byte weight dtype, would make the kernels write the wrong bytes."""
+    fc_in, bias, fc_out = weights(device, torch.float32)
+    strided_bias = torch.ones(37, 2, device=device)[:, 0]
+    with pytest.raises(RuntimeError, match=r"fc_in_bias\[0\] must be a contiguous"):
+        ops.prune_neurons_(fc_in, [strided_bias], fc_out, torch.tensor([3], device=device))
+    assert (strided_bias == 1).all()
+    with pytest.raises(RuntimeError, match=r"fc_in_bias\[0\] must be a contiguous \[37\] Float"):
+        ops.prune_neurons_(fc_in, [bias[0].double()], fc_out, torch.tensor([3], device=device))
+    strided = torch.tensor([0, 10**6, 1, 10**6], device=device)[::2]   # the op itself, not the wrapper
+    with pytest.raises(RuntimeError, match="neurons must be a contiguous int64"):
+        torch.ops.surgery.prune_neurons_(fc_in, bias, fc_out, strided)
+    with pytest.raises(RuntimeError, match="must be fp32, fp64, bf16 or fp16"):
+        ops.prune_neurons_([fc_in[0].to(torch.int8)], None, fc_out.to(torch.int8), torch.tensor([1], device=device))
