@@ -53,9 +53,9 @@ def _mc(q: dict, where: str) -> dict:
 
 def _images(row: dict, where: str, image_dir: Path, stem: str, i: int) -> list[str]:
     """Write the row's image (`image`) or views (`images`, the test set) as PNG; their paths relative to OUT."""
-    values = row.get("images") if row.get("images") is not None else [row.get("image")]
+    values = [v for v in (row.get("images") if row.get("images") is not None else [row.get("image")]) if v is not None]
     paths = []
-    for k, value in enumerate(v for v in values if v is not None):
+    for k, value in enumerate(values):
         data = value.get("bytes") if isinstance(value, dict) else value
         if not data:
             raise DataError(f"{where}: an image has no bytes")
