@@ -45,8 +45,39 @@ r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
 print("_Unwind_* / __cxa_throw bindings (LD_DEBUG):\n" + "\n".join(sorted({
     line.split("binding", 1)[-1].strip() for line in r.stderr.splitlines()
     if ("_Unwind_RaiseException" in line or "__cxa_throw" in line or "_Unwind_Find_FDE" in line)})[:20]))
-if shutil.which("gdb"):
+gdb = shutil.which("gdb") or shutil.which("cuda-gdb")  # the lent machines have cuda-gdb only
+if gdb:
     code = f"import torch, surgery.ops as ops\nd='cpu'\n{CASES['adamw_step0']}"
-    r = subprocess.run(["gdb", "-batch", "-ex", "run", "-ex", "bt 30", "--args", sys.executable, "-c", code],
+    r = subprocess.run([gdb, "-batch", "-ex", "run", "-ex", "bt 30", "--args", sys.executable, "-c", code],
                        capture_output=True, text=True)
     print("gdb backtrace:\n" + "\n".join(line for line in r.stdout.splitlines() if line.startswith("#")))
+
+# Is it our extension or any extension built here? The same failing TORCH_CHECK in a minimal extension built on
+# this machine, called as a TORCH_LIBRARY op (our path) and as a pybind11 function, and a plain C++ throw/catch.
+import tempfile
+
+MINIMAL = r"""
+#include <torch/extension.h>
+void fail(const at::Tensor& t) { TORCH_CHECK(t.dim() == 99, "minimal extension check, dim ", t.dim()); }
+TORCH_LIBRARY(minimal_raise, m) { m.def("fail(Tensor t) -> ()"); }
+TORCH_LIBRARY_IMPL(minimal_raise, CPU, m) { m.impl("fail", &fail); }
+"""
+with tempfile.TemporaryDirectory() as tmp:
+    with open(os.path.join(tmp, "throw.cpp"), "w") as f:
+        f.write('#include <stdexcept>\nint main() { try { throw std::runtime_error("x"); } '
+                'catch (const std::exception&) { return 0; } return 1; }\n')
+    r = subprocess.run([os.environ.get("CXX", "c++"), "-O2", f.name, "-o", os.path.join(tmp, "throw")],
+                       capture_output=True, text=True)
+    rc = subprocess.run([os.path.join(tmp, "throw")]).returncode if r.returncode == 0 else r.stderr[-300:]
+    print("plain C++ throw/catch (expected rc 0): rc", rc)
+    build = ("import torch\nfrom torch.utils.cpp_extension import load_inline\n"
+             f"mod = load_inline('minimal_raise', {MINIMAL!r}, functions=['fail'], build_directory={tmp!r})\n")
+    r = subprocess.run([sys.executable, "-c", build], capture_output=True, text=True)
+    print("minimal extension build: rc", r.returncode, r.stderr.strip().splitlines()[-3:] if r.returncode else "")
+    if r.returncode == 0:
+        for name, call in (("TORCH_LIBRARY op", "torch.ops.minimal_raise.fail(torch.zeros(2))"),
+                           ("pybind11 function", "mod.fail(torch.zeros(2))")):
+            code = build + f"try:\n    {call}\n    print('no error')\nexcept Exception as e:\n    print('raised', type(e).__name__)"
+            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            print(f"minimal extension, {name} (expected: raised RuntimeError): rc", r.returncode,
+                  r.stdout.strip() or r.stderr.strip().splitlines()[-1:])
