@@ -1,6 +1,9 @@
 // Argument validation shared by the CPU and CUDA kernels: a bad call raises, it never touches memory.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <atomic>
 
 #include "adamw.h"
 
@@ -44,9 +47,23 @@ inline void check_prune(at::TensorList fc_in, at::TensorList bias, const at::Ten
   }
 }
 
+// True when idx[0..n) is strictly increasing (so distinct: no two updates race on one entry) and lies in
+// [0, limit). One parallel pass; each chunk also compares its first entry with the one before it.
+inline bool indices_ordered(const int* idx, int64_t n, int64_t limit) {
+  if (n == 0) return true;
+  if (idx[0] < 0 || idx[n - 1] >= limit) return false;
+  std::atomic<bool> ordered{true};
+  at::parallel_for(1, n, 1 << 16, [&](int64_t a, int64_t b) {
+    bool ok = true;
+    for (int64_t k = a; k < b; ++k) ok &= idx[k] > idx[k - 1];
+    if (!ok) ordered = false;
+  });
+  return ordered;
+}
+
 // sel: masks (dense: bool, same shape as the param) or indices (compact: int32 [nnz], state [nnz]). The index
-// range check reads the indices; CUDA skips it here and runs one batched check instead (a sync per tensor
-// would cost more than the update itself).
+// order and range check reads the indices; CUDA skips it here and runs one batched check instead (a sync per
+// tensor would cost more than the update itself).
 inline void check_adamw(const char* op, at::TensorList params, at::TensorList grads, at::TensorList m,
                         at::TensorList v, at::TensorList sel, bool dense, int64_t step, bool index_range = true) {
   const size_t n = params.size();
@@ -79,9 +96,9 @@ inline void check_adamw(const char* op, at::TensorList params, at::TensorList gr
     for (const auto* t : {&p, &grads[i], &m[i], &v[i], &sel[i]}) {
       TORCH_CHECK(t->is_contiguous(), op, ": every tensor of entry ", i, " must be contiguous");
     }
-    if (!dense && index_range && sel[i].numel()) {
-      auto lo = sel[i].min().item<int>(), hi = sel[i].max().item<int>();
-      TORCH_CHECK(lo >= 0 && hi < p.numel(), op, ": indices[", i, "] out of range [0, ", p.numel(), ")");
+    if (!dense && index_range) {
+      TORCH_CHECK(indices_ordered(sel[i].data_ptr<int>(), sel[i].numel(), p.numel()), op, ": indices[", i,
+                  "] must be strictly increasing and in range [0, ", p.numel(), ")");
     }
   }
 }

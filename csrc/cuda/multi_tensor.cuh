@@ -194,7 +194,8 @@ struct Compact {
   }
 };
 
-// bad[index[i]] = 1 when an index of tensor i lies outside [0, limit[i]). Same plan as Compact.
+// bad[index[i]] = 1 when an index of tensor i lies outside [0, limit[i]) or is not greater than the one before it
+// (the compact update needs distinct indices: two equal ones would race). Same plan as Compact.
 struct IndexRange {
   static constexpr int VEC = Compact<float>::VEC;
   static constexpr int64_t CHUNK = Compact<float>::CHUNK;
@@ -206,9 +207,13 @@ struct IndexRange {
     bool out = false;
     for (int64_t k = lo + int64_t(thread) * VEC; k < tail; k += int64_t(kThreads) * VEC) {
       const auto jv = load<Vec<int, VEC>>(idx + k);
-      for (int e = 0; e < VEC; ++e) out |= jv.x[e] < 0 || jv.x[e] >= t.limit[i];
+      int prev = k > 0 ? idx[k - 1] : -1;
+      for (int e = 0; e < VEC; ++e) {
+        out |= jv.x[e] <= prev || jv.x[e] >= t.limit[i];
+        prev = jv.x[e];
+      }
     }
-    for (int64_t k = tail + thread; k < hi; k += kThreads) out |= idx[k] < 0 || idx[k] >= t.limit[i];
+    for (int64_t k = tail + thread; k < hi; k += kThreads) out |= idx[k] <= (k > 0 ? idx[k - 1] : -1) || idx[k] >= t.limit[i];
     if (out) bad[t.index[i]] = 1;  // every writer stores the same value
   }
 };

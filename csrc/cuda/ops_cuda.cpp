@@ -35,12 +35,12 @@ void sparse_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                        double weight_decay) {
   check_adamw("sparse_adamw_", params, grads, exp_avgs, exp_avg_sqs, indices, false, step, /*index_range=*/false);
   if (params.empty()) return;
-  // All index lists range-checked in one launch and one device-to-host copy, before anything is written.
+  // All index lists order- and range-checked in one launch and one device-to-host copy, before anything is written.
   const at::Tensor bad = at::zeros({(int64_t)params.size()}, indices[0].options().dtype(at::kInt));
   ok(index_range_launch(params, indices, bad), "sparse_adamw_");
   const at::Tensor flags = bad.cpu();
   for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK(flags.data_ptr<int>()[i] == 0, "sparse_adamw_: indices[", i, "] out of range [0, ",
+    TORCH_CHECK(flags.data_ptr<int>()[i] == 0, "sparse_adamw_: indices[", i, "] must be strictly increasing and in range [0, ",
                 params[i].numel(), ")");
   }
   ok(sparse_adamw_launch(params, grads, exp_avgs, exp_avg_sqs, indices, AdamW(step, lr, beta1, beta2, eps, weight_decay)),

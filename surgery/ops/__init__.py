@@ -65,7 +65,8 @@ def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, masks, *, step, lr, beta
 
 def sparse_adamw_(params, grads, exp_avgs, exp_avg_sqs, indices, *, step, lr, beta1, beta2, eps, weight_decay) -> None:
     """masked_adamw_ with compact state addressed by int32 flat `indices` (state fp32 [nnz]). Indices must be
-    distinct, as when built from a mask (`torch.nonzero(mask.flatten())`); each is range-checked."""
+    strictly increasing, as when built from a mask (`torch.nonzero(mask.flatten())`), so no two updates land on
+    one entry; order and range are checked before anything is written."""
     if not params:
         return
     if not _compiled("sparse_adamw_", params[0].device):

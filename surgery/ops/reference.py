@@ -38,6 +38,9 @@ def sparse_adamw_(params, grads, exp_avgs, exp_avg_sqs, indices, *, step: int, l
                   beta2: float, eps: float, weight_decay: float) -> None:
     """masked_adamw_ with compact state: `indices[i]` (int32 [nnz]) are the flat positions of the masked
     entries of params[i]; exp_avgs[i] / exp_avg_sqs[i] are fp32 [nnz]. Other entries are untouched."""
+    for i, (p, idx) in enumerate(zip(params, indices, strict=True)):
+        if idx.numel() and not (idx[0] >= 0 and idx[-1] < p.numel() and bool((idx[1:] > idx[:-1]).all())):
+            raise RuntimeError(f"sparse_adamw_: indices[{i}] must be strictly increasing and in range [0, {p.numel()})")
     bc1 = 1 - beta1**step
     bc2_sqrt = (1 - beta2**step) ** 0.5
     with torch.no_grad():

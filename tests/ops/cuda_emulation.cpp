@@ -1,7 +1,7 @@
 // Host emulation of the CUDA optimizer kernels (csrc/cuda/multi_tensor.cuh): plans the launches exactly as
 // csrc/cuda/masked_adamw.cu does, runs every block and thread of every launch one after another, and checks
 // against the scalar AdamW update: updated entries equal, masked-out entries bit-identical, every vector access
-// aligned (asserts in load/store), out-of-range indices flagged. Built and run by test_cuda_emulation.py.
+// aligned (asserts in load/store), out-of-range and out-of-order indices flagged. Built and run by test_cuda_emulation.py.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -106,14 +106,21 @@ static int check_dtype(const char* name) {
 }
 
 static int check_index_range() {
-  std::vector<std::vector<int>> lists = {{0, 1, 2, 3, 4, 5, 6, 7, 8}, {0, 99}, {0, 100}, {-1}, {}, {}, {4, 3}, {0, 1, -2, 3, 4, 5, 6, 7}};
-  std::vector<int64_t> limits = {9, 100, 100, 4, 4, 4, 5, 9};
-  for (int k = 0; k < 5000; ++k) lists[0].push_back(k % 9);
-  lists[0][4321] = 9;  // one bad entry deep in a vector-path chunk
+  // Long lists run the vector path over several chunks: 0, 1, ..., n-1, then one defect each.
+  const int n = int(2 * mt::IndexRange::CHUNK + 1000);
+  std::vector<int> ramp(n);
+  for (int k = 0; k < n; ++k) ramp[k] = k;
+  std::vector<std::vector<int>> lists = {ramp, {0, 99}, {0, 100}, {-1}, {}, {}, {4, 3}, {0, 1, -2, 3, 4, 5, 6, 7},
+                                         ramp, ramp, ramp, ramp, {3, 3}};
+  std::vector<int64_t> limits = {4400, 100, 100, 4, 4, 4, 5, 9, n, n, n, n, 5};
+  lists[9][4320] = lists[9][4319];  // a duplicate across two vectors
+  lists[10][4322] = lists[10][4321];  // a duplicate inside one vector
+  const auto c = mt::IndexRange::CHUNK;
+  lists[11][c] = lists[11][c - 1];  // a duplicate across two chunks (two blocks)
   std::vector<mt::Entry> es;
   for (size_t i = 0; i < lists.size(); ++i)
     es.push_back({nullptr, nullptr, nullptr, nullptr, lists[i].data(), (int64_t)lists[i].size(), limits[i]});
-  std::vector<int> bad(lists.size(), 0), expect = {1, 0, 1, 1, 0, 0, 0, 1};
+  std::vector<int> bad(lists.size(), 0), expect = {1, 0, 1, 1, 0, 0, 1, 1, 0, 1, 1, 1, 1};
   run<mt::IndexRange>(es, bad.data());
   int errors = 0;
   for (size_t i = 0; i < bad.size(); ++i) errors += bad[i] != expect[i];

@@ -124,10 +124,17 @@ def test_bad_calls_raise(device):
         call(params, grads[0], [x.double() for x in m], v, masks)
     with pytest.raises(RuntimeError, match="step must be >= 1"):
         call(params, grads[0], m, v, masks, step=0)
-    idx = [torch.tensor([0, p.numel()], dtype=torch.int32, device=device) for p in params]
-    with pytest.raises(RuntimeError, match="out of range"):
-        ops.sparse_adamw_(params, grads[0], [torch.zeros(2, device=device)] * 4, [torch.zeros(2, device=device)] * 4,
-                          idx, step=1, weight_decay=0.0, **HP)
+    zeros = [torch.zeros(2 if i == 2 else 1, device=device) for i in range(len(params))]
+    before = [p.clone() for p in params]
+    # out of range above and below; a duplicate (two updates of one entry would race); descending order
+    for bad in ([0, params[2].numel()], [-1, 3], [5, 5], [5, 4]):
+        idx = [torch.tensor([0], dtype=torch.int32, device=device) for _ in params]
+        idx[2] = torch.tensor(bad, dtype=torch.int32, device=device)
+        with pytest.raises(RuntimeError, match="indices\\[2\\] must be strictly increasing and in range"):
+            ops.sparse_adamw_(params, grads[0], zeros, zeros, idx, step=1, weight_decay=0.0, **HP)
+        with pytest.raises(RuntimeError, match="indices\\[2\\] must be strictly increasing and in range"):
+            ops.reference.sparse_adamw_(params, grads[0], zeros, zeros, idx, step=1, weight_decay=0.0, **HP)
+        assert all(torch.equal(p, b) for p, b in zip(params, before))  # nothing written
 
 
 @pytest.mark.gpu
