@@ -22,7 +22,8 @@ case "${1:-}" in
     $PY -c "import surgery.ops as o; print('cuda backend:', o.backend('cuda'), o.backend('cuda', 'sparse_adamw_'), o.backend('cuda', 'prune_neurons_'))" | tee "$OUT/backend.txt"
     timeout 300 $PY benchmarks/diagnose_raise.py > "$OUT/diagnose_raise.txt" 2>&1
     SURGERY_REQUIRE_EXTENSION=1 $PY -m pytest -q -rs tests -p no:cacheprovider > "$OUT/tests.txt" 2>&1
-    tail -15 "$OUT/tests.txt"; head -20 "$OUT/diagnose_raise_cpu_only_build.txt" "$OUT/diagnose_raise.txt" ;;
+    tail -15 "$OUT/tests.txt"; head -20 "$OUT/diagnose_raise_cpu_only_build.txt" "$OUT/diagnose_raise.txt"
+    tail -4 "$OUT/diagnose_raise.txt" ;;  # the minimal-extension A/B
   bench)
     $PY benchmarks/bench_kernels.py --sweep --json "$OUT/kernels.json" > "$OUT/kernels.txt" 2> "$OUT/kernels.err"
     $PY benchmarks/bench_ops.py --device cuda --json "$OUT/ops.json" > "$OUT/ops.txt" 2> "$OUT/ops.err"
