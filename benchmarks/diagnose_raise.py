@@ -1,6 +1,12 @@
 """Which failing op calls raise cleanly on CUDA and which crash (each case in its own process)."""
+import glob
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
+
+import surgery
 
 CASES = {
     "prune_out_of_range": "ops.prune_neurons_(torch.randn(8,4,device=d), None, torch.randn(4,8,device=d), torch.tensor([9],device=d))",
@@ -12,16 +18,10 @@ for dev in ("cpu", "cuda"):
     for env in ({}, {"TORCH_SHOW_CPP_STACKTRACES": "0", "TORCH_DISABLE_ADDR2LINE": "1"}):
         for name, call in CASES.items():
             code = f"import torch, surgery.ops as ops\nd='{dev}'\ntry:\n    {call}\n    print('no error')\nexcept Exception as e:\n    print('raised', type(e).__name__, str(e).splitlines()[0][:90])"
-            import os
             r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
             print(dev, bool(env), name, "rc", r.returncode, (r.stdout.strip() or r.stderr.strip().splitlines()[-1:]))
 
 # Where it crashes: a native backtrace of one failing case (gdb, when installed), and what _C links against.
-import glob
-import os
-import shutil
-
-import surgery
 
 so = glob.glob(os.path.join(os.path.dirname(surgery.__file__), "_C*.so"))
 # Suspects, from the crash being a SIGSEGV (a failed catch would abort instead): _C.so's unwind tables (mixed
@@ -54,8 +54,6 @@ if gdb:
 
 # Is it our extension or any extension built here? The same failing TORCH_CHECK in a minimal extension built on
 # this machine, called as a TORCH_LIBRARY op (our path) and as a pybind11 function, and a plain C++ throw/catch.
-import tempfile
-
 MINIMAL = r"""
 #include <torch/extension.h>
 void fail(const at::Tensor& t) { TORCH_CHECK(t.dim() == 99, "minimal extension check, dim ", t.dim()); }
@@ -77,7 +75,8 @@ with tempfile.TemporaryDirectory() as tmp:
     if r.returncode == 0:
         for name, call in (("TORCH_LIBRARY op", "torch.ops.minimal_raise.fail(torch.zeros(2))"),
                            ("pybind11 function", "mod.fail(torch.zeros(2))")):
-            code = build + f"try:\n    {call}\n    print('no error')\nexcept Exception as e:\n    print('raised', type(e).__name__)"
+            code = build + (f"try:\n    {call}\n    print('no error')\n"
+                            "except Exception as e:\n    print('raised', type(e).__name__)")
             r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
             print(f"minimal extension, {name} (expected: raised RuntimeError): rc", r.returncode,
                   r.stdout.strip() or r.stderr.strip().splitlines()[-1:])

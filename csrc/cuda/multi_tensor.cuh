@@ -213,7 +213,8 @@ struct IndexRange {
         prev = jv.x[e];
       }
     }
-    for (int64_t k = tail + thread; k < hi; k += kThreads) out |= idx[k] <= (k > 0 ? idx[k - 1] : -1) || idx[k] >= t.limit[i];
+    for (int64_t k = tail + thread; k < hi; k += kThreads)
+      out |= idx[k] <= (k > 0 ? idx[k - 1] : -1) || idx[k] >= t.limit[i];
     if (out) bad[t.index[i]] = 1;  // every writer stores the same value
   }
 };

@@ -40,8 +40,8 @@ void sparse_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   ok(index_range_launch(params, indices, bad), "sparse_adamw_");
   const at::Tensor flags = bad.cpu();
   for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK(flags.data_ptr<int>()[i] == 0, "sparse_adamw_: indices[", i, "] must be strictly increasing and in range [0, ",
-                params[i].numel(), ")");
+    TORCH_CHECK(flags.data_ptr<int>()[i] == 0, "sparse_adamw_: indices[", i,
+                "] must be strictly increasing and in range [0, ", params[i].numel(), ")");
   }
   ok(sparse_adamw_launch(params, grads, exp_avgs, exp_avg_sqs, indices, AdamW(step, lr, beta1, beta2, eps, weight_decay)),
      "sparse_adamw_");

@@ -1,7 +1,8 @@
 // Host emulation of the CUDA optimizer kernels (csrc/cuda/multi_tensor.cuh): plans the launches exactly as
 // csrc/cuda/masked_adamw.cu does, runs every block and thread of every launch one after another, and checks
 // against the scalar AdamW update: updated entries equal, masked-out entries bit-identical, every vector access
-// aligned (asserts in load/store), out-of-range and out-of-order indices flagged. Built and run by test_cuda_emulation.py.
+// aligned (asserts in load/store), out-of-range and out-of-order indices flagged. Built and run by
+// test_cuda_emulation.py.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
