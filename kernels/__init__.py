@@ -12,7 +12,7 @@ from collections import Counter
 
 import torch
 
-from . import reference
+from . import checks, reference
 
 try:
     import triton  # noqa: F401
@@ -62,6 +62,7 @@ def activation_stats(z, out=None, row_mask=None):
     if use_triton(z):
         calls["triton"] += 1
         return _stats.activation_stats(z, out, row_mask)
+    checks.stats_args(z, out, row_mask)
     calls["reference"] += 1
     return reference.activation_stats(z, out, row_mask)
 
@@ -69,9 +70,12 @@ def activation_stats(z, out=None, row_mask=None):
 def fisher_accumulate_(fisher, grads, scale=1.0):
     """fisher[i] += scale·grads[i]² in place; fisher: list of fp32 contiguous tensors, grads: same shapes,
     any float dtype (squared in fp32). Few launches: one per (device, grad dtype) group."""
+    checks.lists(fisher, grads)
     if len(fisher) and use_triton(fisher[0]):
         calls["triton"] += 1
         return _fisher.fisher_accumulate_(fisher, grads, scale)
+    for i, (f, g) in enumerate(zip(fisher, grads)):
+        checks.pair(f"fisher[{i}]", f, f"grads[{i}]", g)
     calls["reference"] += 1
     return reference.fisher_accumulate_(fisher, grads, scale)
 
@@ -81,6 +85,7 @@ def fisher_accumulate_flat_(fisher, grad, scale=1.0):
     if use_triton(fisher):
         calls["triton"] += 1
         return _fisher.fisher_accumulate_flat_(fisher, grad, scale)
+    checks.pair("fisher", fisher, "grad", grad)
     calls["reference"] += 1
     return reference.fisher_accumulate_([fisher], [grad], scale)
 

@@ -4,9 +4,13 @@ Deterministic two-stage reduction, no atomics: stage 1 reduces a block of rows �
 program into partials [row_blocks, 4, H]; stage 2 sums the partials over row blocks in a fixed order and
 writes (or adds into) the [4, H] result. The launch shape is fixed per device kind (no autotuning), so the
 same input gives the same bits on every run."""
+import math
+
 import torch
 import triton
 import triton.language as tl
+
+from . import checks
 
 
 @triton.jit
@@ -107,44 +111,18 @@ def rows_view(z: torch.Tensor) -> torch.Tensor:
     """z: [..., H] as [N, H] with unit column stride; no copy when the leading dims flatten to one row stride."""
     if z.stride(-1) != 1:
         z = z.contiguous()
+    shape = (math.prod(z.shape[:-1]), z.shape[-1])  # explicit: -1 is ambiguous when H is 0
     try:
-        return z.view(-1, z.shape[-1])
+        return z.view(shape)
     except RuntimeError:  # leading dims not flattenable to one stride
-        return z.reshape(-1, z.shape[-1])
+        return z.reshape(shape)
 
 
 def activation_stats(z: torch.Tensor, out: torch.Tensor | None = None,
                      row_mask: torch.Tensor | None = None) -> torch.Tensor:
     """z: [..., H] fp32/fp16/bf16 -> [4, H] fp32 rows Σz, Σ|z|, Σz², count(z>0); added into `out` when given
     (then `out` is returned). row_mask: bool, shape z.shape[:-1]; rows where it is False are left out."""
-    check(z, out, row_mask)
+    checks.stats_args(z, out, row_mask)
     mask = None if row_mask is None else row_mask.reshape(-1).contiguous().view(torch.int8)
     return _launch(rows_view(z), mask, out)
 
-
-def check(z, out, row_mask) -> None:
-    """Raise TypeError / ValueError naming the bad argument."""
-    if not isinstance(z, torch.Tensor) or z.dim() < 1:
-        raise TypeError(f"activation_stats: z must be a tensor of shape [..., H], got {type(z).__name__}"
-                        + (f" of shape {list(z.shape)}" if isinstance(z, torch.Tensor) else ""))
-    if z.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"activation_stats: z must be fp32, fp16 or bf16, got {z.dtype}")
-    h = z.shape[-1]
-    if out is not None:
-        if not isinstance(out, torch.Tensor) or out.dtype != torch.float32:
-            raise TypeError(f"activation_stats: out must be an fp32 tensor [4, {h}], got "
-                            f"{getattr(out, 'dtype', type(out).__name__)}")
-        if tuple(out.shape) != (4, h) or not out.is_contiguous():
-            raise ValueError(f"activation_stats: out must be a contiguous fp32 tensor [4, {h}], got "
-                             f"shape {list(out.shape)}{'' if out.is_contiguous() else ' (not contiguous)'}")
-        if out.device != z.device:
-            raise ValueError(f"activation_stats: out is on {out.device} but z is on {z.device}")
-    if row_mask is not None:
-        if not isinstance(row_mask, torch.Tensor) or row_mask.dtype != torch.bool:
-            raise TypeError(f"activation_stats: row_mask must be a bool tensor {list(z.shape[:-1])}, got "
-                            f"{getattr(row_mask, 'dtype', type(row_mask).__name__)}")
-        if row_mask.shape != z.shape[:-1]:
-            raise ValueError(f"activation_stats: row_mask must have shape z.shape[:-1] = {list(z.shape[:-1])}, "
-                             f"got {list(row_mask.shape)}")
-        if row_mask.device != z.device:
-            raise ValueError(f"activation_stats: row_mask is on {row_mask.device} but z is on {z.device}")

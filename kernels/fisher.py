@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import checks
+
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
              torch.float64: tl.float64}
 
@@ -83,36 +85,42 @@ def _launch_multi(fisher: list[torch.Tensor], grads: list[torch.Tensor], scale: 
         host = torch.tensor([f_offs, g_offs, numels, ends], dtype=torch.int64)
         if f_base.is_cuda:
             host = host.pin_memory()
-        table = (host.to(f_base.device, non_blocking=True), total, align)
+        table = (host.to(f_base.device, non_blocking=True), total, align, _overlapping(fisher))
         if len(_tables) >= 32:
             _tables.pop(next(iter(_tables)))
         _tables[key] = table
-    dev_table, total, align = table
-    if total:
+    dev_table, total, align, overlapping = table
+    if overlapping:  # one launch would race on the shared entries; in order, each adds its term as the loop does
+        for f, g in zip(fisher, grads):
+            _launch_flat(f.view(-1), g.view(-1), scale)
+    elif total:
         _fisher_multi_kernel[(total,)](f_base, g_base, dev_table, len(fisher), scale, ALIGN=align, CHUNK=chunk,
                                        BLOCK=block, TBLOCK=128, num_warps=cfg["num_warps"])
+
+
+def _overlapping(fisher: list[torch.Tensor]) -> bool:
+    """Whether two of the fisher tensors share memory (the same tensor listed twice, or overlapping views)."""
+    spans = sorted((f.data_ptr(), f.data_ptr() + 4 * f.numel()) for f in fisher if f.numel())
+    return any(start < end for (_, end), (start, _) in zip(spans, spans[1:]))
 
 
 def fisher_accumulate_flat_(fisher: torch.Tensor, grad: torch.Tensor, scale: float = 1.0) -> None:
     """One launch over flat buffers: fisher fp32 [N] (contiguous) += scale·grad² (grad [N], any float dtype).
     Use this when the gradients live in one flat buffer (e.g. views of a single allocation)."""
-    _check_pair("fisher", fisher, "grad", grad)
+    checks.pair("fisher", fisher, "grad", grad)
     _launch_flat(fisher.view(-1), grad.contiguous().view(-1), float(scale))
 
 
 def fisher_accumulate_(fisher: list[torch.Tensor], grads: list[torch.Tensor], scale: float = 1.0) -> None:
     """fisher[i] += scale·grads[i]² in place, for every i. fisher[i]: fp32, contiguous; grads[i]: same shape and
     device, any float dtype (squared in fp32). One launch for a single pair, else one per (device, dtype) group."""
-    if not isinstance(fisher, (list, tuple)) or not isinstance(grads, (list, tuple)):
-        raise TypeError("fisher_accumulate_: fisher and grads must be lists of tensors")
-    if len(fisher) != len(grads):
-        raise ValueError(f"fisher_accumulate_: {len(fisher)} fisher tensors but {len(grads)} grads")
+    checks.lists(fisher, grads)
     groups: dict = {}
     for i, (f, g) in enumerate(zip(fisher, grads)):
         # one cheap test per pair (this loop is most of the host time for ~100 tensors); details only on failure
         if not (type(f) is torch.Tensor and type(g) is torch.Tensor and f.dtype is torch.float32
                 and g.dtype in _TL_DTYPE and f.is_contiguous() and f.shape == g.shape and f.device == g.device):
-            _check_pair(f"fisher[{i}]", f, f"grads[{i}]", g)
+            checks.pair(f"fisher[{i}]", f, f"grads[{i}]", g)
             if g.dtype not in _TL_DTYPE:
                 g = g.float()
         fs, gs = groups.setdefault((f.device, g.dtype), ([], []))
@@ -124,19 +132,3 @@ def fisher_accumulate_(fisher: list[torch.Tensor], grads: list[torch.Tensor], sc
             _launch_flat(fs[0].view(-1), gs[0].view(-1), scale)
         else:
             _launch_multi(fs, gs, scale)
-
-
-def _check_pair(fname: str, f, gname: str, g) -> None:
-    """Raise TypeError / ValueError naming the bad argument."""
-    if not isinstance(f, torch.Tensor) or not isinstance(g, torch.Tensor):
-        raise TypeError(f"fisher_accumulate_: {fname} and {gname} must be tensors, got "
-                        f"{type(f).__name__} and {type(g).__name__}")
-    if f.dtype != torch.float32 or not f.is_contiguous():
-        raise TypeError(f"fisher_accumulate_: {fname} must be a contiguous fp32 tensor, got {f.dtype}"
-                        f"{'' if f.is_contiguous() else ' (not contiguous)'}")
-    if not g.is_floating_point():
-        raise TypeError(f"fisher_accumulate_: {gname} must be floating point, got {g.dtype}")
-    if f.shape != g.shape:
-        raise ValueError(f"fisher_accumulate_: {fname} has shape {list(f.shape)} but {gname} {list(g.shape)}")
-    if f.device != g.device:
-        raise ValueError(f"fisher_accumulate_: {fname} is on {f.device} but {gname} on {g.device}")

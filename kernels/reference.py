@@ -1,4 +1,6 @@
 """Pure-PyTorch reference twins of the Triton kernels: same signatures, the definition of correct."""
+import math
+
 import torch
 
 
@@ -7,7 +9,7 @@ def activation_stats(z: torch.Tensor, out: torch.Tensor | None = None, row_mask:
 
     row_mask: bool, shape z.shape[:-1]; rows where it is False are left out (padding).
     """
-    z2 = z.reshape(-1, z.shape[-1]).float()
+    z2 = z.reshape(math.prod(z.shape[:-1]), z.shape[-1]).float()
     if row_mask is not None:
         z2 = z2[row_mask.reshape(-1)]
     stats = torch.stack([z2.sum(0), z2.abs().sum(0), (z2 * z2).sum(0), (z2 > 0).sum(0, dtype=torch.float32)])

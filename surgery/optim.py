@@ -32,10 +32,10 @@ class MaskedAdamW(torch.optim.Optimizer):
                 not (compact if compact is not None else m.float().mean().item() < COMPACT_BELOW)
             st = self.state[p]
             st["step"] = torch.zeros((), dtype=torch.int64)
-            if dense:
+            if dense:  # state in the param's logical (row-major) order, whatever the param's strides
                 st["mask"] = m.contiguous()
-                st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                st["exp_avg"] = torch.zeros(p.shape, device=p.device)
+                st["exp_avg_sq"] = torch.zeros(p.shape, device=p.device)
             else:
                 st["indices"] = torch.nonzero(m.reshape(-1)).flatten().to(torch.int32)
                 st["exp_avg"] = torch.zeros(st["indices"].numel(), device=p.device)
@@ -51,16 +51,21 @@ class MaskedAdamW(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 st = self.state[p]
-                st["step"] += 1
                 kind = "mask" if "mask" in st else "indices"
-                key = (kind, p.device, p.dtype, int(st["step"]))
-                lists = batches.setdefault(key, ([], [], [], [], []))
-                for lst, t in zip(lists, (p, p.grad.contiguous(), st["exp_avg"], st["exp_avg_sq"], st[kind])):
+                key = (kind, p.device, p.dtype, int(st["step"]) + 1)
+                lists = batches.setdefault(key, ([], [], [], [], [], []))
+                # the ops take contiguous tensors: a strided param is updated through a contiguous copy
+                work = p if p.is_contiguous() else p.contiguous()
+                for lst, t in zip(lists, (p, work, p.grad.contiguous(), st["exp_avg"], st["exp_avg_sq"], st[kind])):
                     lst.append(t)
-            for (kind, _, _, step), lists in batches.items():
+            for (kind, _, _, step), (owners, *lists) in batches.items():
                 op = ops.masked_adamw_ if kind == "mask" else ops.sparse_adamw_
                 op(*lists, step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                    weight_decay=group["weight_decay"])
+                for p, work in zip(owners, lists[0]):  # the step counts once the update has happened
+                    if work is not p:
+                        p.copy_(work)
+                    self.state[p]["step"] += 1
         return loss
 
     def load_state_dict(self, state_dict):

@@ -23,7 +23,8 @@ def _key(device: torch.device) -> str:
 def backend(device, op: str = "masked_adamw_") -> str:
     """'extension' if the compiled op has a kernel for `device`, else 'reference'."""
     device = torch.device(device)
-    if HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key(f"surgery::{op}", _key(device)):
+    if HAS_EXTENSION and device.type in ("cpu", "cuda") and \
+            torch._C._dispatch_has_kernel_for_dispatch_key(f"surgery::{op}", _key(device)):
         return "extension"
     return "reference"
 
@@ -49,7 +50,7 @@ def prune_neurons_(fc_in, fc_in_bias, fc_out: torch.Tensor, neurons: torch.Tenso
     if not _compiled("prune_neurons_", fc_out.device):
         return reference.prune_neurons_(fc_in, fc_in_bias, fc_out, neurons)
     with torch.no_grad():
-        torch.ops.surgery.prune_neurons_(fc_ins, biases, fc_out, neurons.to(fc_out.device, torch.long).contiguous())
+        torch.ops.surgery.prune_neurons_(fc_ins, biases, fc_out, reference.neuron_index(neurons, fc_out).contiguous())
 
 
 def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, masks, *, step, lr, beta1, beta2, eps, weight_decay) -> None:

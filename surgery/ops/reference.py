@@ -7,13 +7,26 @@ def prune_neurons_(fc_in, fc_in_bias, fc_out: torch.Tensor, neurons: torch.Tenso
     (a tensor, a list, or None), and columns `neurons` of `fc_out` [D, H], in place."""
     fc_ins = fc_in if isinstance(fc_in, (list, tuple)) else [fc_in]
     biases = fc_in_bias if isinstance(fc_in_bias, (list, tuple)) else [fc_in_bias] * len(fc_ins)
-    idx = neurons.to(device=fc_out.device, dtype=torch.long)
+    idx = neuron_index(neurons, fc_out)
+    if idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < fc_out.shape[1]):
+        raise RuntimeError(f"prune_neurons_: neuron index out of range [0, {fc_out.shape[1]}): min {int(idx.min())}, "
+                           f"max {int(idx.max())}")
     with torch.no_grad():
         for w, b in zip(fc_ins, biases, strict=True):
             w[idx] = 0
             if b is not None:
                 b[idx] = 0
         fc_out[:, idx] = 0
+
+
+def neuron_index(neurons, fc_out: torch.Tensor) -> torch.Tensor:
+    """`neurons` as int64 indices on fc_out's device; a bool mask or float values are refused, not cast (a cast
+    would turn the mask [0, 0, 1] into the indices 0, 0, 1)."""
+    if not isinstance(neurons, torch.Tensor) or neurons.dtype == torch.bool or neurons.is_floating_point() \
+            or neurons.is_complex():
+        raise TypeError(f"prune_neurons_: neurons must be an integer index tensor [n], got "
+                        f"{getattr(neurons, 'dtype', type(neurons).__name__)} (for a bool mask, pass mask.nonzero())")
+    return neurons.to(device=fc_out.device, dtype=torch.long)
 
 
 def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, masks, *, step: int, lr: float, beta1: float,

@@ -109,10 +109,25 @@ def test_random_shapes(rows, h, pad, masked, seed):
     assert_matches(stats(z, row_mask=mask), reference.activation_stats(z, row_mask=mask), z)
 
 
-@pytest.mark.skipif(not K.HAS_TRITON, reason="needs triton")
-def test_bad_arguments_raise():
+def reference_path(monkeypatch):
+    """The public function with CPU tensors sent down the reference path (as without TRITON_INTERPRET)."""
+    monkeypatch.setattr(K, "INTERPRET", False)
+
+    def call(*args, **kwargs):
+        before = K.calls["reference"]
+        result = K.activation_stats(*args, **kwargs)
+        assert K.calls["reference"] == before + 1
+        return result
+    return call
+
+
+@pytest.mark.parametrize("path", ["triton", "reference"])
+def test_bad_arguments_raise(path, monkeypatch):
+    """The same bad call raises the same error on both paths (the reference path used to compute silently)."""
+    if path == "triton" and not K.HAS_TRITON:
+        pytest.skip("needs triton")
     z = torch.randn(4, 8)
-    call = kernel_module.activation_stats  # the validating layer, on any device
+    call = kernel_module.activation_stats if path == "triton" else reference_path(monkeypatch)
     with pytest.raises(TypeError, match="z must be fp32, fp16 or bf16, got torch.float64"):
         call(z.double())
     with pytest.raises(TypeError, match="z must be fp32, fp16 or bf16"):
@@ -131,6 +146,20 @@ def test_bad_arguments_raise():
         call(z, row_mask=torch.ones(4))
     with pytest.raises(ValueError, match="row_mask is on meta but z is on cpu"):
         call(z, row_mask=torch.ones(4, dtype=torch.bool, device="meta"))
+    with pytest.raises(TypeError, match=r"row_mask must be a bool tensor \[6\], got torch.int64"):
+        call(torch.ones(6, 2), row_mask=torch.tensor([0, 0, 0, 0, 0, 1]))  # not gathered as row indices
+
+
+@pytest.mark.parametrize("path", ["triton", "reference"])
+def test_no_columns(path, monkeypatch):
+    """H = 0 gives a [4, 0] result (or returns `out`), not a reshape error."""
+    if path == "triton" and not (K.HAS_TRITON and NO_CUDA):
+        pytest.skip("the interpreter runs only without CUDA")
+    call = stats if path == "triton" else reference_path(monkeypatch)
+    z = torch.randn(5, 3, 0)
+    assert call(z).shape == (4, 0)
+    out = torch.zeros(4, 0)
+    assert call(z, out=out, row_mask=torch.ones(5, 3, dtype=torch.bool)) is out
 
 
 def test_import_without_triton():

@@ -72,10 +72,19 @@ def test_mixed_grad_dtypes():
     check_against_reference(fisher, grads, 0.7)
 
 
-@pytest.mark.skipif(not K.HAS_TRITON, reason="needs triton")
-def test_bad_arguments_raise():
+@pytest.mark.parametrize("path", ["triton", "reference"])
+def test_bad_arguments_raise(path, monkeypatch):
+    """The same bad call raises the same error on both paths (the reference path used to broadcast silently)."""
+    if path == "triton" and not K.HAS_TRITON:
+        pytest.skip("needs triton")
+    if path == "reference":
+        monkeypatch.setattr(K, "INTERPRET", False)
+    module = kernel_module if path == "triton" else K
     f, g = tensors([(3, 4)])
-    call = kernel_module.fisher_accumulate_
+    before = f[0].clone()
+    call = module.fisher_accumulate_
+    with pytest.raises(ValueError, match=r"fisher\[0\] has shape \[3, 4\] but grads\[0\] \[4\]"):
+        call(f, [torch.ones(4)])  # broadcastable, still refused
     with pytest.raises(ValueError, match="1 fisher tensors but 2 grads"):
         call(f, g * 2)
     with pytest.raises(TypeError, match=r"fisher\[0\] must be a contiguous fp32 tensor, got torch.float64"):
@@ -91,7 +100,27 @@ def test_bad_arguments_raise():
     with pytest.raises(TypeError, match="must be lists of tensors"):
         call(f[0], g[0])
     with pytest.raises(ValueError, match="fisher has shape"):
-        kernel_module.fisher_accumulate_flat_(torch.zeros(5), torch.zeros(6))
+        module.fisher_accumulate_flat_(torch.zeros(5), torch.zeros(6))
+    assert torch.equal(f[0], before)  # no bad call wrote anything
+
+
+@interp
+def test_shared_fisher_adds_each_term(monkeypatch):
+    """A fisher tensor listed twice (or overlapping views) gets both terms, as in the reference loop: one
+    launch would race on the shared entries, so such a list goes out one tensor after another."""
+    torch.manual_seed(5)
+    fbuf = torch.rand(100)
+    fisher = [fbuf[:60], torch.rand(33), fbuf[40:], fbuf[:60]]
+    grads = [torch.randn(60), torch.randn(33), torch.randn(60), torch.randn(60)]
+    flat = []
+    launch = kernel_module._launch_flat
+    monkeypatch.setattr(kernel_module, "_launch_flat", lambda f, g, s: (flat.append(f.numel()), launch(f, g, s)))
+    expect = fbuf.clone(), fisher[1].clone()
+    reference.fisher_accumulate_([expect[0][:60], expect[1], expect[0][40:], expect[0][:60]], grads, 0.5)
+    K.fisher_accumulate_(fisher, grads, 0.5)
+    assert flat == [60, 33, 60, 60]
+    torch.testing.assert_close(fbuf, expect[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fisher[1], expect[1], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.gpu

@@ -4,7 +4,7 @@ import torch
 import surgery.ops as ops
 from surgery.ops import reference
 
-SHAPES = [(1,), (7, 33), (129, 5), (3, 4, 17)]
+SHAPES = [(1,), (7, 33), (129, 5), (3, 4, 17), (3, 4111)]  # the last: several 4096-entry runs per CPU thread
 HP = dict(lr=3e-3, beta1=0.9, beta2=0.995, eps=1e-8)
 
 
@@ -55,6 +55,42 @@ def test_default_betas_match_torch_adamw_closely(device):
     torch.testing.assert_close(v[0], st["exp_avg_sq"], rtol=1e-6, atol=0)
     torch.testing.assert_close(m[0], st["exp_avg"], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(params[0], ref[0].detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("betas", [(0.0, 0.999), (0.3, 0.55), (0.5, 0.9)])
+def test_small_beta1_matches_torch_adamw(device, betas):
+    """m = lerp(m, g, 1 − β1) as ATen computes it, from the nearer end when 1 − β1 ≥ 0.5: at β1 = 0 the moment is
+    exactly g. m + (1 − β1)(g − m) instead loses m's low bits against a much larger g (1e-3 relative here)."""
+    g = torch.Generator().manual_seed(9)
+    n = 517
+    scales = torch.logspace(-4, 3, n).to(device)
+    p = torch.randn(n, generator=g).to(device)
+    twin = p.clone()
+    ref = p.clone().requires_grad_(True)
+    opt = torch.optim.AdamW([ref], lr=0.05, betas=betas, eps=1e-6, weight_decay=0.1, foreach=False)
+    m, v, rm, rv = (torch.zeros(n, device=device) for _ in range(4))
+    hp = dict(lr=0.05, beta1=betas[0], beta2=betas[1], eps=1e-6, weight_decay=0.1)
+    keep = [torch.ones(n, dtype=torch.bool, device=device)]
+    for step in range(1, 6):
+        grad = torch.randn(n, generator=g).to(device) * scales.flip(0) if step % 2 else \
+            torch.randn(n, generator=g).to(device) * scales
+        ref.grad = grad.clone()
+        opt.step()
+        ops.masked_adamw_([p], [grad], [m], [v], keep, step=step, **hp)
+        reference.masked_adamw_([twin], [grad], [rm], [rv], keep, step=step, **hp)
+        gmax = grad.abs() if step == 1 else torch.maximum(gmax, grad.abs())
+    st = opt.state[ref]
+    if betas[0] == 0.0:  # lerp with weight 1 is exactly its end point
+        assert torch.equal(m, grad) and torch.equal(rm, grad) and torch.equal(st["exp_avg"], grad)
+    for got in (m, rm):  # to fp32 rounding of the terms (ATen's CPU lerp fuses a multiply-add, ours does not)
+        assert ((got - st["exp_avg"]).abs() <= 2e-6 * st["exp_avg"].abs() + 1e-7 * gmax).all()
+    for got in (v, rv):
+        torch.testing.assert_close(got, st["exp_avg_sq"], rtol=2e-6, atol=0)
+    torch.testing.assert_close(p, ref.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_backend_of_a_device_without_kernels():
+    assert ops.backend("meta") == "reference" and ops.backend("cpu", "prune_neurons_") == ops.backend("cpu")
 
 
 def test_empty_lists_are_a_no_op(device):

@@ -47,3 +47,28 @@ def test_masked_entries_untouched_by_decay():
     assert torch.equal(p[~mask], before[~mask]) and not torch.equal(p[mask], before[mask])
     with pytest.raises(ValueError, match="mask of shape"):
         MaskedAdamW([p], masks=[mask.t()])
+
+
+def test_strided_param_matches_adamw_and_failed_step_does_not_count(device):
+    """A transposed param is stepped through a contiguous copy; a step that raises leaves the step count as it was."""
+    g = torch.Generator().manual_seed(4)
+    p = torch.nn.Parameter(torch.randn(9, 14, generator=g).to(device).t())
+    ref = torch.nn.Parameter(p.detach().clone())
+    mask = torch.rand(14, 9, generator=g).to(device) < 0.4
+    for compact in (False, True):
+        opt = MaskedAdamW([p], masks=[mask], lr=1e-2, compact=compact)
+        torch_opt = torch.optim.AdamW([ref], lr=1e-2, foreach=False)
+        for _ in range(3):
+            p.grad = torch.randn(14, 9, generator=g).to(device)
+            ref.grad = p.grad.clone()
+            opt.step()
+            before = ref.detach().clone()
+            torch_opt.step()
+            with torch.no_grad():
+                ref.copy_(torch.where(mask, ref, before))
+        assert not p.is_contiguous() and int(opt.state[p]["step"]) == 3
+        torch.testing.assert_close(p, ref, rtol=1e-5, atol=1e-6)
+    opt.state[p]["exp_avg"] = opt.state[p]["exp_avg"][:-1]  # a bad state: the op refuses the call
+    with pytest.raises(RuntimeError, match="exp_avgs"):
+        opt.step()
+    assert int(opt.state[p]["step"]) == 3

@@ -38,6 +38,15 @@ def test_opcheck_and_bad_calls(device):
         ops.prune_neurons_(torch.randn(36, 11, device=device), None, fc_out, torch.tensor([1], device=device))
     with pytest.raises(RuntimeError, match="biases for"):
         ops.prune_neurons_(fc_in, bias * 2, fc_out, torch.tensor([1], device=device))
+    for prune in (ops.prune_neurons_, reference.prune_neurons_):
+        before = [t.clone() for t in (*fc_in, *bias, fc_out)]
+        with pytest.raises(TypeError, match="neurons must be an integer index tensor"):
+            prune(fc_in, bias, fc_out, torch.zeros(37, dtype=torch.bool, device=device))  # a mask, not indices
+        with pytest.raises(TypeError, match="neurons must be an integer index tensor"):
+            prune(fc_in, bias, fc_out, torch.tensor([1.7], device=device))
+        with pytest.raises(RuntimeError, match=r"out of range \[0, 37\): min -1"):
+            prune(fc_in, bias, fc_out, torch.tensor([-1, 3], device=device))
+        assert all(torch.equal(a, b) for a, b in zip(before, (*fc_in, *bias, fc_out)))
 
 
 def test_strided_or_byte_arguments_raise(device):
