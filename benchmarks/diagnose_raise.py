@@ -45,6 +45,20 @@ r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
 print("_Unwind_* / __cxa_throw bindings (LD_DEBUG):\n" + "\n".join(sorted({
     line.split("binding", 1)[-1].strip() for line in r.stderr.splitlines()
     if ("_Unwind_RaiseException" in line or "__cxa_throw" in line or "_Unwind_Find_FDE" in line)})[:20]))
+# Control-flow enforcement: Ubuntu's g++ marks objects IBT/SHSTK (-fcf-protection); if the kernel turns the
+# shadow stack on for this process, every unwind must keep it in step. Not testable off the device (no CET here).
+with open("/proc/cpuinfo") as f:
+    flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+print("CPU CET flags:", [x for x in flags if x in ("user_shstk", "shstk", "ibt")] or "none")
+r = subprocess.run([sys.executable, "-c", "import torch, surgery.ops\nprint(open('/proc/self/status').read())"],
+                   capture_output=True, text=True)
+print("process CET state:", [line for line in r.stdout.splitlines() if line.startswith("x86_Thread")] or "not reported")
+if so and shutil.which("readelf"):
+    import torch
+    for lib in so[:1] + glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so")):
+        notes = subprocess.run(["readelf", "-n", lib], capture_output=True, text=True).stdout
+        print(os.path.basename(lib), "x86 feature notes:",
+              [line.strip() for line in notes.splitlines() if "x86 feature" in line] or "none")
 gdb = shutil.which("gdb") or shutil.which("cuda-gdb")  # the lent machines have cuda-gdb only
 if gdb:
     code = f"import torch, surgery.ops as ops\nd='cpu'\n{CASES['adamw_step0']}"
