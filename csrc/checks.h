@@ -65,12 +65,16 @@ inline bool indices_ordered(const int* idx, int64_t n, int64_t limit) {
 // order and range check reads the indices; CUDA skips it here and runs one batched check instead (a sync per
 // tensor would cost more than the update itself).
 inline void check_adamw(const char* op, at::TensorList params, at::TensorList grads, at::TensorList m,
-                        at::TensorList v, at::TensorList sel, bool dense, int64_t step, bool index_range = true) {
+                        at::TensorList v, at::TensorList sel, bool dense, int64_t step, double beta1, double beta2,
+                        bool index_range = true) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && m.size() == n && v.size() == n && sel.size() == n, op,
               ": lists differ in length (params ", n, ", grads ", grads.size(), ", exp_avgs ", m.size(),
               ", exp_avg_sqs ", v.size(), dense ? ", masks " : ", indices ", sel.size(), ")");
   TORCH_CHECK(step >= 1, op, ": step must be >= 1, got ", step);
+  // 1 - beta^step is a divisor (bias correction): beta = 1 would turn every updated entry into inf or nan
+  TORCH_CHECK(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1, op, ": beta1 and beta2 must lie in [0, 1), got ",
+              beta1, " and ", beta2);
   for (size_t i = 0; i < n; ++i) {
     const auto& p = params[i];
     const auto dev = p.device();

@@ -36,7 +36,7 @@ inline int32_t gather(const uint8_t* keep, int64_t n, int32_t* hit) {
 void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                       at::TensorList masks, int64_t step, double lr, double beta1, double beta2, double eps,
                       double weight_decay) {
-  check_adamw("masked_adamw_", params, grads, exp_avgs, exp_avg_sqs, masks, true, step);
+  check_adamw("masked_adamw_", params, grads, exp_avgs, exp_avg_sqs, masks, true, step, beta1, beta2);
   const AdamW opt(step, lr, beta1, beta2, eps, weight_decay);
   for (size_t i = 0; i < params.size(); ++i) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[i].scalar_type(), "masked_adamw_", [&] {
@@ -66,7 +66,7 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
 void sparse_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                       at::TensorList indices, int64_t step, double lr, double beta1, double beta2, double eps,
                       double weight_decay) {
-  check_adamw("sparse_adamw_", params, grads, exp_avgs, exp_avg_sqs, indices, false, step);
+  check_adamw("sparse_adamw_", params, grads, exp_avgs, exp_avg_sqs, indices, false, step, beta1, beta2);
   const AdamW opt(step, lr, beta1, beta2, eps, weight_decay);
   for (size_t i = 0; i < params.size(); ++i) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[i].scalar_type(), "sparse_adamw_", [&] {

@@ -8,7 +8,11 @@ INT32_MAX = 2**31 - 1  # compact state's indices are int32
 
 
 class MaskedAdamW(torch.optim.Optimizer):
-    """AdamW on the entries where `masks[i]` is True (one bool tensor per param, None = all).
+    """AdamW on the entries where a param's mask is True (a bool tensor of its shape; None = all).
+
+    `params` is what torch.optim.AdamW takes: tensors, or param-group dicts with their own lr, betas, eps,
+    weight_decay and compact. `masks` lists one mask per param, in the order the params appear across the groups;
+    a group may carry its own "masks" list instead, and so may a group added later with `add_param_group`.
 
     Masked-out entries get no weight decay and no moment decay: pruned weights stay exactly zero. State is
     dense (fp32 moments shaped like the param) or compact (int32 indices + fp32 moments of the masked
@@ -16,30 +20,35 @@ class MaskedAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, params, masks=None, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, compact=None):
-        params = list(params)
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        masks = masks if masks is not None else [None] * len(params)
+        if isinstance(params, torch.Tensor):
+            raise TypeError("MaskedAdamW: params must be an iterable of tensors or of dicts, got a tensor")
+        groups = _tensor_list(params)
+        if groups and not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        groups = [dict(g, params=_tensor_list(g["params"])) for g in groups]
+        if masks is not None:
+            masks, n = list(masks), sum(len(g["params"]) for g in groups)
+            if len(masks) != n:
+                raise ValueError(f"MaskedAdamW: {len(masks)} masks for {n} params")
+            if any("masks" in g for g in groups):
+                raise ValueError("MaskedAdamW: masks given both as an argument and in a param group")
+            left = iter(masks)
+            groups = [dict(g, masks=[next(left) for _ in g["params"]]) for g in groups]
+        super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, compact=compact))
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As Optimizer's; the group may hold "masks", one per param (None or missing = all True)."""
+        group = dict(param_group)
+        masks = group.pop("masks", None)
+        params = group["params"] = _tensor_list(group["params"])
+        masks = [None] * len(params) if masks is None else list(masks)
         if len(masks) != len(params):
-            raise ValueError(f"MaskedAdamW: {len(masks)} masks for {len(params)} params")
-        for p, m in zip(params, masks):
-            m = torch.ones_like(p, dtype=torch.bool) if m is None else m.to(p.device, torch.bool)
-            if m.shape != p.shape:
-                raise ValueError(f"MaskedAdamW: mask of shape {list(m.shape)} for a param of shape {list(p.shape)}")
-            if compact and p.numel() > INT32_MAX:
-                raise ValueError(f"MaskedAdamW: compact state addresses entries with int32 indices; a param of "
-                                 f"{p.numel()} entries needs dense state (compact=None or False)")
-            dense = p.numel() > INT32_MAX or \
-                not (compact if compact is not None else m.float().mean().item() < COMPACT_BELOW)
-            st = self.state[p]
-            st["step"] = torch.zeros((), dtype=torch.int64)
-            if dense:  # state in the param's logical (row-major) order, whatever the param's strides
-                st["mask"] = m.contiguous()
-                st["exp_avg"] = torch.zeros(p.shape, device=p.device)
-                st["exp_avg_sq"] = torch.zeros(p.shape, device=p.device)
-            else:
-                st["indices"] = torch.nonzero(m.reshape(-1)).flatten().to(torch.int32)
-                st["exp_avg"] = torch.zeros(st["indices"].numel(), device=p.device)
-                st["exp_avg_sq"] = torch.zeros(st["indices"].numel(), device=p.device)
+            raise ValueError(f"MaskedAdamW: {len(masks)} masks for the {len(params)} params of a param group")
+        _check_hyperparameters({**self.defaults, **group})
+        states = [_new_state(p, m, group.get("compact", self.defaults["compact"])) for p, m in zip(params, masks)]
+        super().add_param_group(group)  # checks the params themselves (leaf tensors, each in one group only)
+        for p, st in zip(params, states):
+            self.state[p] = st
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -60,7 +69,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                     lst.append(t)
             for (kind, _, _, step), (owners, *lists) in batches.items():
                 op = ops.masked_adamw_ if kind == "mask" else ops.sparse_adamw_
-                op(*lists, step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                op(*lists, step=step, lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                    weight_decay=group["weight_decay"])
                 for p, work in zip(owners, lists[0]):  # the step counts once the update has happened
                     if work is not p:
@@ -82,3 +91,41 @@ class MaskedAdamW(torch.optim.Optimizer):
     def state_bytes(self) -> int:
         """Bytes of optimizer state (moments, masks or indices) across all params."""
         return sum(t.numel() * t.element_size() for st in self.state.values() for k, t in st.items() if k != "step")
+
+
+def _new_state(p: torch.Tensor, m, compact) -> dict:
+    """Fresh state of param p under mask m (None = all True): dense, or compact by density unless `compact` says."""
+    if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"MaskedAdamW: params must be fp32, bf16 or fp16 (the ops' dtypes), got {p.dtype}")
+    m = torch.ones_like(p, dtype=torch.bool) if m is None else m.to(p.device, torch.bool)
+    if m.shape != p.shape:
+        raise ValueError(f"MaskedAdamW: mask of shape {list(m.shape)} for a param of shape {list(p.shape)}")
+    if compact and p.numel() > INT32_MAX:
+        raise ValueError(f"MaskedAdamW: compact state addresses entries with int32 indices; a param of "
+                         f"{p.numel()} entries needs dense state (compact=None or False)")
+    dense = p.numel() > INT32_MAX or not (compact if compact is not None else m.float().mean().item() < COMPACT_BELOW)
+    if dense:  # state in the param's logical (row-major) order, whatever the param's strides
+        sel, n = {"mask": m.contiguous()}, p.shape
+    else:
+        sel = {"indices": torch.nonzero(m.reshape(-1)).flatten().to(torch.int32)}
+        n = sel["indices"].numel()
+    return {"step": torch.zeros((), dtype=torch.int64), **sel,
+            "exp_avg": torch.zeros(n, device=p.device), "exp_avg_sq": torch.zeros(n, device=p.device)}
+
+
+def _tensor_list(params) -> list:
+    """Params (all, or a group's) as a list, in a defined order (a set has none: masks could not be matched to it)."""
+    if isinstance(params, torch.Tensor):
+        return [params]
+    if isinstance(params, set):
+        raise TypeError("MaskedAdamW: params must be an ordered collection (a list), not a set")
+    return list(params)
+
+
+def _check_hyperparameters(group: dict) -> None:
+    """torch.optim.AdamW's checks, made when a group is added rather than at its first step."""
+    lr, (beta1, beta2), eps, wd = float(group["lr"]), group["betas"], group["eps"], group["weight_decay"]
+    for name, value, ok in (("lr", lr, lr >= 0), ("eps", eps, eps >= 0), ("weight_decay", wd, wd >= 0),
+                            ("betas[0]", beta1, 0 <= beta1 < 1), ("betas[1]", beta2, 0 <= beta2 < 1)):
+        if not ok:
+            raise ValueError(f"MaskedAdamW: invalid {name}: {value}")

@@ -24,7 +24,7 @@ void prune_neurons_cuda(at::TensorList fc_in, at::TensorList bias, const at::Ten
 void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                        at::TensorList masks, int64_t step, double lr, double beta1, double beta2, double eps,
                        double weight_decay) {
-  check_adamw("masked_adamw_", params, grads, exp_avgs, exp_avg_sqs, masks, true, step);
+  check_adamw("masked_adamw_", params, grads, exp_avgs, exp_avg_sqs, masks, true, step, beta1, beta2);
   if (params.empty()) return;
   ok(masked_adamw_launch(params, grads, exp_avgs, exp_avg_sqs, masks, AdamW(step, lr, beta1, beta2, eps, weight_decay)),
      "masked_adamw_");
@@ -33,7 +33,8 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
 void sparse_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                        at::TensorList indices, int64_t step, double lr, double beta1, double beta2, double eps,
                        double weight_decay) {
-  check_adamw("sparse_adamw_", params, grads, exp_avgs, exp_avg_sqs, indices, false, step, /*index_range=*/false);
+  check_adamw("sparse_adamw_", params, grads, exp_avgs, exp_avg_sqs, indices, false, step, beta1, beta2,
+              /*index_range=*/false);
   if (params.empty()) return;
   // All index lists order- and range-checked in one launch and one device-to-host copy, before anything is written.
   const at::Tensor bad = at::zeros({(int64_t)params.size()}, indices[0].options().dtype(at::kInt));

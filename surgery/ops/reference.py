@@ -29,10 +29,19 @@ def neuron_index(neurons, fc_out: torch.Tensor) -> torch.Tensor:
     return neurons.to(device=fc_out.device, dtype=torch.long)
 
 
+def _check_step(op: str, step: int, beta1: float, beta2: float) -> None:
+    """The op's checks of the step and the betas (1 - beta**step divides: beta = 1 gives inf or nan)."""
+    if step < 1:
+        raise RuntimeError(f"{op}: step must be >= 1, got {step}")
+    if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
+        raise RuntimeError(f"{op}: beta1 and beta2 must lie in [0, 1), got {beta1} and {beta2}")
+
+
 def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, masks, *, step: int, lr: float, beta1: float,
                   beta2: float, eps: float, weight_decay: float) -> None:
     """torch.optim.AdamW's update on the entries where mask is True; the rest (params and both moments)
     untouched. `step` is the new step count t >= 1. Math in fp32; params may be lower precision."""
+    _check_step("masked_adamw_", step, beta1, beta2)
     bc1 = 1 - beta1**step
     bc2_sqrt = (1 - beta2**step) ** 0.5
     with torch.no_grad():
@@ -51,6 +60,7 @@ def sparse_adamw_(params, grads, exp_avgs, exp_avg_sqs, indices, *, step: int, l
                   beta2: float, eps: float, weight_decay: float) -> None:
     """masked_adamw_ with compact state: `indices[i]` (int32 [nnz]) are the flat positions of the masked
     entries of params[i]; exp_avgs[i] / exp_avg_sqs[i] are fp32 [nnz]. Other entries are untouched."""
+    _check_step("sparse_adamw_", step, beta1, beta2)
     for i, (p, idx) in enumerate(zip(params, indices, strict=True)):
         if idx.numel() and not (idx[0] >= 0 and idx[-1] < p.numel() and bool((idx[1:] > idx[:-1]).all())):
             raise RuntimeError(f"sparse_adamw_: indices[{i}] must be strictly increasing and in range [0, {p.numel()})")

@@ -160,6 +160,12 @@ def test_bad_calls_raise(device):
         call(params, grads[0], [x.double() for x in m], v, masks)
     with pytest.raises(RuntimeError, match="step must be >= 1"):
         call(params, grads[0], m, v, masks, step=0)
+    for betas in ((1.0, 0.999), (0.9, 1.0), (-0.1, 0.999)):  # 1 - beta**step divides: beta = 1 gives inf or nan
+        with pytest.raises(RuntimeError, match="beta1 and beta2 must lie in \\[0, 1\\)"):
+            call(params, grads[0], m, v, masks, beta1=betas[0], beta2=betas[1])
+        with pytest.raises(RuntimeError, match="beta1 and beta2 must lie in \\[0, 1\\)"):
+            ops.reference.masked_adamw_(params, grads[0], m, v, masks, step=1, lr=1e-3, beta1=betas[0],
+                                        beta2=betas[1], eps=1e-8, weight_decay=0.0)
     zeros = [torch.zeros(2 if i == 2 else 1, device=device) for i in range(len(params))]
     before = [p.clone() for p in params]
     # out of range above and below; a duplicate (two updates of one entry would race); descending order

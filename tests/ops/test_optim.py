@@ -72,3 +72,72 @@ def test_strided_param_matches_adamw_and_failed_step_does_not_count(device):
     with pytest.raises(RuntimeError, match="exp_avgs"):
         opt.step()
     assert int(opt.state[p]["step"]) == 3
+
+
+def test_param_groups_match_adamw_with_masks_and_round_trip(device):
+    """Groups with their own lr, betas, weight decay and state kind; masks given across groups, in a group, and in
+    a group added later; a state_dict round trip mid-run. Against torch.optim.AdamW on the same groups, with the
+    masked-out entries put back after each of its steps."""
+    g = torch.Generator().manual_seed(23)
+    shapes = [(6, 11), (13,), (4, 3, 5), (17, 2)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(device)) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    masks = [None, torch.rand(13, generator=g).to(device) < 0.3, torch.rand(4, 3, 5, generator=g).to(device) < 0.6,
+             torch.rand(17, 2, generator=g).to(device) < 0.5]
+    hp = [dict(lr=2e-2, betas=(0.8, 0.99), weight_decay=0.1), dict(lr=5e-3, eps=1e-6)]
+
+    def make():
+        opt = MaskedAdamW([dict(params=params[:2], compact=True, **hp[0]), dict(params=params[2:3], **hp[1])],
+                          masks=masks[:3], weight_decay=0.03)
+        opt.add_param_group(dict(params=params[3], masks=[masks[3]], lr=1e-2, compact=False))
+        return opt
+
+    opt = make()
+    torch_opt = torch.optim.AdamW([dict(params=ref[:2], **hp[0]), dict(params=ref[2:3], **hp[1])], weight_decay=0.03,
+                                  foreach=False)
+    torch_opt.add_param_group(dict(params=ref[3], lr=1e-2))
+    assert "indices" in opt.state[params[0]] and "indices" in opt.state[params[1]]
+    assert "mask" in opt.state[params[3]]
+    for step in range(6):
+        if step == 3:
+            state = opt.state_dict()
+            opt = make()
+            opt.load_state_dict(state)
+        for p, r in zip(params, ref):
+            p.grad = torch.randn(p.shape, generator=g).to(device)
+            r.grad = p.grad.clone()
+        opt.step()
+        before = [r.detach().clone() for r in ref]
+        torch_opt.step()
+        with torch.no_grad():
+            for r, b, m in zip(ref, before, masks):
+                if m is not None:
+                    r.copy_(torch.where(m, r, b))
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
+    assert [int(opt.state[p]["step"]) for p in params] == [6] * 4
+
+
+def test_bad_arguments_raise_and_leave_the_optimizer_as_it_was():
+    p, q = torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))
+    for bad, name in ((dict(lr=-1e-3), "lr"), (dict(betas=(1.0, 0.999)), "betas\\[0\\]"),
+                      (dict(betas=(0.9, -0.1)), "betas\\[1\\]"), (dict(eps=-1.0), "eps"),
+                      (dict(weight_decay=-0.1), "weight_decay")):
+        with pytest.raises(ValueError, match=f"invalid {name}"):
+            MaskedAdamW([p], **bad)
+    with pytest.raises(ValueError, match="both as an argument and in a param group"):
+        MaskedAdamW([dict(params=[p], masks=[None])], masks=[None])
+    with pytest.raises(ValueError, match="2 masks for 1 params"):
+        MaskedAdamW([p], masks=[None, None])
+    with pytest.raises(ValueError, match="fp32, bf16 or fp16"):
+        MaskedAdamW([torch.nn.Parameter(torch.randn(3, dtype=torch.float64))])
+    with pytest.raises(TypeError, match="not a set"):
+        MaskedAdamW({p})
+    opt = MaskedAdamW([p])
+    for group, match in ((dict(params=[q], masks=[None, None]), "2 masks for the 1 params"),
+                         (dict(params=[q], masks=[torch.ones(4, dtype=torch.bool)]), "mask of shape"),
+                         (dict(params=[q], lr=-1.0), "invalid lr"),
+                         (dict(params=[p]), "more than one parameter group")):
+        with pytest.raises(ValueError, match=match):
+            opt.add_param_group(group)
+    assert len(opt.param_groups) == 1 and list(opt.state) == [p]  # a refused group adds nothing
