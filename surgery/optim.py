@@ -3,6 +3,7 @@ import torch
 
 from . import ops
 
+UNSUPPORTED = ("amsgrad", "maximize", "capturable", "differentiable")  # AdamW options this optimizer does not have
 COMPACT_BELOW = 0.25  # mask density under which state is stored only for the masked entries
 INT32_MAX = 2**31 - 1  # compact state's indices are int32
 
@@ -34,16 +35,23 @@ class MaskedAdamW(torch.optim.Optimizer):
                 raise ValueError("MaskedAdamW: masks given both as an argument and in a param group")
             left = iter(masks)
             groups = [dict(g, masks=[next(left) for _ in g["params"]]) for g in groups]
-        super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, compact=compact))
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, compact=compact)
+        _check_hyperparameters(defaults)
+        super().__init__(groups, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
         """As Optimizer's; the group may hold "masks", one per param (None or missing = all True)."""
         group = dict(param_group)
         masks = group.pop("masks", None)
-        params = group["params"] = _tensor_list(group["params"])
+        group["params"] = _tensor_list(group["params"])
+        params = [p[1] if isinstance(p, tuple) else p for p in group["params"]]  # (name, param) pairs, as torch's
         masks = [None] * len(params) if masks is None else list(masks)
         if len(masks) != len(params):
             raise ValueError(f"MaskedAdamW: {len(masks)} masks for the {len(params)} params of a param group")
+        if len({id(p) for p in params}) != len(params):  # torch only warns; two updates would share one step count
+            raise ValueError("MaskedAdamW: a param group lists a param twice")
+        if any(group.get(k) for k in UNSUPPORTED):
+            raise ValueError(f"MaskedAdamW: {', '.join(k for k in UNSUPPORTED if group.get(k))} not supported")
         _check_hyperparameters({**self.defaults, **group})
         states = [_new_state(p, m, group.get("compact", self.defaults["compact"])) for p, m in zip(params, masks)]
         super().add_param_group(group)  # checks the params themselves (leaf tensors, each in one group only)
@@ -52,13 +60,18 @@ class MaskedAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = closure() if closure is not None else None
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():  # the closure runs its own backward
+                loss = closure()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             batches = {}  # one op call per (kind, device, dtype, step)
             for p in group["params"]:
                 if p.grad is None:
                     continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("MaskedAdamW does not support sparse gradients")
                 st = self.state[p]
                 kind = "mask" if "mask" in st else "indices"
                 key = (kind, p.device, p.dtype, int(st["step"]) + 1)
@@ -80,13 +93,16 @@ class MaskedAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         """As Optimizer's, but state tensors keep their own dtypes (bool masks, int32 indices, fp32 moments)
         instead of being cast to the param's dtype."""
+        for i, saved in state_dict["state"].items():
+            if not ({"mask", "indices"} & saved.keys() and {"exp_avg", "exp_avg_sq", "step"} <= saved.keys()):
+                raise ValueError(f"MaskedAdamW.load_state_dict: the state of param {i} has keys {sorted(saved)}, "
+                                 f"not a MaskedAdamW state (step, exp_avg, exp_avg_sq, and mask or indices)")
         super().load_state_dict(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
         for i, saved in state_dict["state"].items():
             p = params[i]
-            for k, v in saved.items():
-                if k != "step":
-                    self.state[p][k] = v.to(p.device).clone()
+            for k, v in saved.items():  # copies, so that the saved state_dict and this optimizer do not share
+                self.state[p][k] = v.clone() if k == "step" else v.to(p.device).clone()
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state (moments, masks or indices) across all params."""
@@ -95,9 +111,16 @@ class MaskedAdamW(torch.optim.Optimizer):
 
 def _new_state(p: torch.Tensor, m, compact) -> dict:
     """Fresh state of param p under mask m (None = all True): dense, or compact by density unless `compact` says."""
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"MaskedAdamW: params must be tensors, got {type(p).__name__}")
     if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"MaskedAdamW: params must be fp32, bf16 or fp16 (the ops' dtypes), got {p.dtype}")
-    m = torch.ones_like(p, dtype=torch.bool) if m is None else m.to(p.device, torch.bool)
+    if m is not None and not (isinstance(m, torch.Tensor) and m.dtype == torch.bool):
+        # refused, not cast: the index tensor [0, 2, 0] would become the mask [False, True, False]
+        got = getattr(m, "dtype", type(m).__name__)
+        raise TypeError(f"MaskedAdamW: a mask must be a bool tensor or None, got {got}")
+    # a copy: the caller may reuse its mask tensor, and compact state (built from it) would not see the change
+    m = torch.ones_like(p, dtype=torch.bool) if m is None else m.to(p.device, copy=True)
     if m.shape != p.shape:
         raise ValueError(f"MaskedAdamW: mask of shape {list(m.shape)} for a param of shape {list(p.shape)}")
     if compact and p.numel() > INT32_MAX:
@@ -123,9 +146,10 @@ def _tensor_list(params) -> list:
 
 
 def _check_hyperparameters(group: dict) -> None:
-    """torch.optim.AdamW's checks, made when a group is added rather than at its first step."""
+    """torch.optim.AdamW's checks (and `compact` is None, True or False), made when a group is added."""
     lr, (beta1, beta2), eps, wd = float(group["lr"]), group["betas"], group["eps"], group["weight_decay"]
     for name, value, ok in (("lr", lr, lr >= 0), ("eps", eps, eps >= 0), ("weight_decay", wd, wd >= 0),
-                            ("betas[0]", beta1, 0 <= beta1 < 1), ("betas[1]", beta2, 0 <= beta2 < 1)):
+                            ("betas[0]", beta1, 0 <= beta1 < 1), ("betas[1]", beta2, 0 <= beta2 < 1),
+                            ("compact", group["compact"], group["compact"] in (None, True, False))):
         if not ok:
             raise ValueError(f"MaskedAdamW: invalid {name}: {value}")

@@ -133,6 +133,17 @@ def test_bad_arguments_raise_and_leave_the_optimizer_as_it_was():
         MaskedAdamW([torch.nn.Parameter(torch.randn(3, dtype=torch.float64))])
     with pytest.raises(TypeError, match="not a set"):
         MaskedAdamW({p})
+    with pytest.raises(ValueError, match="invalid lr"):  # defaults are checked even where every group sets its own
+        MaskedAdamW([dict(params=[p], lr=1e-3)], lr=-1.0)
+    with pytest.raises(ValueError, match="invalid compact"):
+        MaskedAdamW([p], compact="no")
+    with pytest.raises(ValueError, match="maximize not supported"):
+        MaskedAdamW([dict(params=[p], maximize=True)])
+    with pytest.raises(ValueError, match="lists a param twice"):
+        MaskedAdamW([p, p])
+    for mask in (torch.tensor([[0, 2, 0, 0]] * 3), [[True] * 4] * 3):  # an index tensor is not cast into a mask
+        with pytest.raises(TypeError, match="must be a bool tensor"):
+            MaskedAdamW([p], masks=[mask])
     opt = MaskedAdamW([p])
     for group, match in ((dict(params=[q], masks=[None, None]), "2 masks for the 1 params"),
                          (dict(params=[q], masks=[torch.ones(4, dtype=torch.bool)]), "mask of shape"),
@@ -141,3 +152,52 @@ def test_bad_arguments_raise_and_leave_the_optimizer_as_it_was():
         with pytest.raises(ValueError, match=match):
             opt.add_param_group(group)
     assert len(opt.param_groups) == 1 and list(opt.state) == [p]  # a refused group adds nothing
+    saved = opt.state_dict()
+    adamw = torch.optim.AdamW([p])
+    p.grad = torch.ones(3, 4)
+    adamw.step()
+    with pytest.raises(ValueError, match="not a MaskedAdamW state"):
+        opt.load_state_dict(adamw.state_dict())
+    assert opt.state_dict()["state"].keys() == saved["state"].keys() and "mask" in opt.state[p]
+    p.grad = torch.ones(3, 4).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+
+
+def test_closure_named_params_and_state_that_is_not_shared():
+    """step(closure) runs the closure's backward; (name, param) pairs as torch takes them; a mask the caller edits
+    later and a loaded state_dict are not shared with the optimizer."""
+    g = torch.Generator().manual_seed(5)
+    lin, ref = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
+    ref.load_state_dict(lin.state_dict())
+    x = torch.randn(8, 6, generator=g)
+    opt, torch_opt = MaskedAdamW(lin.named_parameters(), lr=1e-2), torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    assert opt.param_groups[0]["param_names"] == ["weight", "bias"]
+    for model, o in ((lin, opt), (ref, torch_opt)):
+        for _ in range(3):
+            o.zero_grad()
+            o.step(lambda: model(x).pow(2).sum().backward())
+    torch.testing.assert_close(lin.weight, ref.weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lin.bias, ref.bias, rtol=1e-5, atol=1e-6)
+
+    mask = torch.zeros(8, dtype=torch.bool)
+    mask[:4] = True
+    results = []
+    for compact in (False, True):
+        w = torch.nn.Parameter(torch.zeros(8))
+        o = MaskedAdamW([w], masks=[mask], lr=0.1, compact=compact)
+        mask_before, mask[:] = mask.clone(), False  # the caller reuses its mask tensor
+        w.grad = torch.ones(8)
+        o.step()
+        mask.copy_(mask_before)
+        results.append(w.detach().clone())
+    assert torch.equal(results[0], results[1]) and int((results[0] != 0).sum()) == 4
+
+    state = opt.state_dict()
+    opt2 = MaskedAdamW(lin.parameters(), lr=1e-2)
+    opt2.load_state_dict(state)
+    opt2.zero_grad()
+    lin(x).sum().backward()
+    opt2.step()
+    assert [int(st["step"]) for st in opt2.state.values()] == [4, 4]
+    assert [int(st["step"]) for st in state["state"].values()] == [3, 3]  # the saved state did not move
