@@ -4,6 +4,7 @@ import math
 import torch
 
 
+@torch.no_grad()  # statistics, never part of a graph (the Triton kernels are not either)
 def activation_stats(z: torch.Tensor, out: torch.Tensor | None = None, row_mask: torch.Tensor | None = None) -> torch.Tensor:
     """z: [..., H] -> [4, H] fp32 rows Σz, Σ|z|, Σz², count(z>0); added into `out` when given.
 
@@ -18,6 +19,7 @@ def activation_stats(z: torch.Tensor, out: torch.Tensor | None = None, row_mask:
     return out.add_(stats)
 
 
+@torch.no_grad()
 def fisher_accumulate_(fisher: list[torch.Tensor], grads: list[torch.Tensor], scale: float = 1.0) -> None:
     """fisher[i] += scale * grads[i]**2, fisher fp32, grads any float dtype, squared in fp32."""
     for f, g in zip(fisher, grads, strict=True):

@@ -122,6 +122,20 @@ def reference_path(monkeypatch):
 
 
 @pytest.mark.parametrize("path", ["triton", "reference"])
+def test_no_autograd_graph(path, monkeypatch):
+    """A z that requires grad (a hook in a training forward) gives plain values on both paths: a graph on `out`
+    would keep every batch's activations alive."""
+    if path == "triton" and not (K.HAS_TRITON and K.INTERPRET):
+        pytest.skip("needs triton's interpreter")
+    call = stats if path == "triton" else reference_path(monkeypatch)
+    z = torch.randn(6, 9, requires_grad=True)
+    out = torch.zeros(4, 9)
+    for got in (call(z), call(z, out=out)):
+        assert got.grad_fn is None and not got.requires_grad
+        assert_matches(got, reference.activation_stats(z.detach()), z)
+
+
+@pytest.mark.parametrize("path", ["triton", "reference"])
 def test_bad_arguments_raise(path, monkeypatch):
     """The same bad call raises the same error on both paths (the reference path used to compute silently)."""
     if path == "triton" and not K.HAS_TRITON:

@@ -104,6 +104,21 @@ def test_bad_arguments_raise(path, monkeypatch):
     assert torch.equal(f[0], before)  # no bad call wrote anything
 
 
+@pytest.mark.parametrize("path", ["triton", "reference"])
+def test_no_autograd_graph(path, monkeypatch):
+    """Gradients that require grad (a hook on a create_graph backward) add values, not a graph, on both paths: a
+    graph on the Fisher buffer would keep every batch's tensors alive."""
+    if path == "triton" and not (K.HAS_TRITON and K.INTERPRET):
+        pytest.skip("needs triton's interpreter")
+    if path == "reference":
+        monkeypatch.setattr(K, "INTERPRET", False)
+    f, g = tensors([(3, 4), (5,)])
+    expect = [x + y.square() for x, y in zip(f, g)]
+    K.fisher_accumulate_(f, [x.requires_grad_() for x in g])
+    assert all(x.grad_fn is None and not x.requires_grad for x in f)
+    torch.testing.assert_close(f, expect)
+
+
 @interp
 def test_shared_fisher_adds_each_term(monkeypatch):
     """A fisher tensor listed twice (or overlapping views) gets both terms, as in the reference loop: one
