@@ -3,11 +3,20 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
+#include <vector>
 
 #include "adamw.h"
 
 namespace surgery {
+
+// Tell autograd the tensors are about to be written in place, as ATen's in-place ops do: a backward that saved one
+// of them then raises instead of silently reading the new values. Called after the checks, before any write; an
+// inference tensor outside inference mode is refused here, with torch's own message.
+inline void bump_versions(at::TensorList ts) {
+  for (const auto& t : ts) t.unsafeGetTensorImpl()->bump_version();
+}
 
 inline bool is_weight_dtype(const at::Tensor& t) {
   const auto s = t.scalar_type();
@@ -61,6 +70,41 @@ inline bool indices_ordered(const int* idx, int64_t n, int64_t limit) {
   return ordered;
 }
 
+// No tensor the op writes may share memory with another tensor it writes or reads: the result would depend on the
+// order of the updates, and on the GPU they race. Tensors it only reads may share memory. Sorted spans, one sweep
+// (the tensors are contiguous, checked before, so a span is exactly the tensor's memory).
+inline void check_no_overlap(const char* op, at::TensorList params, at::TensorList grads, at::TensorList m,
+                             at::TensorList v, at::TensorList sel, bool dense) {
+  struct Span {
+    uintptr_t start, end;
+    bool written;
+    const char* name;
+    size_t i;
+  };
+  std::vector<Span> spans;
+  auto add = [&](at::TensorList ts, bool written, const char* name) {
+    for (size_t i = 0; i < ts.size(); ++i) {
+      if (!ts[i].numel()) continue;
+      const auto start = reinterpret_cast<uintptr_t>(ts[i].data_ptr());
+      spans.push_back({start, start + ts[i].nbytes(), written, name, i});
+    }
+  };
+  add(params, true, "params"), add(m, true, "exp_avgs"), add(v, true, "exp_avg_sqs");
+  add(grads, false, "grads"), add(sel, false, dense ? "masks" : "indices");
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.start < b.start; });
+  const Span *end_written = nullptr, *end_any = nullptr;  // the span reaching furthest so far, of each kind
+  for (const auto& s : spans) {
+    const Span* other = end_written && s.start < end_written->end       ? end_written
+                        : s.written && end_any && s.start < end_any->end ? end_any
+                                                                        : nullptr;
+    TORCH_CHECK(!other, op, ": ", s.name, "[", s.i, "] shares memory with ", other->name, "[", other->i,
+                "]; the params and the state it writes must not share memory with each other or with the grads, "
+                "masks or indices");
+    if (!end_any || s.end > end_any->end) end_any = &s;
+    if (s.written && (!end_written || s.end > end_written->end)) end_written = &s;
+  }
+}
+
 // sel: masks (dense: bool, same shape as the param) or indices (compact: int32 [nnz], state [nnz]). The index
 // order and range check reads the indices; CUDA skips it here and runs one batched check instead (a sync per
 // tensor would cost more than the update itself).
@@ -105,6 +149,7 @@ inline void check_adamw(const char* op, at::TensorList params, at::TensorList gr
                   "] must be strictly increasing and in range [0, ", p.numel(), ")");
     }
   }
+  check_no_overlap(op, params, grads, m, v, sel, dense);
 }
 
 }  // namespace surgery

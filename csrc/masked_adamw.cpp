@@ -37,6 +37,7 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                       at::TensorList masks, int64_t step, double lr, double beta1, double beta2, double eps,
                       double weight_decay) {
   check_adamw("masked_adamw_", params, grads, exp_avgs, exp_avg_sqs, masks, true, step, beta1, beta2);
+  bump_versions(params), bump_versions(exp_avgs), bump_versions(exp_avg_sqs);
   const AdamW opt(step, lr, beta1, beta2, eps, weight_decay);
   for (size_t i = 0; i < params.size(); ++i) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[i].scalar_type(), "masked_adamw_", [&] {
@@ -67,6 +68,7 @@ void sparse_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                       at::TensorList indices, int64_t step, double lr, double beta1, double beta2, double eps,
                       double weight_decay) {
   check_adamw("sparse_adamw_", params, grads, exp_avgs, exp_avg_sqs, indices, false, step, beta1, beta2);
+  bump_versions(params), bump_versions(exp_avgs), bump_versions(exp_avg_sqs);
   const AdamW opt(step, lr, beta1, beta2, eps, weight_decay);
   for (size_t i = 0; i < params.size(); ++i) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[i].scalar_type(), "sparse_adamw_", [&] {

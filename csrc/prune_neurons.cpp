@@ -8,6 +8,7 @@ namespace surgery {
 
 void prune_neurons_cpu(at::TensorList fc_in, at::TensorList bias, const at::Tensor& fc_out, const at::Tensor& neurons) {
   check_prune(fc_in, bias, fc_out, neurons);
+  bump_versions(fc_in), bump_versions(bias), bump_versions(fc_out);
   const int64_t n = neurons.numel(), D = fc_out.size(0), H = fc_out.size(1);
   const int64_t* idx = neurons.data_ptr<int64_t>();
   for (size_t k = 0; k < fc_in.size(); ++k) {

@@ -61,7 +61,10 @@ def activation_stats(z, out=None, row_mask=None):
     One read of z, fp32 accumulation, deterministic (same bits on every run)."""
     if use_triton(z):
         calls["triton"] += 1
-        return _stats.activation_stats(z, out, row_mask)
+        result = _stats.activation_stats(z, out, row_mask)
+        if out is not None:  # written behind autograd's back: tell it, as an in-place torch op does
+            torch.autograd.graph.increment_version(out)
+        return result
     checks.stats_args(z, out, row_mask)
     calls["reference"] += 1
     return reference.activation_stats(z, out, row_mask)
@@ -71,20 +74,29 @@ def fisher_accumulate_(fisher, grads, scale=1.0):
     """fisher[i] += scale·grads[i]² in place; fisher: list of fp32 contiguous tensors, grads: same shapes,
     any float dtype (squared in fp32). Few launches: one per (device, grad dtype) group."""
     checks.lists(fisher, grads)
-    if len(fisher) and use_triton(fisher[0]):
+    triton_path = [use_triton(f) for f in fisher]
+    if len(fisher) and all(triton_path):  # the Triton module checks every pair before its first launch
         calls["triton"] += 1
-        return _fisher.fisher_accumulate_(fisher, grads, scale)
-    for i, (f, g) in enumerate(zip(fisher, grads)):
+        _fisher.fisher_accumulate_(fisher, grads, scale)
+        return torch.autograd.graph.increment_version(fisher)  # written behind autograd's back
+    for i, (f, g) in enumerate(zip(fisher, grads)):  # every pair checked before anything is written
         checks.pair(f"fisher[{i}]", f, f"grads[{i}]", g)
+    if any(triton_path):  # a list across devices: the Triton part first, the rest on the reference path
+        calls["triton"] += 1
+        on = [i for i, t in enumerate(triton_path) if t]
+        _fisher.fisher_accumulate_([fisher[i] for i in on], [grads[i] for i in on], scale)
+        torch.autograd.graph.increment_version([fisher[i] for i in on])
+        fisher, grads = zip(*[(f, g) for f, g, t in zip(fisher, grads, triton_path) if not t])
     calls["reference"] += 1
-    return reference.fisher_accumulate_(fisher, grads, scale)
+    return reference.fisher_accumulate_(list(fisher), list(grads), scale)
 
 
 def fisher_accumulate_flat_(fisher, grad, scale=1.0):
     """fisher: fp32 [N] contiguous += scale·grad² (grad [N], any float dtype), one launch."""
     if use_triton(fisher):
         calls["triton"] += 1
-        return _fisher.fisher_accumulate_flat_(fisher, grad, scale)
+        _fisher.fisher_accumulate_flat_(fisher, grad, scale)
+        return torch.autograd.graph.increment_version(fisher)
     checks.pair("fisher", fisher, "grad", grad)
     calls["reference"] += 1
     return reference.fisher_accumulate_([fisher], [grad], scale)

@@ -18,6 +18,7 @@ static void ok(cudaError_t e, const char* op) { TORCH_CHECK(e == cudaSuccess, op
 
 void prune_neurons_cuda(at::TensorList fc_in, at::TensorList bias, const at::Tensor& fc_out, const at::Tensor& neurons) {
   check_prune(fc_in, bias, fc_out, neurons);
+  bump_versions(fc_in), bump_versions(bias), bump_versions(fc_out);
   if (neurons.numel()) ok(prune_neurons_launch(fc_in, bias, fc_out, neurons), "prune_neurons_");
 }
 
@@ -25,6 +26,7 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                        at::TensorList masks, int64_t step, double lr, double beta1, double beta2, double eps,
                        double weight_decay) {
   check_adamw("masked_adamw_", params, grads, exp_avgs, exp_avg_sqs, masks, true, step, beta1, beta2);
+  bump_versions(params), bump_versions(exp_avgs), bump_versions(exp_avg_sqs);
   if (params.empty()) return;
   ok(masked_adamw_launch(params, grads, exp_avgs, exp_avg_sqs, masks, AdamW(step, lr, beta1, beta2, eps, weight_decay)),
      "masked_adamw_");
@@ -44,6 +46,7 @@ void sparse_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
     TORCH_CHECK(flags.data_ptr<int>()[i] == 0, "sparse_adamw_: indices[", i,
                 "] must be strictly increasing and in range [0, ", params[i].numel(), ")");
   }
+  bump_versions(params), bump_versions(exp_avgs), bump_versions(exp_avg_sqs);
   ok(sparse_adamw_launch(params, grads, exp_avgs, exp_avg_sqs, indices, AdamW(step, lr, beta1, beta2, eps, weight_decay)),
      "sparse_adamw_");
 }

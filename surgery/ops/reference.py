@@ -1,18 +1,19 @@
-"""Pure-PyTorch reference twins of the C++/CUDA ops (DESIGN.md "Kernels and ops"): same signatures."""
+"""Pure-PyTorch reference twins of the C++/CUDA ops (DESIGN.md "Kernels and ops"): same signatures, and the same
+argument checks (`checks`, a port of csrc/checks.h), made before anything is written."""
 import torch
+
+from . import checks
 
 
 def prune_neurons_(fc_in, fc_in_bias, fc_out: torch.Tensor, neurons: torch.Tensor) -> None:
     """Zero rows `neurons` of every input projection (a tensor or a list: gated MLPs) and of its bias
     (a tensor, a list, or None), and columns `neurons` of `fc_out` [D, H], in place."""
-    fc_ins = fc_in if isinstance(fc_in, (list, tuple)) else [fc_in]
-    biases = fc_in_bias if isinstance(fc_in_bias, (list, tuple)) else [fc_in_bias] * len(fc_ins)
+    fc_ins = list(fc_in) if isinstance(fc_in, (list, tuple)) else [fc_in]
+    biases = list(fc_in_bias) if isinstance(fc_in_bias, (list, tuple)) else [fc_in_bias] * len(fc_ins)
     idx = neuron_index(neurons, fc_out)
-    if idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < fc_out.shape[1]):
-        raise RuntimeError(f"prune_neurons_: neuron index out of range [0, {fc_out.shape[1]}): min {int(idx.min())}, "
-                           f"max {int(idx.max())}")
+    checks.prune(fc_ins, biases, fc_out, idx)
     with torch.no_grad():
-        for w, b in zip(fc_ins, biases, strict=True):
+        for w, b in zip(fc_ins, biases or [None] * len(fc_ins)):
             w[idx] = 0
             if b is not None:
                 b[idx] = 0
@@ -29,19 +30,11 @@ def neuron_index(neurons, fc_out: torch.Tensor) -> torch.Tensor:
     return neurons.to(device=fc_out.device, dtype=torch.long)
 
 
-def _check_step(op: str, step: int, beta1: float, beta2: float) -> None:
-    """The op's checks of the step and the betas (1 - beta**step divides: beta = 1 gives inf or nan)."""
-    if step < 1:
-        raise RuntimeError(f"{op}: step must be >= 1, got {step}")
-    if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
-        raise RuntimeError(f"{op}: beta1 and beta2 must lie in [0, 1), got {beta1} and {beta2}")
-
-
 def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, masks, *, step: int, lr: float, beta1: float,
                   beta2: float, eps: float, weight_decay: float) -> None:
     """torch.optim.AdamW's update on the entries where mask is True; the rest (params and both moments)
     untouched. `step` is the new step count t >= 1. Math in fp32; params may be lower precision."""
-    _check_step("masked_adamw_", step, beta1, beta2)
+    checks.adamw("masked_adamw_", params, grads, exp_avgs, exp_avg_sqs, masks, True, step, beta1, beta2)
     bc1 = 1 - beta1**step
     bc2_sqrt = (1 - beta2**step) ** 0.5
     with torch.no_grad():
@@ -60,10 +53,7 @@ def sparse_adamw_(params, grads, exp_avgs, exp_avg_sqs, indices, *, step: int, l
                   beta2: float, eps: float, weight_decay: float) -> None:
     """masked_adamw_ with compact state: `indices[i]` (int32 [nnz]) are the flat positions of the masked
     entries of params[i]; exp_avgs[i] / exp_avg_sqs[i] are fp32 [nnz]. Other entries are untouched."""
-    _check_step("sparse_adamw_", step, beta1, beta2)
-    for i, (p, idx) in enumerate(zip(params, indices, strict=True)):
-        if idx.numel() and not (idx[0] >= 0 and idx[-1] < p.numel() and bool((idx[1:] > idx[:-1]).all())):
-            raise RuntimeError(f"sparse_adamw_: indices[{i}] must be strictly increasing and in range [0, {p.numel()})")
+    checks.adamw("sparse_adamw_", params, grads, exp_avgs, exp_avg_sqs, indices, False, step, beta1, beta2)
     bc1 = 1 - beta1**step
     bc2_sqrt = (1 - beta2**step) ** 0.5
     with torch.no_grad():

@@ -117,6 +117,26 @@ def test_no_autograd_graph(path, monkeypatch):
     K.fisher_accumulate_(f, [x.requires_grad_() for x in g])
     assert all(x.grad_fn is None and not x.requires_grad for x in f)
     torch.testing.assert_close(f, expect)
+    assert [x._version for x in f] >= [1, 1]  # autograd is told of the in-place write, whichever path wrote
+    flat, before = torch.zeros(5), torch.zeros(5)._version
+    K.fisher_accumulate_flat_(flat, g[1].detach())
+    assert flat._version > before
+
+
+@interp
+def test_list_across_paths():
+    """A list whose tensors take different paths (here CPU through the interpreter, meta through the reference)
+    checks every pair before writing, then runs each part on its own path."""
+    f, g = tensors([(3, 4), (7,)])
+    expect = [x + 0.5 * y.square() for x, y in zip(f, g)]
+    fm, start = torch.zeros(6, device="meta"), [x.clone() for x in f]
+    before = dict(K.calls)
+    with pytest.raises(ValueError, match=r"fisher\[2\] has shape \[6\] but grads\[2\] \[5\]"):
+        K.fisher_accumulate_([*f, fm], [*g, torch.zeros(5, device="meta")], 0.5)
+    assert dict(K.calls) == before and all(torch.equal(x, y) for x, y in zip(f, start))  # nothing written
+    K.fisher_accumulate_([f[0], fm, f[1]], [g[0], torch.zeros(6, device="meta"), g[1]], 0.5)
+    torch.testing.assert_close(f, expect)
+    assert K.calls["triton"] == before.get("triton", 0) + 1 and K.calls["reference"] == before.get("reference", 0) + 1
 
 
 @interp
