@@ -91,7 +91,8 @@ inline void check_no_overlap(const char* op, at::TensorList params, at::TensorLi
   };
   add(params, true, "params"), add(m, true, "exp_avgs"), add(v, true, "exp_avg_sqs");
   add(grads, false, "grads"), add(sel, false, dense ? "masks" : "indices");
-  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.start < b.start; });
+  // stable: ties keep the order above, and the twin (surgery/ops/checks.py) names the same pair
+  std::stable_sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.start < b.start; });
   const Span *end_written = nullptr, *end_any = nullptr;  // the span reaching furthest so far, of each kind
   for (const auto& s : spans) {
     const Span* other = end_written && s.start < end_written->end       ? end_written

@@ -1,5 +1,7 @@
 """The ops' argument checks (csrc/checks.h) for the reference twins: the same call is refused on both paths, with
 the same message, before anything is written."""
+import operator
+
 import torch
 
 WEIGHT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -7,12 +9,23 @@ PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 C10_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16", torch.float16: "Half",
-             torch.bool: "Bool", torch.int32: "Int", torch.int64: "Long", torch.uint8: "Byte", torch.int8: "Char"}
+             torch.bool: "Bool", torch.int32: "Int", torch.int64: "Long", torch.uint8: "Byte", torch.int8: "Char",
+             torch.int16: "Short", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
+             torch.uint16: "UInt16", torch.uint32: "UInt32", torch.uint64: "UInt64"}
+INFERENCE = ("Inplace update to inference tensor outside InferenceMode is not allowed.You can make a clone to get a "
+             "normal tensor before doing inplace update.See https://github.com/pytorch/rfcs/pull/17 for more details.")
+
+
+def _text(part) -> str:
+    """A part of a message as C++'s ostream writes it: dtypes by their c10 names, doubles to 6 digits."""
+    if isinstance(part, torch.dtype):
+        return C10_NAMES.get(part, str(part))
+    return f"{part:g}" if isinstance(part, float) else str(part)
 
 
 def _fail(*parts) -> None:
-    """RuntimeError with the message TORCH_CHECK builds from the same parts (dtypes by their c10 names)."""
-    raise RuntimeError("".join(C10_NAMES.get(p, str(p)) if isinstance(p, torch.dtype) else str(p) for p in parts))
+    """RuntimeError with the message TORCH_CHECK builds from the same parts."""
+    raise RuntimeError("".join(_text(p) for p in parts))
 
 
 def tensor_list(op: str, name: str, x) -> list:
@@ -24,8 +37,10 @@ def tensor_list(op: str, name: str, x) -> list:
 
 def step_and_betas(op: str, step, beta1: float, beta2: float) -> None:
     """1 - beta**step divides: beta = 1 would give inf or nan."""
-    if not isinstance(step, int) or isinstance(step, bool):
-        raise TypeError(f"{op}: step must be an int, got {type(step).__name__}")
+    try:
+        step = operator.index(step)  # an int, or what converts to one without loss (as the op's binding takes)
+    except TypeError:
+        raise TypeError(f"{op}: step must be an int, got {type(step).__name__}") from None
     if step < 1:
         _fail(op, ": step must be >= 1, got ", step)
     if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
@@ -65,32 +80,34 @@ def adamw(op: str, params, grads, exp_avgs, exp_avg_sqs, sel, dense: bool, step,
             _fail(op, ": indices[", i, "] must be strictly increasing and in range [0, ", p.numel(), ")")
     written = [("params", params), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)]
     no_overlap(op, written, [("grads", grads), ("masks" if dense else "indices", sel)])
-    writable(op, [t for _, ts in written for t in ts])
+    writable([t for _, ts in written for t in ts])
 
 
-def writable(op: str, tensors) -> None:
+def writable(tensors) -> None:
     """As the ops' version-counter bump: an inference tensor is written only in inference mode (torch's own
     in-place ops check this too, but some only after writing)."""
     if not torch.is_inference_mode_enabled() and any(t.is_inference() for t in tensors):
-        _fail(op, ": Inplace update to inference tensor outside InferenceMode is not allowed")
+        _fail(INFERENCE)
 
 
 def no_overlap(op: str, written, read) -> None:
     """No tensor the op writes may share memory with another tensor it writes or reads: the result would depend on
     the order of the updates (and on the GPU they race). Tensors only read may share memory with each other.
     written / read: (name, list of contiguous tensors) pairs."""
-    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), w, f"{name}[{i}]")
-                   for w, lists in ((True, written), (False, read)) for name, ts in lists
-                   for i, t in enumerate(ts) if t.numel() and t.device.type != "meta")
+    spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), w, f"{name}[{i}]")
+             for w, lists in ((True, written), (False, read)) for name, ts in lists
+             for i, t in enumerate(ts) if t.numel() and t.device.type != "meta"]
+    spans.sort(key=lambda s: s[0])  # stable, as the op's std::stable_sort: ties keep this order, so do messages
     end_written = end_any = (0, "")
     for start, end, w, label in spans:
         other = end_written if start < end_written[0] else end_any if w and start < end_any[0] else None
         if other:
             _fail(op, ": ", label, " shares memory with ", other[1], "; the params and the state it writes must not "
                   "share memory with each other or with the grads, masks or indices")
-        end_any = max(end_any, (end, label))
-        if w:
-            end_written = max(end_written, (end, label))
+        if end > end_any[0]:  # on a tie the first span to reach that end stays, as in the op
+            end_any = (end, label)
+        if w and end > end_written[0]:
+            end_written = (end, label)
 
 
 def prune(fc_ins: list, biases: list, fc_out, neurons) -> None:
@@ -115,8 +132,8 @@ def prune(fc_ins: list, biases: list, fc_out, neurons) -> None:
         if b is not None and not (isinstance(b, torch.Tensor) and b.dim() == 1 and b.shape[0] == h
                                   and b.is_contiguous() and b.device == fc_out.device and b.dtype == w.dtype):
             _fail(op, ": fc_in_bias[", k, "] must be a contiguous [", h, "] ", w.dtype, " vector on ", fc_out.device)
-    writable(op, [*fc_ins, *(b for b in biases if b is not None), fc_out])
     if neurons.dim() != 1:
         _fail(op, ": neurons must be a contiguous int64 [n] tensor")
     if neurons.numel() and not (0 <= int(neurons.min()) and int(neurons.max()) < h):
         _fail(op, ": neuron index out of range [0, ", h, "): min ", int(neurons.min()), ", max ", int(neurons.max()))
+    writable([*fc_ins, *(b for b in biases if b is not None), fc_out])
