@@ -70,12 +70,12 @@ def sparse_adamw_(params, grads, exp_avgs, exp_avg_sqs, indices, *, step, lr, be
 def _adamw(op: str, lists: list, step, lr, beta1, beta2, eps, weight_decay) -> None:
     names = ("params", "grads", "exp_avgs", "exp_avg_sqs", "masks" if op == "masked_adamw_" else "indices")
     lists = [checks.tensor_list(op, name, x) for name, x in zip(names, lists)]  # tuples and generators too
-    checks.step_and_betas(op, step, beta1, beta2)  # a float step: our message, not the dispatcher's
     if not lists[0]:  # nothing to dispatch on: the checks alone (lengths, step, betas)
         return checks.adamw(op, *lists, op == "masked_adamw_", step, beta1, beta2)
-    if not _compiled(op, lists[0][0].device, stacklevel=4):
+    if not _compiled(op, lists[0][0].device, stacklevel=4):  # the twin makes every check itself
         return getattr(reference, op)(*lists, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                                       weight_decay=weight_decay)
+    checks.step_and_betas(op, step, beta1, beta2)  # a float step: our message, not the dispatcher's
     getattr(torch.ops.surgery, op)(*lists, step, lr, beta1, beta2, eps, weight_decay)
 
 
