@@ -8,7 +8,7 @@ import warnings
 
 from setuptools import setup
 
-PACKAGES = ["surgery", "surgery.models", "surgery.data", "surgery.ops", "surgery.bench", "surgery.kernels"]
+PACKAGES = ["surgery", "surgery.models", "surgery.data", "surgery.ops", "surgery.bench", "surgery.cli", "surgery.methods", "surgery.kernels"]
 
 
 def extensions():

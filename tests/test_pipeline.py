@@ -88,7 +88,7 @@ def test_dry_run_writes_nothing(tiny_dirs, data, tmp_path):
 
 def bad_run(tmp_path, model, forget, retain, *extra):
     out = tmp_path / "out_bad"
-    proc = subprocess.run([sys.executable, "-m", "surgery.cli", "prune-and-mask", "--model", str(model),
+    proc = subprocess.run([sys.executable, "-m", "surgery", "prune-and-mask", "--model", str(model),
                            "--forget", str(forget), "--retain", str(retain), "--out", str(out), "--steps", "1", *extra],
                           capture_output=True, text=True)
     return proc, out

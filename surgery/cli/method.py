@@ -1,94 +1,11 @@
-"""`surgery` command line: a thin shell over the library. Logs and progress on stderr; stdout only --json."""
-import functools
-import importlib.util
+"""The method commands: inspect, collect, prune-and-mask."""
 import json
-import logging
-import sys
 from pathlib import Path
 
 import click
 
-from .config import Config
-from .data import DataError
-
-log = logging.getLogger("surgery")
-
-
-def _layers(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        lo, _, hi = value.partition("-")
-        lo, hi = int(lo), int(hi or lo)
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected a layer or an inclusive range like 16-23") from None
-    if lo < 0 or hi < lo:
-        raise click.BadParameter(f"{value!r}: expected 0 <= first <= last")
-    return (lo, hi)
-
-
-def model_options(f):
-    for opt in reversed([
-        click.option("--model", default="tiny-llava", show_default=True,
-                     help="Local HF directory, alias (llava, qwen2-vl, qwen2.5-vl) in the local HF cache, "
-                          "or tiny-llava / tiny-qwen2-vl / tiny-qwen2.5-vl."),
-        click.option("--device", default="cpu", show_default=True),
-        click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
-                     help="auto: fp32 on CPU, bf16 on GPU."),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--trust-remote-code", is_flag=True, help="Allow model code from the checkpoint (off by default)."),
-        click.option("--scope", type=click.Choice(["mlp", "vision", "full"]), default="mlp", show_default=True),
-        click.option("--layers", callback=_layers, help="Vision layers, e.g. 16-23 (default: every live layer)."),
-        click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout."),
-        click.option("-v", "--verbose", is_flag=True),
-    ]):
-        f = opt(f)
-    return f
-
-
-def data_options(f):
-    for opt in reversed([
-        click.option("--forget", required=True, type=click.Path(), help="Forget JSONL (rows with image: fvqa; without: fqa)."),
-        click.option("--retain", required=True, type=click.Path(), help="Retain JSONL (rvqa / rqa)."),
-        click.option("--collect-batch-size", type=int, default=8, show_default=True),
-        click.option("--out", required=True, type=click.Path()),
-        click.option("--overwrite", is_flag=True, help="Replace an existing --out."),
-        click.option("--dry-run", is_flag=True, help="Validate data and model, print the plan, write nothing."),
-    ]):
-        f = opt(f)
-    return f
-
-
-def friendly(fn):
-    """Turn expected failures into one clear line and exit status 1 (tracebacks only with -v)."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        # our progress at INFO; other libraries' (rouge-score, matplotlib) only from WARNING, under their own name
-        logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
-        log.setLevel(logging.DEBUG if kwargs.get("verbose") else logging.INFO)
-        try:
-            return fn(*args, **kwargs)
-        except (DataError, FileExistsError, FileNotFoundError, ValueError, RuntimeError, OSError) as e:
-            if kwargs.get("verbose"):
-                raise
-            raise click.ClickException(str(e)) from None
-    return wrapper
-
-
-def emit(result: dict, as_json: bool) -> None:
-    if as_json:
-        click.echo(json.dumps(result, indent=2, default=str))
-
-
-def config_from(kw: dict) -> Config:
-    fields = Config.__dataclass_fields__
-    return Config(**{k: v for k, v in kw.items() if k in fields and v is not None})
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="mllm-surgery")
-def main():
-    """Make a multimodal LLM forget what a person looks like (Visual Knowledge Distillation unlearning)."""
+from ..config import Config
+from .common import config_from, data_options, emit, friendly, main, model_options
 
 
 @main.command()
@@ -96,8 +13,8 @@ def main():
 @friendly
 def inspect(model, device, dtype, seed, trust_remote_code, scope, layers, as_json, verbose):
     """Show the adapter's view of a model: vision layers, live range, scope, parameter counts."""
-    from .models import load
-    from .pipeline import check_device, resolve_dtype
+    from ..models import load
+    from ..pipeline import check_device, resolve_dtype
     check_device(device)
     adapter = load(model, device=device, dtype=resolve_dtype(Config(device=device, dtype=dtype)),
                    trust_remote_code=trust_remote_code, seed=seed)
@@ -124,7 +41,7 @@ def inspect(model, device, dtype, seed, trust_remote_code, scope, layers, as_jso
 @friendly
 def collect(**kw):
     """Collect activation statistics and Fisher diagonals per split into OUT/saliency.safetensors."""
-    from .pipeline import atomic_dir, prepare, run_collect
+    from ..pipeline import atomic_dir, prepare, run_collect
     cfg = config_from(kw)
     splits, adapter, params, layers = prepare(cfg)
     if kw["dry_run"]:
@@ -157,7 +74,7 @@ def collect(**kw):
 @friendly
 def prune_and_mask(**kw):
     """Collect -> select -> prune -> unlearn -> save the unlearned model to OUT."""
-    from .pipeline import prepare, prune_and_mask as run
+    from ..pipeline import prepare, prune_and_mask as run
     for name in ("prune_frac", "mask_frac"):
         if kw[name] is not None and not 0 <= kw[name] <= 1:
             raise click.BadParameter(f"must be in [0, 1], got {kw[name]}", param_hint=f"--{name.replace('_', '-')}")
@@ -174,11 +91,3 @@ def prune_and_mask(**kw):
                      "config": cfg.to_dict()}, kw["as_json"])
     report = run(cfg, overwrite=kw["overwrite"])
     emit(report, kw["as_json"])
-
-
-if importlib.util.find_spec("surgery.bench.cli") is not None:  # make-bench, finetune, eval, relearn, demo
-    from .bench.cli import register
-    register(main)
-
-if __name__ == "__main__":
-    main()

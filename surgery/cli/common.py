@@ -1,0 +1,91 @@
+"""What every command group shares: the `surgery` group, common options, error handling, --json output."""
+import functools
+import json
+import logging
+import sys
+
+import click
+
+from ..config import Config
+from ..data import DataError
+
+log = logging.getLogger("surgery")
+
+
+def _layers(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        lo, _, hi = value.partition("-")
+        lo, hi = int(lo), int(hi or lo)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected a layer or an inclusive range like 16-23") from None
+    if lo < 0 or hi < lo:
+        raise click.BadParameter(f"{value!r}: expected 0 <= first <= last")
+    return (lo, hi)
+
+
+def model_options(f):
+    for opt in reversed([
+        click.option("--model", default="tiny-llava", show_default=True,
+                     help="Local HF directory, alias (llava, qwen2-vl, qwen2.5-vl) in the local HF cache, "
+                          "or tiny-llava / tiny-qwen2-vl / tiny-qwen2.5-vl."),
+        click.option("--device", default="cpu", show_default=True),
+        click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+                     help="auto: fp32 on CPU, bf16 on GPU."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--trust-remote-code", is_flag=True, help="Allow model code from the checkpoint (off by default)."),
+        click.option("--scope", type=click.Choice(["mlp", "vision", "full"]), default="mlp", show_default=True),
+        click.option("--layers", callback=_layers, help="Vision layers, e.g. 16-23 (default: every live layer)."),
+        click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout."),
+        click.option("-v", "--verbose", is_flag=True),
+    ]):
+        f = opt(f)
+    return f
+
+
+def data_options(f):
+    for opt in reversed([
+        click.option("--forget", required=True, type=click.Path(), help="Forget JSONL (rows with image: fvqa; without: fqa)."),
+        click.option("--retain", required=True, type=click.Path(), help="Retain JSONL (rvqa / rqa)."),
+        click.option("--collect-batch-size", type=int, default=8, show_default=True),
+        click.option("--out", required=True, type=click.Path()),
+        click.option("--overwrite", is_flag=True, help="Replace an existing --out."),
+        click.option("--dry-run", is_flag=True, help="Validate data and model, print the plan, write nothing."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def friendly(fn):
+    """Turn expected failures into one clear line and exit status 1 (tracebacks only with -v)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        # our progress at INFO; other libraries' (rouge-score, matplotlib) only from WARNING, under their own name
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
+        log.setLevel(logging.DEBUG if kwargs.get("verbose") else logging.INFO)
+        try:
+            return fn(*args, **kwargs)
+        except (DataError, FileExistsError, FileNotFoundError, ValueError, RuntimeError, OSError) as e:
+            if kwargs.get("verbose"):
+                raise
+            raise click.ClickException(str(e)) from None
+    return wrapper
+
+
+def emit(result: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+
+
+def config_from(kw: dict) -> Config:
+    fields = Config.__dataclass_fields__
+    return Config(**{k: v for k, v in kw.items() if k in fields and v is not None})
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mllm-surgery")
+def main():
+    """Make a multimodal LLM forget what a person looks like (Visual Knowledge Distillation unlearning)."""
+
+
