@@ -1,25 +1,23 @@
-"""The whole method as library calls: collect -> select -> prune -> unlearn -> save. The CLI is a thin shell."""
+"""A run as library calls: load and validate -> the method's prepare step -> the shared loop -> save, atomically,
+with report.json. The CLI is a thin shell over `run` (any method) and `prune_and_mask` (VKD)."""
 import json
 import logging
 import os
 import platform
+import resource
 import shutil
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import transformers
-from safetensors.torch import save_file
 
-from . import __version__, ops
+from . import __version__, methods, ops
 from .config import Config
 from .data import load_splits
 from .models import load, save
-from .prune import prune, pruned_entries
-from .saliency import Saliency, check_source, collect, source_of
-from .select import fisher_mask, neuron_importance, select_neurons
-from .unlearn import projector_features, unlearn
 
 log = logging.getLogger("surgery")
 
@@ -97,6 +95,13 @@ def environment(device) -> dict:
     return env
 
 
+def resolve(cfg: Config) -> tuple[Config, "methods.Method"]:
+    """The method named by cfg.method, and cfg with the method's defaults in the fields left None."""
+    method = methods.get(cfg.method)
+    filled = {"scope": method.default_scope, **method.defaults}
+    return replace(cfg, **{k: v for k, v in filled.items() if getattr(cfg, k) is None}), method
+
+
 def prepare(cfg: Config):
     """Validate data, load the model, freeze everything outside the scope.
     Returns (splits, adapter, params, layers): the trainable parameters and the vision layers selected."""
@@ -108,7 +113,7 @@ def prepare(cfg: Config):
                    seed=cfg.seed)
     layers = range(cfg.layers[0], cfg.layers[1] + 1) if cfg.layers else None
     mlps = adapter.select_layers(layers)
-    params = adapter.scope_params(cfg.scope, mlps)
+    params = adapter.scope_params(cfg.scope or "mlp", mlps)
     selected = [m.layer for m in mlps]
     if not params:
         raise ValueError(f"scope {cfg.scope!r} with --layers {cfg.layers} selects no parameters")
@@ -116,70 +121,54 @@ def prepare(cfg: Config):
     return splits, adapter, params, selected
 
 
-def run_collect(cfg: Config, adapter, splits, params, timings: dict) -> Saliency:
-    """Collect saliency, or reuse cfg.saliency when it was collected from the same data, batch size and weights."""
-    t = time.perf_counter()
-    source = source_of(cfg.forget, cfg.retain, params, cfg.collect_batch_size)
-    if cfg.saliency:
-        sal = Saliency.load(cfg.saliency)
-        check_source(sal, source, cfg.saliency)
-        log.info("saliency reused from %s", cfg.saliency)
-        timings["saliency_load_s"] = time.perf_counter() - t
-        return sal
-    sal = collect(adapter, splits, params, batch_size=cfg.collect_batch_size)
-    sal.source = source
-    timings["collect_s"] = time.perf_counter() - t
-    return sal
+def peak_memory(device) -> dict:
+    """Peak resident memory of this process (bytes), and the CUDA allocator's peak on a GPU run."""
+    peak = {"rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if str(device).startswith("cuda"):
+        peak["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    return peak
 
 
-def prune_and_mask(cfg: Config, overwrite: bool = False) -> dict:
-    """collect -> select -> prune -> unlearn -> save (HF checkpoint, masks, saliency, report.json) into cfg.out."""
+def run(cfg: Config, overwrite: bool = False, progress: bool = True) -> dict:
+    """Unlearn with cfg.method: load -> the method's prepare (selection, pruning, masks) -> the shared loop -> save
+    the model, the method's files and report.json into cfg.out (atomically: a failure leaves nothing)."""
+    cfg, method = resolve(cfg)
     out = Path(cfg.out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"--out {out} already exists (pass --overwrite to replace it)")
     if Path(cfg.model).is_dir() and out.resolve() == Path(cfg.model).resolve():
         raise ValueError("--out must differ from --model: the input checkpoint is never modified")
-    t0, timings = time.perf_counter(), {}
+    t0 = time.perf_counter()
     splits, adapter, params, layers = prepare(cfg)
+    if str(cfg.device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(cfg.device)
     with atomic_dir(out, overwrite) as tmp:
-        sal = run_collect(cfg, adapter, splits, params, timings)
-        sal.save(tmp / "saliency.safetensors")
-
+        ctx = methods.Context(cfg, adapter, splits, params, layers, out=tmp)
+        if method.needs_vanilla:
+            ctx.snapshot_vanilla()
         t = time.perf_counter()
-        teacher = projector_features(adapter, splits.rvqa, cfg.collect_batch_size)
-        timings["teacher_s"] = time.perf_counter() - t
-
-        importance = neuron_importance(sal, layers, cfg.eps)
-        neurons = select_neurons(importance, cfg.prune_threshold, None if cfg.prune_threshold is not None else cfg.prune_frac)
-        t = time.perf_counter()
-        prune(adapter, neurons)
-        timings["prune_s"] = time.perf_counter() - t
-        pruned = pruned_entries(adapter, neurons, params)
-        mask = {n: m & ~pruned[n] for n, m in fisher_mask(sal, cfg.mask_threshold, cfg.mask_frac, cfg.eps).items()}
-        save_file({**{f"neurons.{l}": idx.contiguous() for l, idx in neurons.items()},
-                   **{f"importance.{l}": imp.contiguous().cpu() for l, imp in importance.items()},
-                   **{f"mask.{n}": m.contiguous().cpu() for n, m in mask.items()}}, str(tmp / "masks.safetensors"))
-        log.info("pruned %d neurons; Fisher mask keeps %d of %d weights",
-                 sum(i.numel() for i in neurons.values()), sum(int(m.sum()) for m in mask.values()),
-                 sum(m.numel() for m in mask.values()))
-
-        t = time.perf_counter()
-        history = unlearn(adapter, splits, params, mask, pruned, teacher, alpha=cfg.alpha, beta=cfg.beta, lr=cfg.lr,
-                          weight_decay=cfg.weight_decay, steps=cfg.steps, batch_size=cfg.batch_size,
-                          max_grad_norm=cfg.max_grad_norm, seed=cfg.seed)
-        timings["unlearn_s"] = time.perf_counter() - t
+        method.prepare(ctx)
+        ctx.timings["prepare_s"] = time.perf_counter() - t
+        history = methods.train(ctx, method, progress) if method.trains else []
+        if not method.trains and (cfg.steps or cfg.epochs):
+            log.info("%s is training-free: --steps/--epochs ignored", method.name)
         adapter.train_only({})
         save(adapter, tmp)
-        timings["total_s"] = time.perf_counter() - t0
+        ctx.timings["total_s"] = time.perf_counter() - t0
         report = {
-            "config": cfg.to_dict(), "seed": cfg.seed, "dtype": str(resolve_dtype(cfg)).replace("torch.", ""),
-            "environment": environment(adapter.device), "timings": timings, "splits": splits.counts(),
-            "scope": {"parameters": len(params), "weights": sum(p.numel() for p in params.values()),
+            "method": method.name, "config": cfg.to_dict(), "seed": cfg.seed,
+            "dtype": str(resolve_dtype(cfg)).replace("torch.", ""), "environment": environment(adapter.device),
+            "timings": ctx.timings, "memory": peak_memory(adapter.device), "splits": splits.counts(),
+            "scope": {"name": cfg.scope, "parameters": len(params), "weights": sum(p.numel() for p in params.values()),
                       "live_layers": [adapter.live_layers.start, adapter.live_layers.stop - 1], "layers": layers},
-            "pruned_neurons": {str(l): int(i.numel()) for l, i in neurons.items()},
-            "masked_weights": {n: int(m.sum()) for n, m in mask.items()},
-            "losses": history,
+            "trainable_weights": sum(p.numel() for p in params.values()) if method.trains else 0,
+            **ctx.info, "losses": history,
         }
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
-    log.info("wrote %s in %.1fs", out, timings["total_s"])
+    log.info("wrote %s in %.1fs", out, ctx.timings["total_s"])
     return report
+
+
+def prune_and_mask(cfg: Config, overwrite: bool = False, progress: bool = True) -> dict:
+    """VKD: collect -> select -> prune -> unlearn -> save (HF checkpoint, masks, saliency, report.json) into cfg.out."""
+    return run(replace(cfg, method="vkd"), overwrite, progress)

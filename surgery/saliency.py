@@ -5,6 +5,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,8 +92,9 @@ def batches(rows: list[Row], size: int):
 
 
 def collect(adapter: Adapter, splits: Splits, params: dict[str, torch.nn.Parameter], batch_size: int = 8,
-            progress: bool = True) -> Saliency:
-    """Activation statistics of every vision MLP and the Fisher diagonal of `params`, per split."""
+            progress: bool = True, fisher: bool = True) -> Saliency:
+    """Activation statistics of every vision MLP and the Fisher diagonal of `params`, per split
+    (`fisher=False`: statistics only, forward passes without gradients)."""
     device = adapter.device
     sal = Saliency()
     current: dict = {}
@@ -103,7 +105,7 @@ def collect(adapter: Adapter, splits: Splits, params: dict[str, torch.nn.Paramet
             kernels.activation_stats(z, out=current["stats"][layer])
             current["tokens"][layer] += z.numel() // z.shape[-1]
         hooks.append(mlp.fc_out.register_forward_pre_hook(stats_hook))
-    for name, p in params.items():
+    for name, p in params.items() if fisher else ():
         def fisher_hook(p, name=name):
             kernels.fisher_accumulate_([current["fisher"][name]], [p.grad], scale=current["scale"])
             p.grad = None
@@ -113,12 +115,17 @@ def collect(adapter: Adapter, splits: Splits, params: dict[str, torch.nn.Paramet
             rows = splits[split]
             current["stats"] = {m.layer: torch.zeros(4, m.hidden, device=device) for m in adapter.mlps}
             current["tokens"] = {m.layer: 0 for m in adapter.mlps}
-            current["fisher"] = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+            current["fisher"] = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()} if fisher \
+                else {}
             n_batches = math.ceil(len(rows) / batch_size)
             current["scale"] = 1.0 / max(n_batches, 1)
             for i, chunk in enumerate(tqdm(list(batches(rows, batch_size)), desc=f"collect {split}",
                                             disable=not progress, leave=False)):
                 batch = adapter.encode(examples(chunk)).to(device)
+                if not fisher:
+                    with torch.no_grad():
+                        adapter.model(**batch.inputs)
+                    continue
                 loss = answer_loss(adapter.model(**batch.inputs).logits, batch.labels).mean()
                 if not loss.requires_grad:
                     log.info("%s: no gradient path to the trainable weights (rows without an image never reach "
@@ -130,4 +137,23 @@ def collect(adapter: Adapter, splits: Splits, params: dict[str, torch.nn.Paramet
     finally:
         for h in hooks:
             h.remove()
+    return sal
+
+
+def collect_or_load(adapter: Adapter, splits: Splits, params: dict[str, torch.nn.Parameter], forget, retain,
+                    batch_size: int, saliency=None, timings: dict | None = None, fisher: bool = True) -> Saliency:
+    """Collect saliency, or reuse the file `saliency` when it was collected from the same data, batch size and
+    weights (refused otherwise)."""
+    timings = {} if timings is None else timings
+    t = time.perf_counter()
+    source = source_of(forget, retain, params, batch_size)
+    if saliency:
+        sal = Saliency.load(saliency)
+        check_source(sal, source, saliency)
+        log.info("saliency reused from %s", saliency)
+        timings["saliency_load_s"] = time.perf_counter() - t
+        return sal
+    sal = collect(adapter, splits, params, batch_size=batch_size, fisher=fisher)
+    sal.source = source
+    timings["collect_s"] = time.perf_counter() - t
     return sal

@@ -144,7 +144,7 @@ def test_failure_midway_leaves_no_output(tiny_dirs, data, tmp_path, monkeypatch)
 
     def boom(*a, **k):
         raise RuntimeError("simulated failure during unlearning")
-    monkeypatch.setattr(pipeline, "unlearn", boom)
+    monkeypatch.setattr(pipeline.methods, "train", boom)
     out = tmp_path / "out"
     res = CliRunner().invoke(main, ["prune-and-mask", "--model", str(tiny_dirs["tiny-llava"]), "--forget",
                                     str(data[0]), "--retain", str(data[1]), "--out", str(out)])

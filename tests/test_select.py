@@ -27,17 +27,32 @@ def test_importance_is_the_ratio_of_mean_abs_activations():
 def test_select_by_threshold_and_by_fraction():
     imp = {0: torch.tensor([0.1, 5.0, 2.0]), 1: torch.tensor([3.0, 0.2, 9.0, 1.0])}
     assert {l: v.tolist() for l, v in select_neurons(imp, threshold=2.0).items()} == {0: [1, 2], 1: [0, 2]}
-    top = select_neurons(imp, frac=3 / 7)
+    top = select_neurons(imp, frac=3 / 7, per_layer=False)
     assert {l: v.tolist() for l, v in top.items()} == {0: [1], 1: [0, 2]}
     assert all(v.numel() == 0 for v in select_neurons(imp, frac=0.0).values())
 
 
-def test_fisher_mask_uses_batch_weighted_union():
+def test_fraction_is_taken_per_layer_by_default():
+    """A layer whose importances are all larger must not take every pruned neuron."""
+    imp = {0: torch.tensor([50.0, 60.0, 70.0, 80.0]), 1: torch.tensor([0.1, 0.4, 0.3, 0.2])}
+    assert {l: v.tolist() for l, v in select_neurons(imp, frac=0.5).items()} == {0: [2, 3], 1: [1, 2]}
+    assert {l: v.tolist() for l, v in select_neurons(imp, frac=0.5, per_layer=False).items()} == {0: [0, 1, 2, 3],
+                                                                                                  1: []}
+
+
+def vision_only(split, name):
+    """The LLM frozen, every weight a vision weight: only the image splits reach them."""
+    return split in ("fvqa", "rvqa")
+
+
+def test_fisher_union_averages_only_the_splits_that_reach_a_weight():
     sal = saliency()
-    union = fisher_union(sal)["w"]
+    union = fisher_union(sal, vision_only)["w"]
+    torch.testing.assert_close(union, sal.fisher["rvqa"]["w"])        # fqa and rqa batches are not counted
+    everything = fisher_union(sal, lambda s, n: True)["w"]
     manual = (sal.fisher["fqa"]["w"] * 1 + sal.fisher["rvqa"]["w"] * 3 + sal.fisher["rqa"]["w"] * 2) / 6
-    torch.testing.assert_close(union, manual)
-    ratio = sal.fisher["fvqa"]["w"] / (manual + 1e-8)
-    assert torch.equal(fisher_mask(sal, threshold=1.0)["w"], ratio >= 1.0)
-    top = fisher_mask(sal, threshold=None, frac=0.25)["w"]
+    torch.testing.assert_close(everything, manual)
+    ratio = sal.fisher["fvqa"]["w"] / (sal.fisher["rvqa"]["w"] + 1e-8)
+    assert torch.equal(fisher_mask(sal, vision_only, threshold=1.0)["w"], ratio >= 1.0)
+    top = fisher_mask(sal, vision_only, threshold=None, frac=0.25)["w"]
     assert int(top.sum()) == 3 and torch.equal(top, ratio >= ratio.flatten().topk(3).values.min())

@@ -35,7 +35,9 @@ def model_options(f):
                      help="auto: fp32 on CPU, bf16 on GPU."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--trust-remote-code", is_flag=True, help="Allow model code from the checkpoint (off by default)."),
-        click.option("--scope", type=click.Choice(["mlp", "vision", "full"]), default="mlp", show_default=True),
+        click.option("--scope", type=click.Choice(["mlp", "vision", "full"]),
+                     help="What trains: the live vision MLPs, encoder + projector, or every weight "
+                          "(default: the method's own; mlp for vkd)."),
         click.option("--layers", callback=_layers, help="Vision layers, e.g. 16-23 (default: every live layer)."),
         click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout."),
         click.option("-v", "--verbose", is_flag=True),

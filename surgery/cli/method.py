@@ -1,10 +1,11 @@
-"""The method commands: inspect, collect, prune-and-mask."""
+"""The method commands: inspect, collect, prune-and-mask (VKD), unlearn (any method)."""
 import json
 from pathlib import Path
 
 import click
 
 from ..config import Config
+from ..methods import METHODS
 from .common import config_from, data_options, emit, friendly, main, model_options
 
 
@@ -18,14 +19,14 @@ def inspect(model, device, dtype, seed, trust_remote_code, scope, layers, as_jso
     check_device(device)
     adapter = load(model, device=device, dtype=resolve_dtype(Config(device=device, dtype=dtype)),
                    trust_remote_code=trust_remote_code, seed=seed)
-    params = adapter.scope_params(scope, adapter.select_layers(range(layers[0], layers[1] + 1) if layers else None))
+    params = adapter.scope_params(scope or "mlp", adapter.select_layers(range(layers[0], layers[1] + 1) if layers else None))
     total = sum(p.numel() for p in adapter.model.parameters())
     result = {
         "model": model, "model_type": adapter.model_type, "vision_layers": len(adapter.mlps),
         "live_layers": [adapter.live_layers.start, adapter.live_layers.stop - 1],
         "mlp": {"inputs": list(adapter.family.mlp_in), "output": adapter.family.mlp_out,
                 "hidden": adapter.mlps[0].hidden if adapter.mlps else 0},
-        "projector": adapter.family.projector, "scope": scope,
+        "projector": adapter.family.projector, "scope": scope or "mlp",
         "scope_parameters": len(params), "scope_weights": sum(p.numel() for p in params.values()),
         "total_weights": total,
     }
@@ -41,53 +42,97 @@ def inspect(model, device, dtype, seed, trust_remote_code, scope, layers, as_jso
 @friendly
 def collect(**kw):
     """Collect activation statistics and Fisher diagonals per split into OUT/saliency.safetensors."""
-    from ..pipeline import atomic_dir, prepare, run_collect
+    from ..pipeline import atomic_dir, prepare
+    from ..saliency import collect_or_load
     cfg = config_from(kw)
     splits, adapter, params, layers = prepare(cfg)
     if kw["dry_run"]:
         return emit({"splits": splits.counts(), "parameters": len(params), "layers": layers}, kw["as_json"])
     timings = {}
     with atomic_dir(Path(kw["out"]), kw["overwrite"]) as tmp:
-        run_collect(cfg, adapter, splits, params, timings).save(tmp / "saliency.safetensors")
+        collect_or_load(adapter, splits, params, cfg.forget, cfg.retain, cfg.collect_batch_size,
+                        timings=timings).save(tmp / "saliency.safetensors")
         (tmp / "report.json").write_text(json.dumps({"config": cfg.to_dict(), "timings": timings,
                                                      "splits": splits.counts()}, indent=2))
     emit({"out": kw["out"], "timings": timings}, kw["as_json"])
 
 
-@main.command("prune-and-mask")
-@model_options
-@data_options
-@click.option("--prune-threshold", type=float, help="Prune neurons with I_u >= this (d_I).")
-@click.option("--prune-frac", type=float, default=0.02, show_default=True, help="Or prune the global top fraction.")
-@click.option("--mask-threshold", type=float, default=1.0, show_default=True, help="Fisher mask m = R >= this (d_F).")
-@click.option("--mask-frac", type=float, help="Or mask the top fraction of R.")
-@click.option("--alpha", type=float, default=1.25, show_default=True, help="Forget-term weight α.")
-@click.option("--beta", type=float, default=0.3, show_default=True, help="VKD weight β.")
-@click.option("--lr", type=float, default=1e-4, show_default=True)
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--steps", type=int, default=50, show_default=True)
-@click.option("--batch-size", type=int, default=4, show_default=True)
-@click.option("--max-grad-norm", type=float, default=1.0, show_default=True)
-@click.option("--saliency", type=click.Path(exists=True, dir_okay=False),
-              help="Reuse a saliency.safetensors (from `surgery collect` or an earlier run on the same model and data) "
-                   "instead of collecting again.")
-@friendly
-def prune_and_mask(**kw):
-    """Collect -> select -> prune -> unlearn -> save the unlearned model to OUT."""
-    from ..pipeline import prepare, prune_and_mask as run
+def training_options(f):
+    for opt in reversed([
+        click.option("--alpha", type=float, help="Forget-term weight α (default: the method's; vkd 1.25)."),
+        click.option("--lr", type=float, default=1e-4, show_default=True),
+        click.option("--weight-decay", type=float, default=0.0, show_default=True),
+        click.option("--steps", type=int, help="Optimizer steps (instead of --epochs)."),
+        click.option("--epochs", type=float, help="Passes over the retain-VQA rows (forget-VQA rows for methods "
+                                                  "without a retain term) [default: 1]."),
+        click.option("--schedule", type=click.Choice(["combined", "alternating"]), default="combined", show_default=True,
+                     help="combined: one update on forget + retain terms per step; alternating: a forget update "
+                          "then a retain update (MMUnlearner's)."),
+        click.option("--batch-size", type=int, default=4, show_default=True),
+        click.option("--max-grad-norm", type=float, default=1.0, show_default=True),
+    ]):
+        f = opt(f)
+    return f
+
+
+def selection_options(f):
+    for opt in reversed([
+        click.option("--prune-threshold", type=float, help="Prune neurons with I_u >= this (d_I)."),
+        click.option("--prune-frac", type=float, default=0.02, show_default=True,
+                     help="Or prune the top fraction of each layer's neurons."),
+        click.option("--prune-global", is_flag=True, help="Rank --prune-frac over all layers together, not per layer."),
+        click.option("--mask-threshold", type=float, default=1.0, show_default=True, help="Fisher mask m = R >= this (d_F)."),
+        click.option("--mask-frac", type=float, help="Or mask the top fraction of R."),
+        click.option("--beta", type=float, default=0.3, show_default=True, help="VKD weight β."),
+        click.option("--saliency", type=click.Path(exists=True, dir_okay=False),
+                     help="Reuse a saliency.safetensors (from `surgery collect` or an earlier run on the same model "
+                          "and data) instead of collecting again."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def run_method(kw: dict) -> None:
+    """Check the options, then run (or, with --dry-run, plan) the method in kw["method"]."""
+    from ..pipeline import prepare, resolve, run
     for name in ("prune_frac", "mask_frac"):
-        if kw[name] is not None and not 0 <= kw[name] <= 1:
+        if kw.get(name) is not None and not 0 <= kw[name] <= 1:
             raise click.BadParameter(f"must be in [0, 1], got {kw[name]}", param_hint=f"--{name.replace('_', '-')}")
-    cfg = config_from(kw)
-    if kw["prune_threshold"] is not None:
+    if kw["steps"] is not None and kw["epochs"] is not None:
+        raise click.BadParameter("give --steps or --epochs, not both", param_hint="--steps/--epochs")
+    cfg, method = resolve(config_from(kw))
+    cfg.prune_per_layer = not kw.get("prune_global", False)
+    if kw.get("prune_threshold") is not None:
         cfg.prune_frac = None
-    if kw["mask_frac"] is not None:
+    if kw.get("mask_frac") is not None:
         cfg.mask_threshold = None
     if kw["dry_run"]:
         if Path(cfg.out).exists() and not kw["overwrite"]:
             raise FileExistsError(f"--out {cfg.out} already exists (pass --overwrite to replace it)")
         splits, adapter, params, layers = prepare(cfg)
-        return emit({"splits": splits.counts(), "parameters": len(params), "layers": layers,
-                     "config": cfg.to_dict()}, kw["as_json"])
-    report = run(cfg, overwrite=kw["overwrite"])
-    emit(report, kw["as_json"])
+        return emit({"method": method.name, "trains": method.trains, "splits": splits.counts(),
+                     "parameters": len(params), "layers": layers, "config": cfg.to_dict()}, kw["as_json"])
+    emit(run(cfg, overwrite=kw["overwrite"]), kw["as_json"])
+
+
+@main.command("prune-and-mask")
+@model_options
+@data_options
+@selection_options
+@training_options
+@friendly
+def prune_and_mask(**kw):
+    """VKD: collect -> select -> prune -> unlearn -> save the unlearned model to OUT."""
+    run_method({**kw, "method": "vkd"})
+
+
+@main.command()
+@click.option("--method", type=click.Choice(METHODS), required=True, help="The unlearning method.")
+@model_options
+@data_options
+@selection_options
+@training_options
+@friendly
+def unlearn(**kw):
+    """Unlearn the forget set with any method (a training-free one ignores --steps/--epochs); save to OUT."""
+    run_method(kw)

@@ -1,1 +1,14 @@
-"""Unlearning methods on one loop."""
+"""Unlearning methods, one file each, on one loop (`loop.py`). `get(name)` gives a method; `METHODS` names them."""
+import importlib
+
+from .loop import Context, Method, NonFiniteError, Term, train
+
+METHODS = ("vkd",)
+
+__all__ = ["METHODS", "Context", "Method", "NonFiniteError", "Term", "get", "train"]
+
+
+def get(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return importlib.import_module(f".{name}", __name__).METHOD

@@ -126,9 +126,18 @@ class Adapter:
         if scope == "full":
             return named
         if scope == "vision":
-            tower = self.family.layers.rsplit(".", 2)[0].rsplit(".encoder", 1)[0]
-            return {k: p for k, p in named.items() if k.startswith(tower + ".") or k.startswith(self.family.projector + ".")}
+            return {k: p for k, p in named.items() if self.is_vision(k)}
         raise ValueError(f"unknown scope {scope!r}; choose one of {', '.join(SCOPES)}")
+
+    @property
+    def vision_prefixes(self) -> tuple[str, str]:
+        """Module paths of the vision tower and the projector: a row without an image never reaches them."""
+        tower = self.family.layers.rsplit(".", 2)[0].rsplit(".encoder", 1)[0]
+        return tower + ".", self.family.projector + "."
+
+    def is_vision(self, name: str) -> bool:
+        """Does parameter `name` belong to the vision tower or the projector?"""
+        return name.startswith(self.vision_prefixes)
 
     def train_only(self, params: dict[str, nn.Parameter]) -> None:
         """requires_grad on `params` only: everything else (the LLM, by default) is frozen."""

@@ -1,0 +1,229 @@
+"""The one training loop every unlearning method runs on.
+
+A method says which splits it forgets on and which it keeps (`forget_splits`, `retain_splits`), may edit the
+model and set a forget-gradient mask before training (`prepare`), and gives per-row losses for one batch of a
+split (`terms`). The loop owns everything else: batching, the split streams, the rank's share of each batch,
+the order of the backward passes, the mask (it gates only the forget splits' gradient), pruned entries (no
+gradient, no update: MaskedAdamW leaves them exactly zero), clipping after masking, the non-finite guard,
+progress, history and timing.
+
+One step, `schedule="combined"`: every forget split's loss is backpropagated first and its gradient masked, then
+every retain split's loss adds its gradient, then one clipped MaskedAdamW update. `schedule="alternating"`
+(MMUnlearner's): a clipped update on the forget splits, then one on the retain splits.
+
+A term's loss is the mean of its rows over the *global* batch: each rank sums its rows and scales by
+world size / global batch size, so DDP's gradient average is exactly the one-process gradient.
+"""
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..config import Config
+from ..data import SPLITS, Splits
+from ..distributed import World
+from ..models import Adapter, Batch, Example
+from ..optim import MaskedAdamW
+
+log = logging.getLogger("surgery")
+
+
+class NonFiniteError(RuntimeError):
+    """A loss, the gradient or a weight became inf or NaN: the run stops and writes nothing."""
+
+
+@dataclass
+class Term:
+    """One loss term on this rank's rows of a batch: `rows` [B_local] per-row losses; the loop minimises
+    weight · (mean of rows over the global batch)."""
+    rows: torch.Tensor
+    weight: float = 1.0
+
+
+@dataclass
+class Context:
+    """What a method works with. `model` is what the forward goes through (the DDP wrapper when there is one);
+    `adapter.model` is always the plain model."""
+    cfg: Config
+    adapter: Adapter
+    splits: Splits
+    params: dict[str, torch.nn.Parameter]        # trainable, by name
+    layers: list[int]                            # vision layers in scope
+    out: Path | None = None                      # where `prepare` writes its files (a temporary directory)
+    world: World = field(default_factory=World)
+    model: torch.nn.Module | None = None
+    pruned: dict[str, torch.Tensor] = field(default_factory=dict)   # True: entry of a pruned neuron, never updated
+    mask: dict[str, torch.Tensor] | None = None  # forget-gradient mask (None: every entry)
+    vanilla: dict[str, torch.Tensor] | None = None  # the trainable params as they were loaded
+    info: dict = field(default_factory=dict)     # what the method reports (report.json["method_info"])
+    timings: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.model = self.model or self.adapter.model
+        if not self.pruned:
+            self.pruned = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in self.params.items()}
+
+    def encode(self, split: str, rows: list[int]) -> Batch:
+        """Rows `rows` of `split` as model inputs on the model's device."""
+        chunk = [self.splits[split][i] for i in rows]
+        return self.adapter.encode([Example(r.prompt(), r.answer, r.load_image()) for r in chunk]).to(self.adapter.device)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.model(**batch.inputs).logits
+
+    def snapshot_vanilla(self) -> None:
+        """Keep a copy of the trainable params as loaded (before any edit): `vanilla_logits` runs on it."""
+        self.vanilla = {n: p.detach().clone() for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def vanilla_logits(self, batch: Batch, inputs: dict | None = None) -> torch.Tensor:
+        """Logits of the input model (frozen): the model itself with the snapshot in place of the trainable params,
+        so no second copy of the frozen weights is held."""
+        if self.vanilla is None:
+            raise RuntimeError("vanilla_logits needs snapshot_vanilla() before the model is edited")
+        return torch.func.functional_call(self.adapter.model, self.vanilla, args=(),
+                                          kwargs=inputs or batch.inputs).logits
+
+    def reaches_param(self, split: str, name: str) -> bool:
+        """Can this split's loss change parameter `name`? Rows without an image never reach the vision tower or the
+        projector."""
+        return split in ("fvqa", "rvqa") or not self.adapter.is_vision(name)
+
+    def reaches(self, split: str) -> bool:
+        """Can this split's loss change any trainable weight? (Text splits only when the scope holds LLM weights.)"""
+        return any(self.reaches_param(split, n) for n in self.params)
+
+
+class Method:
+    """Base of every method: override what differs. A method file defines one subclass."""
+    name = ""
+    paper = ""                      # where the method comes from (README, --help)
+    default_scope = "mlp"           # the scope its paper trains
+    defaults: dict = {}             # Config fields it fills when left None (e.g. alpha)
+    trains = True                   # False: training-free (prepare does everything; steps are ignored)
+    needs_vanilla = False           # snapshot the params before prepare, for ctx.vanilla_logits
+    forget_splits: tuple = ("fvqa",)
+    retain_splits: tuple = ("rvqa",)
+
+    def prepare(self, ctx: Context) -> None:
+        """Selection, pruning, masks, cached teachers: whatever happens once before training."""
+
+    def terms(self, ctx: Context, split: str, batch: Batch, rows: list[int]) -> dict[str, Term]:
+        raise NotImplementedError
+
+
+def steps_of(cfg: Config, method: Method, splits: Splits) -> int:
+    """cfg.steps, or cfg.epochs (default 1) passes over the retain-VQA rows (forget-VQA rows for a method without a
+    retain term)."""
+    if cfg.steps is not None and cfg.epochs is not None:
+        raise ValueError("give --steps or --epochs, not both")
+    if cfg.steps is not None:
+        if cfg.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {cfg.steps}")
+        return cfg.steps
+    epochs = 1.0 if cfg.epochs is None else cfg.epochs
+    if epochs <= 0:
+        raise ValueError(f"--epochs must be > 0, got {epochs}")
+    split = "rvqa" if "rvqa" in method.retain_splits else "fvqa"
+    return max(1, math.ceil(epochs * len(splits[split]) / cfg.batch_size))
+
+
+def batches(n: int, size: int, seed: int):
+    """Endless global batches of row indices in [0, n): shuffled passes cut into batches of min(size, n) rows.
+    A batch that spans two passes never repeats a row (the rows it already has go last in the new pass)."""
+    rng, size, pending = random.Random(seed), min(size, n), []
+    while True:
+        order = list(range(n))
+        rng.shuffle(order)
+        taken = set(pending)
+        pending += [i for i in order if i not in taken] + [i for i in order if i in taken]
+        while len(pending) >= size:
+            yield pending[:size]
+            pending = pending[size:]
+
+
+def _backward(ctx: Context, method: Method, group: list[str], streams: dict, sums: dict) -> None:
+    """Forward and backward every split of one update, forget splits first; the forget gradient is masked as soon
+    as it is complete. Every backward but the last runs without DDP's gradient sync (it syncs the sum at the end)."""
+    forget = [s for s in group if s in method.forget_splits]
+    for k, split in enumerate(group):
+        rows = next(streams[split])
+        local = ctx.world.shard(rows)
+        terms = method.terms(ctx, split, ctx.encode(split, local), local)
+        loss = sum(t.weight * t.rows.sum() for t in terms.values()) * (ctx.world.size / len(rows))
+        with nullcontext() if k == len(group) - 1 else ctx.world.no_sync(ctx.model):
+            if loss.requires_grad:
+                loss.backward()
+        for name, t in terms.items():
+            total = sums.setdefault(name, torch.zeros(2, dtype=torch.float64))
+            total += torch.tensor([t.rows.detach().double().sum().item(), len(local)])
+        if ctx.mask is not None and forget and split == forget[-1]:
+            with torch.no_grad():
+                for n, p in ctx.params.items():
+                    if p.grad is not None:
+                        p.grad.masked_fill_(~ctx.mask[n], 0)       # m ⊙ ∇(forget terms)
+
+
+def train(ctx: Context, method: Method, progress: bool = True) -> list[dict]:
+    """Run the method's updates on ctx.params; returns one record per step (mean losses, gradient norms)."""
+    cfg, world = ctx.cfg, ctx.world
+    names = list(ctx.params)
+    weights = [ctx.params[n] for n in names]
+    opt = MaskedAdamW(weights, masks=[~ctx.pruned[n] for n in names], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    used = [s for s in (*method.forget_splits, *method.retain_splits) if ctx.splits[s]]
+    idle = [s for s in used if not ctx.reaches(s)]
+    if idle:
+        log.info("%s: no gradient path from %s to the trainable weights (rows without an image never reach the "
+                 "vision tower or projector): skipped", method.name, ", ".join(idle))
+    forget = [s for s in method.forget_splits if s in used and s not in idle]
+    retain = [s for s in method.retain_splits if s in used and s not in idle]
+    if cfg.schedule not in ("combined", "alternating"):
+        raise ValueError(f"--schedule {cfg.schedule!r}: choose combined or alternating")
+    groups = [forget + retain] if cfg.schedule == "combined" else [g for g in (forget, retain) if g]
+    groups = [g for g in groups if g]
+    if not groups:
+        raise ValueError(f"{method.name}: no split with rows reaches the trainable weights")
+    size = min((len(ctx.splits[s]) for g in groups for s in g))
+    if min(cfg.batch_size, size) < world.size:
+        raise ValueError(f"--batch-size {cfg.batch_size} (or a split of {size} rows) gives some of the "
+                         f"{world.size} ranks no row")
+    streams = {s: batches(len(ctx.splits[s]), cfg.batch_size, cfg.seed * len(SPLITS) + SPLITS.index(s))
+               for g in groups for s in g}
+    steps = steps_of(cfg, method, ctx.splits)
+    history, t0 = [], time.perf_counter()
+    for step in tqdm(range(1, steps + 1), desc=method.name, disable=not (progress and world.main)):
+        record, sums = {"step": step}, {}
+        for group in groups:
+            opt.zero_grad(set_to_none=True)
+            _backward(ctx, method, group, streams, sums)
+            with torch.no_grad():
+                for n, p in ctx.params.items():
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    p.grad.masked_fill_(ctx.pruned[n], 0)         # pruned entries carry no gradient
+                # clip after masking: masked-out forget gradients must not shrink the norm of the rest
+                norm = torch.nn.utils.clip_grad_norm_(weights, cfg.max_grad_norm)
+            key = "grad_norm" if len(groups) == 1 else f"grad_norm_{'forget' if group[0] in forget else 'retain'}"
+            record[key] = norm.item()
+            if not math.isfinite(record[key]):
+                raise NonFiniteError(f"{method.name}: the gradient is not finite at step {step}")
+            opt.step()
+        names_logged = list(sums)
+        totals = world.all_reduce_(torch.stack([sums[k] for k in names_logged]))
+        for name, (total, count) in zip(names_logged, totals.tolist()):
+            record[f"loss_{name}"] = total / max(count, 1)
+            if not math.isfinite(record[f"loss_{name}"]):
+                raise NonFiniteError(f"{method.name}: the {name} loss is not finite at step {step}")
+        with torch.no_grad():
+            if not torch.isfinite(torch.stack([torch.linalg.vector_norm(w) for w in weights])).all():
+                raise NonFiniteError(f"{method.name}: a trainable weight is not finite after step {step}")
+        history.append(record)
+    ctx.timings["train_s"] = time.perf_counter() - t0
+    ctx.timings["step_s"] = ctx.timings["train_s"] / max(steps, 1)
+    return history

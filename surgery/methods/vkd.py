@@ -1,0 +1,128 @@
+"""VKD: Visual Knowledge Distillation unlearning (arXiv 2512.11325), paper Eq. 3-5, LLM frozen:
+
+    L = −α·m⊙L_fvqa + L_fqa + L_rvqa + L_rqa + β·L_VKD
+
+prepare: collect activation statistics and Fisher diagonals, cache the teacher's projector features, prune the
+neurons with the highest forget importance I_u, and set the Fisher mask m = F_fvqa / F_{fqa∪rvqa∪rqa} ≥ d_F.
+The mask gates only the forget gradient; L_VKD = mean ‖f − t‖² between the student's projector output on
+retain-VQA images and the vanilla model's, cached before pruning.
+"""
+import inspect
+import logging
+import time
+
+import torch
+from safetensors.torch import save_file
+
+from ..models import Adapter, answer_loss
+from ..prune import prune, pruned_entries
+from ..saliency import batches, collect_or_load, examples
+from ..select import fisher_mask, neuron_importance, select_neurons, union_splits
+from .loop import Context, Method, Term
+
+log = logging.getLogger("surgery")
+
+
+class capture:
+    """Context manager: a forward hook that keeps the module's outputs in a list."""
+
+    def __init__(self, module):
+        self.module, self.outputs = module, []
+
+    def __enter__(self):
+        self.handle = self.module.register_forward_hook(lambda m, a, o: self.outputs.append(o))
+        return self.outputs
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def split_rows(features: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+    """The projector output ([B, T, D] or [ΣT, D]) as one [T_i, D] tensor per image."""
+    return list(torch.split(features.reshape(-1, features.shape[-1]), counts))
+
+
+def projector_features(adapter: Adapter, rows, batch_size: int = 8) -> list[torch.Tensor]:
+    """The projector output for each row's image ([tokens, D] per row, on the CPU), from the vision tower and
+    projector only. Used once on the vanilla model to cache the VKD teacher."""
+    feats = []
+    image_features = adapter.model.model.get_image_features
+    accepted = set(inspect.signature(image_features).parameters) - {"input_ids", "attention_mask"}
+    with torch.no_grad(), capture(adapter.projector) as out:
+        for chunk in batches(rows, batch_size):
+            batch = adapter.encode(examples(chunk)).to(adapter.device)
+            image_features(**{k: v for k, v in batch.inputs.items() if k in accepted})
+            feats += [t.cpu() for t in split_rows(out.pop(), batch.feature_counts)]
+    return feats
+
+
+def select_and_mask(ctx: Context, sal, prune_neurons: bool = True) -> dict:
+    """Prune by I_u (when `prune_neurons`) and set ctx.mask from the Fisher ratio; write masks.safetensors.
+    Returns the pruned neurons per layer."""
+    cfg, adapter = ctx.cfg, ctx.adapter
+    importance = neuron_importance(sal, ctx.layers, cfg.eps)
+    frac = None if cfg.prune_threshold is not None else cfg.prune_frac
+    neurons = select_neurons(importance, cfg.prune_threshold, frac, cfg.prune_per_layer) if prune_neurons \
+        else {l: torch.empty(0, dtype=torch.long) for l in ctx.layers}
+    t = time.perf_counter()
+    prune(adapter, neurons)
+    ctx.timings["prune_s"] = time.perf_counter() - t
+    ctx.pruned = pruned_entries(adapter, neurons, ctx.params)
+    union = union_splits(sal, ctx.reaches_param)
+    for splits in sorted({tuple(u) for u in union.values()}):
+        log.info("Fisher union F_{fqa∪rvqa∪rqa}: %d parameters average %s (the splits that reach them)",
+                 sum(tuple(u) == splits for u in union.values()), "+".join(splits) or "no split")
+    ctx.mask = {n: m & ~ctx.pruned[n] for n, m in
+                fisher_mask(sal, ctx.reaches_param, cfg.mask_threshold, cfg.mask_frac, cfg.eps).items()}
+    if ctx.out is not None:
+        save_file({**{f"neurons.{l}": idx.contiguous() for l, idx in neurons.items()},
+                   **{f"importance.{l}": imp.contiguous().cpu() for l, imp in importance.items()},
+                   **{f"mask.{n}": m.contiguous().cpu() for n, m in ctx.mask.items()}}, str(ctx.out / "masks.safetensors"))
+    log.info("pruned %d neurons %s; Fisher mask keeps %d of %d weights", sum(i.numel() for i in neurons.values()),
+             {l: int(i.numel()) for l, i in neurons.items()}, sum(int(m.sum()) for m in ctx.mask.values()),
+             sum(m.numel() for m in ctx.mask.values()))
+    ctx.info.update({"pruned_neurons": {str(l): int(i.numel()) for l, i in neurons.items()},
+                     "masked_weights": {n: int(m.sum()) for n, m in ctx.mask.items()},
+                     "fisher_union_splits": {n: u for n, u in union.items()}})
+    return neurons
+
+
+def saliency_of(ctx: Context, fisher: bool = True):
+    """Collect (or reuse --saliency) on the model as loaded, and keep a copy in the output directory."""
+    cfg = ctx.cfg
+    sal = collect_or_load(ctx.adapter, ctx.splits, ctx.params, cfg.forget, cfg.retain, cfg.collect_batch_size,
+                          cfg.saliency, ctx.timings, fisher=fisher)
+    if ctx.out is not None:
+        sal.save(ctx.out / "saliency.safetensors")
+    return sal
+
+
+class VKD(Method):
+    name = "vkd"
+    paper = "Robust MLLM Unlearning via Visual Knowledge Distillation (arXiv 2512.11325)"
+    default_scope = "mlp"
+    defaults = {"alpha": 1.25}
+    forget_splits = ("fvqa",)
+    retain_splits = ("fqa", "rvqa", "rqa")   # the forget people's facts in text are kept: L_fqa has a + sign
+
+    def prepare(self, ctx: Context) -> None:
+        sal = saliency_of(ctx)
+        t = time.perf_counter()
+        self.teacher = projector_features(ctx.adapter, ctx.splits.rvqa, ctx.cfg.collect_batch_size)  # before pruning
+        ctx.timings["teacher_s"] = time.perf_counter() - t
+        select_and_mask(ctx, sal)
+
+    def terms(self, ctx: Context, split: str, batch, rows: list[int]) -> dict[str, Term]:
+        if split != "rvqa":
+            ce = answer_loss(ctx.forward(batch), batch.labels)
+            return {split: Term(ce, -ctx.cfg.alpha if split == "fvqa" else 1.0)}
+        with capture(ctx.adapter.projector) as feats:
+            ce = answer_loss(ctx.forward(batch), batch.labels)
+        student = split_rows(feats[0], batch.feature_counts)
+        # per-row mean squared error: β means the same at any feature width
+        vkd = torch.stack([(s.float() - self.teacher[i].to(s.device, torch.float32)).pow(2).mean()
+                           for s, i in zip(student, rows)])
+        return {"rvqa": Term(ce), "vkd": Term(vkd, ctx.cfg.beta)}
+
+
+METHOD = VKD()

@@ -1,0 +1,84 @@
+"""The shared loop: batch streams, steps from epochs, sharding, the non-finite guard."""
+import json
+import math
+from collections import Counter
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import surgery.methods as methods
+from surgery.cli import main
+from surgery.config import Config
+from surgery.data import Splits
+from surgery.distributed import World
+from surgery.methods import Method, NonFiniteError, Term
+from surgery.methods.loop import batches, steps_of
+from surgery.models import answer_loss
+from surgery.pipeline import run
+
+
+@pytest.mark.parametrize("n,size", [(7, 3), (5, 4), (6, 6), (3, 8)])
+def test_batches_cover_every_row_and_never_repeat_one(n, size):
+    stream = batches(n, size, seed=1)
+    drawn = [next(stream) for _ in range(12 * n)]
+    assert all(len(b) == min(n, size) and len(set(b)) == len(b) for b in drawn)
+    counts = Counter(i for b in drawn for i in b)
+    assert set(counts) == set(range(n)) and max(counts.values()) - min(counts.values()) <= 1 + size // n
+    again = batches(n, size, seed=1)
+    assert [next(again) for _ in range(12 * n)] == drawn
+    other = batches(n, size, seed=2)
+    assert n <= 3 or [next(other) for _ in range(12 * n)] != drawn
+
+
+def test_steps_from_epochs():
+    splits = Splits(fvqa=[0] * 5, rvqa=[0] * 10)
+    vkd = methods.get("vkd")
+    assert steps_of(Config(batch_size=4), vkd, splits) == 3                 # default: one epoch of retain-VQA
+    assert steps_of(Config(batch_size=4, epochs=2.5), vkd, splits) == 7
+    assert steps_of(Config(batch_size=4, steps=11), vkd, splits) == 11
+    forget_only = type("GA", (Method,), {"retain_splits": ()})()
+    assert steps_of(Config(batch_size=2, epochs=1), forget_only, splits) == 3   # over forget-VQA
+    with pytest.raises(ValueError, match="not both"):
+        steps_of(Config(steps=1, epochs=1), vkd, splits)
+
+
+def test_shard_splits_a_batch_into_contiguous_parts():
+    rows = list(range(10))
+    parts = [World(r, 3).shard(rows) for r in range(3)]
+    assert sum(parts, []) == rows and [len(p) for p in parts] == [3, 3, 4]
+
+
+class Exploding(Method):
+    """Gradient descent on retain rows whose loss turns to NaN at step 2."""
+    name = "exploding"
+    calls = 0
+
+    def terms(self, ctx, split, batch, rows):
+        Exploding.calls += 1
+        ce = answer_loss(ctx.forward(batch), batch.labels)
+        return {split: Term(ce * (math.nan if Exploding.calls > 2 else 1.0))}
+
+
+def test_non_finite_loss_stops_the_run_and_writes_nothing(tiny_dirs, data, tmp_path, monkeypatch):
+    monkeypatch.setattr(methods, "get", lambda name: Exploding())
+    out = tmp_path / "out"
+    with pytest.raises(NonFiniteError, match="exploding: .* not finite at step 2"):
+        run(Config(method="exploding", model=str(tiny_dirs["tiny-llava"]), forget=str(data[0]), retain=str(data[1]),
+                   out=str(out), steps=4), progress=False)
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_epochs_option_sets_the_step_count(tiny_dirs, data, tmp_path):
+    res = CliRunner().invoke(main, ["prune-and-mask", "--model", str(tiny_dirs["tiny-llava"]), "--forget", str(data[0]),
+                                    "--retain", str(data[1]), "--out", str(tmp_path / "o"), "--epochs", "2",
+                                    "--batch-size", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert len(report["losses"]) == math.ceil(2 * 7 / 3) and report["method"] == "vkd"
+    assert report["config"]["alpha"] == 1.25 and report["config"]["scope"] == "mlp"
+    # the Fisher union of the vision weights averages retain-VQA only: the text splits never reach them
+    assert set(map(tuple, report["fisher_union_splits"].values())) == {("rvqa",)}
+    res = CliRunner().invoke(main, ["prune-and-mask", "--forget", str(data[0]), "--retain", str(data[1]),
+                                    "--out", str(tmp_path / "p"), "--epochs", "2", "--steps", "3"])
+    assert res.exit_code == 2 and "not both" in res.output
