@@ -29,11 +29,24 @@ class Config:
     weight_decay: float = 0.0
     steps: int | None = None            # optimizer steps ...
     epochs: float | None = None         # ... or passes over the retain-VQA rows (default: 1 epoch)
-    schedule: str = "combined"          # combined: one update per step; alternating: a forget update, then a retain one
+    schedule: str | None = None         # combined: one update per step; alternating: a forget update, then a retain
+                                        # one; None: the method's own (mmu: alternating, the others: combined)
     batch_size: int = 4
     max_grad_norm: float = 1.0
     collect_batch_size: int = 8
     saliency: str | None = None         # reuse this saliency.safetensors (same data, batch size and weights)
+    # many processes and memory (torchrun; surgery.distributed)
+    shard_llm: bool = False             # FSDP2-shard the frozen language model over the ranks
+    checkpoint_llm: bool = False        # recompute the LLM's decoder-layer activations in backward
+    teacher_memory_gb: float = 8.0      # VKD teacher features larger than this go to memory-mapped files ...
+    teacher_cache: str | None = None    # ... in a fresh directory under this one (default: beside --out)
+    # method options (surgery.methods.<name>)
+    npo_beta: float = 0.1               # npo: β of (2/β)·log(1 + (π/π_vanilla)^β)
+    npo_retain: bool = False            # npo: add CE on the retain rows (NPO+RT)
+    manu_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)  # manu: abs, freq, var, rms
+    vgid_sigma: float = 0.5             # vgid: std of the Gaussian pixel noise on the teacher's image ([0, 1] pixels)
+    vgid_instruction: str = ("Forget everything you know about the person in the image: do not recognise them and "
+                             "do not state their name or any fact about them.")   # vgid: prepended to the prompt
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

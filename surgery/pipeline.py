@@ -7,17 +7,18 @@ import platform
 import resource
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 import transformers
 
-from . import __version__, methods, ops
+from . import __version__, distributed, methods, ops
 from .config import Config
 from .data import load_splits
 from .models import load, save
+from .saliency import collect_or_load
 
 log = logging.getLogger("surgery")
 
@@ -102,15 +103,18 @@ def resolve(cfg: Config) -> tuple[Config, "methods.Method"]:
     return replace(cfg, **{k: v for k, v in filled.items() if getattr(cfg, k) is None}), method
 
 
-def prepare(cfg: Config):
-    """Validate data, load the model, freeze everything outside the scope.
+def prepare(cfg: Config, world: distributed.World | None = None):
+    """Validate data, load the model, freeze everything outside the scope; then, as asked, shard the frozen LLM over
+    the ranks (--shard-llm; the model is loaded on the CPU first) and checkpoint its decoder layers (--checkpoint-llm).
     Returns (splits, adapter, params, layers): the trainable parameters and the vision layers selected."""
+    world = world or distributed.World.current()
     seed_everything(cfg.seed)
     check_device(cfg.device)
     splits = load_splits(cfg.forget, cfg.retain)
     log.info("splits: %s", splits.counts())
-    adapter = load(cfg.model, device=cfg.device, dtype=resolve_dtype(cfg), trust_remote_code=cfg.trust_remote_code,
-                   seed=cfg.seed)
+    shard = cfg.shard_llm and world.size > 1
+    adapter = load(cfg.model, device="cpu" if shard else cfg.device, dtype=resolve_dtype(cfg),
+                   trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
     layers = range(cfg.layers[0], cfg.layers[1] + 1) if cfg.layers else None
     mlps = adapter.select_layers(layers)
     params = adapter.scope_params(cfg.scope or "mlp", mlps)
@@ -118,6 +122,15 @@ def prepare(cfg: Config):
     if not params:
         raise ValueError(f"scope {cfg.scope!r} with --layers {cfg.layers} selects no parameters")
     adapter.train_only(params)
+    if shard:
+        units = distributed.shard_llm(adapter, world, cfg.device)
+        log.info("--shard-llm: the language model in %d FSDP units over %d ranks; vision tower and projector "
+                 "replicated", units, world.size)
+    elif cfg.shard_llm:
+        log.info("--shard-llm: one process, nothing to shard")
+    if cfg.checkpoint_llm:
+        log.info("--checkpoint-llm: %d decoder layers recompute their activations in backward",
+                 distributed.checkpoint_llm(adapter))
     return splits, adapter, params, selected
 
 
@@ -138,34 +151,76 @@ def run(cfg: Config, overwrite: bool = False, progress: bool = True) -> dict:
         raise FileExistsError(f"--out {out} already exists (pass --overwrite to replace it)")
     if Path(cfg.model).is_dir() and out.resolve() == Path(cfg.model).resolve():
         raise ValueError("--out must differ from --model: the input checkpoint is never modified")
-    t0 = time.perf_counter()
-    splits, adapter, params, layers = prepare(cfg)
-    if str(cfg.device).startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(cfg.device)
-    with atomic_dir(out, overwrite) as tmp:
-        ctx = methods.Context(cfg, adapter, splits, params, layers, out=tmp)
-        if method.needs_vanilla:
-            ctx.snapshot_vanilla()
-        t = time.perf_counter()
-        method.prepare(ctx)
-        ctx.timings["prepare_s"] = time.perf_counter() - t
-        history = methods.train(ctx, method, progress) if method.trains else []
-        if not method.trains and (cfg.steps or cfg.epochs):
-            log.info("%s is training-free: --steps/--epochs ignored", method.name)
-        adapter.train_only({})
-        save(adapter, tmp)
-        ctx.timings["total_s"] = time.perf_counter() - t0
-        report = {
-            "method": method.name, "config": cfg.to_dict(), "seed": cfg.seed,
-            "dtype": str(resolve_dtype(cfg)).replace("torch.", ""), "environment": environment(adapter.device),
-            "timings": ctx.timings, "memory": peak_memory(adapter.device), "splits": splits.counts(),
-            "scope": {"name": cfg.scope, "parameters": len(params), "weights": sum(p.numel() for p in params.values()),
-                      "live_layers": [adapter.live_layers.start, adapter.live_layers.stop - 1], "layers": layers},
-            "trainable_weights": sum(p.numel() for p in params.values()) if method.trains else 0,
-            **ctx.info, "losses": history,
-        }
-        (tmp / "report.json").write_text(json.dumps(report, indent=2))
-    log.info("wrote %s in %.1fs", out, ctx.timings["total_s"])
+    with distributed.launch(cfg.device) as (world, device):
+        cfg = replace(cfg, device=device)
+        t0 = time.perf_counter()
+        splits, adapter, params, layers = prepare(cfg, world)
+        if str(cfg.device).startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(cfg.device)
+        # only rank 0 writes; every rank reaches the final barrier before its directory becomes `out`
+        with atomic_dir(out, overwrite) if world.main else nullcontext() as tmp, scratch() as dirs:
+            ctx = methods.Context(cfg, adapter, splits, params, layers, out=tmp, world=world, scratch=dirs)
+            if method.needs_vanilla:
+                ctx.snapshot_vanilla()
+            t = time.perf_counter()
+            method.prepare(ctx)
+            ctx.timings["prepare_s"] = time.perf_counter() - t
+            world.check_same("pruned neurons and masks", {**{f"pruned.{n}": m for n, m in ctx.pruned.items()},
+                                                          **{f"mask.{n}": m for n, m in (ctx.mask or {}).items()}})
+            history = methods.train(ctx, method, progress) if method.trains else []
+            if not method.trains and (cfg.steps or cfg.epochs):
+                log.info("%s is training-free: --steps/--epochs ignored", method.name)
+            adapter.train_only({})
+            state = distributed.full_state_dict(adapter.model)   # a collective when the LLM is sharded
+            ctx.timings["total_s"] = time.perf_counter() - t0
+            report = {
+                "method": method.name, "config": cfg.to_dict(), "seed": cfg.seed,
+                "dtype": str(resolve_dtype(cfg)).replace("torch.", ""), "environment": environment(adapter.device),
+                "world_size": world.size, "timings": ctx.timings, "memory": peak_memory(adapter.device),
+                "splits": splits.counts(),
+                "scope": {"name": cfg.scope, "parameters": len(params),
+                          "weights": sum(p.numel() for p in params.values()),
+                          "live_layers": [adapter.live_layers.start, adapter.live_layers.stop - 1], "layers": layers},
+                "trainable_weights": sum(p.numel() for p in params.values()) if method.trains else 0,
+                **ctx.info, "losses": history,
+            }
+            if world.main:
+                save(adapter, tmp, state_dict=state)
+                (tmp / "report.json").write_text(json.dumps(report, indent=2))
+            world.barrier()
+        log.info("wrote %s in %.1fs", out, ctx.timings["total_s"])
+    return report
+
+
+@contextmanager
+def scratch():
+    """A list the run adds its scratch directories to (`Context.scratch`); removed at the end, success or not."""
+    dirs = []
+    try:
+        yield dirs
+    finally:
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def collect_saliency(cfg: Config, overwrite: bool = False) -> dict:
+    """Activation statistics and Fisher diagonals per split into cfg.out/saliency.safetensors, with report.json
+    (atomically). Under torchrun the batches are spread over the ranks and rank 0 writes. Returns the report."""
+    out = Path(cfg.out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"--out {out} already exists (pass --overwrite to replace it)")
+    with distributed.launch(cfg.device) as (world, device):
+        cfg = replace(cfg, device=device)
+        splits, adapter, params, _ = prepare(cfg, world)
+        timings = {}
+        with atomic_dir(out, overwrite) if world.main else nullcontext() as tmp:
+            sal = collect_or_load(adapter, splits, params, cfg.forget, cfg.retain, cfg.collect_batch_size,
+                                  timings=timings, world=world)
+            report = {"config": cfg.to_dict(), "world_size": world.size, "timings": timings, "splits": splits.counts()}
+            if world.main:
+                sal.save(tmp / "saliency.safetensors")
+                (tmp / "report.json").write_text(json.dumps(report, indent=2))
+            world.barrier()
     return report
 
 

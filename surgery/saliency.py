@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from . import kernels
 from .data import SPLITS, Row, Splits
+from .distributed import World
 from .models import Adapter, Example, answer_loss
 
 log = logging.getLogger("surgery")
@@ -92,22 +93,32 @@ def batches(rows: list[Row], size: int):
 
 
 def collect(adapter: Adapter, splits: Splits, params: dict[str, torch.nn.Parameter], batch_size: int = 8,
-            progress: bool = True, fisher: bool = True) -> Saliency:
+            progress: bool = True, fisher: bool = True, world: World | None = None) -> Saliency:
     """Activation statistics of every vision MLP and the Fisher diagonal of `params`, per split
-    (`fisher=False`: statistics only, forward passes without gradients)."""
+    (`fisher=False`: statistics only, forward passes without gradients).
+
+    Under torchrun (`world`, default: the job this process has joined) batch i of a split runs on rank i mod N, on the
+    plain model: each rank squares its own batches' gradients (DDP's averaged gradient squared is not the Fisher), and
+    the sums (statistics, token counts, Fisher) are all-reduced once per split, in a fixed order. Every rank runs the
+    same number of batches (a rank without a batch in the last round runs batch 0 of the split and discards it), so
+    the collectives of an FSDP-sharded LLM stay matched."""
     device = adapter.device
+    world = world or World.current()
     sal = Saliency()
-    current: dict = {}
+    current: dict = {"skip": False}
     hooks = []
     for mlp in adapter.mlps:
         def stats_hook(module, args, layer=mlp.layer):
+            if current["skip"]:
+                return
             z = args[0].detach()
             kernels.activation_stats(z, out=current["stats"][layer])
             current["tokens"][layer] += z.numel() // z.shape[-1]
         hooks.append(mlp.fc_out.register_forward_pre_hook(stats_hook))
     for name, p in params.items() if fisher else ():
         def fisher_hook(p, name=name):
-            kernels.fisher_accumulate_([current["fisher"][name]], [p.grad], scale=current["scale"])
+            if not current["skip"]:
+                kernels.fisher_accumulate_([current["fisher"][name]], [p.grad], scale=current["scale"])
             p.grad = None
         hooks.append(p.register_post_accumulate_grad_hook(fisher_hook))
     try:
@@ -117,21 +128,26 @@ def collect(adapter: Adapter, splits: Splits, params: dict[str, torch.nn.Paramet
             current["tokens"] = {m.layer: 0 for m in adapter.mlps}
             current["fisher"] = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()} if fisher \
                 else {}
-            n_batches = math.ceil(len(rows) / batch_size)
+            chunks = list(batches(rows, batch_size))
+            n_batches = len(chunks)
             current["scale"] = 1.0 / max(n_batches, 1)
-            for i, chunk in enumerate(tqdm(list(batches(rows, batch_size)), desc=f"collect {split}",
-                                            disable=not progress, leave=False)):
-                batch = adapter.encode(examples(chunk)).to(device)
+            for i in tqdm(world.rounds(n_batches), desc=f"collect {split}", disable=not (progress and world.main),
+                          leave=False):
+                current["skip"] = i is None
+                batch = adapter.encode(examples(chunks[0 if i is None else i])).to(device)
                 if not fisher:
                     with torch.no_grad():
                         adapter.model(**batch.inputs)
                     continue
                 loss = answer_loss(adapter.model(**batch.inputs).logits, batch.labels).mean()
                 if not loss.requires_grad:
-                    log.info("%s: no gradient path to the trainable weights (rows without an image never reach "
-                             "the vision encoder): its Fisher and vision activation statistics are zero", split)
+                    if world.main:
+                        log.info("%s: no gradient path to the trainable weights (rows without an image never reach "
+                                 "the vision encoder): its Fisher and vision activation statistics are zero", split)
                     break
                 loss.backward()
+            current["skip"] = False
+            _all_reduce_split(world, current, device)
             sal.stats[split], sal.tokens[split] = current["stats"], current["tokens"]
             sal.fisher[split], sal.batches[split] = current["fisher"], n_batches
     finally:
@@ -140,8 +156,22 @@ def collect(adapter: Adapter, splits: Splits, params: dict[str, torch.nn.Paramet
     return sal
 
 
+def _all_reduce_split(world: World, current: dict, device) -> None:
+    """Sum one split's statistics, token counts and Fisher over the ranks, in place, in a fixed order."""
+    if world.size == 1:
+        return
+    for layer in sorted(current["stats"]):
+        world.all_reduce_(current["stats"][layer])
+    for name in current["fisher"]:   # the order of `params`: the same on every rank
+        world.all_reduce_(current["fisher"][name])
+    layers = sorted(current["tokens"])
+    tokens = world.all_reduce_(torch.tensor([current["tokens"][l] for l in layers], dtype=torch.float64, device=device))
+    current["tokens"] = {l: int(t) for l, t in zip(layers, tokens.tolist())}
+
+
 def collect_or_load(adapter: Adapter, splits: Splits, params: dict[str, torch.nn.Parameter], forget, retain,
-                    batch_size: int, saliency=None, timings: dict | None = None, fisher: bool = True) -> Saliency:
+                    batch_size: int, saliency=None, timings: dict | None = None, fisher: bool = True,
+                    world: World | None = None) -> Saliency:
     """Collect saliency, or reuse the file `saliency` when it was collected from the same data, batch size and
     weights (refused otherwise)."""
     timings = {} if timings is None else timings
@@ -153,7 +183,7 @@ def collect_or_load(adapter: Adapter, splits: Splits, params: dict[str, torch.nn
         log.info("saliency reused from %s", saliency)
         timings["saliency_load_s"] = time.perf_counter() - t
         return sal
-    sal = collect(adapter, splits, params, batch_size=batch_size, fisher=fisher)
+    sal = collect(adapter, splits, params, batch_size=batch_size, fisher=fisher, world=world)
     sal.source = source
     timings["collect_s"] = time.perf_counter() - t
     return sal

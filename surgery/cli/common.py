@@ -2,6 +2,7 @@
 import functools
 import json
 import logging
+import os
 import sys
 
 import click
@@ -59,6 +60,19 @@ def data_options(f):
     return f
 
 
+def parallel_options(f):
+    for opt in reversed([
+        click.option("--shard-llm", is_flag=True,
+                     help="Under torchrun: shard the frozen language model over the ranks with FSDP2 (the vision "
+                          "tower and projector stay replicated)."),
+        click.option("--checkpoint-llm", is_flag=True,
+                     help="Recompute the language model's decoder-layer activations in backward: less memory, "
+                          "one more forward of the LLM."),
+    ]):
+        f = opt(f)
+    return f
+
+
 def friendly(fn):
     """Turn expected failures into one clear line and exit status 1 (tracebacks only with -v)."""
     @functools.wraps(fn)
@@ -76,7 +90,7 @@ def friendly(fn):
 
 
 def emit(result: dict, as_json: bool) -> None:
-    if as_json:
+    if as_json and os.environ.get("RANK", "0") == "0":   # under torchrun rank 0 speaks for the job
         click.echo(json.dumps(result, indent=2, default=str))
 
 

@@ -1,12 +1,11 @@
 """The method commands: inspect, collect, prune-and-mask (VKD), unlearn (any method)."""
-import json
 from pathlib import Path
 
 import click
 
 from ..config import Config
 from ..methods import METHODS
-from .common import config_from, data_options, emit, friendly, main, model_options
+from .common import config_from, data_options, emit, friendly, main, model_options, parallel_options
 
 
 @main.command()
@@ -39,35 +38,31 @@ def inspect(model, device, dtype, seed, trust_remote_code, scope, layers, as_jso
 @main.command()
 @model_options
 @data_options
+@parallel_options
 @friendly
 def collect(**kw):
     """Collect activation statistics and Fisher diagonals per split into OUT/saliency.safetensors."""
-    from ..pipeline import atomic_dir, prepare
-    from ..saliency import collect_or_load
+    from ..pipeline import collect_saliency, prepare
     cfg = config_from(kw)
-    splits, adapter, params, layers = prepare(cfg)
     if kw["dry_run"]:
+        splits, adapter, params, layers = prepare(cfg)
         return emit({"splits": splits.counts(), "parameters": len(params), "layers": layers}, kw["as_json"])
-    timings = {}
-    with atomic_dir(Path(kw["out"]), kw["overwrite"]) as tmp:
-        collect_or_load(adapter, splits, params, cfg.forget, cfg.retain, cfg.collect_batch_size,
-                        timings=timings).save(tmp / "saliency.safetensors")
-        (tmp / "report.json").write_text(json.dumps({"config": cfg.to_dict(), "timings": timings,
-                                                     "splits": splits.counts()}, indent=2))
-    emit({"out": kw["out"], "timings": timings}, kw["as_json"])
+    report = collect_saliency(cfg, overwrite=kw["overwrite"])
+    emit({"out": kw["out"], "timings": report["timings"]}, kw["as_json"])
 
 
 def training_options(f):
     for opt in reversed([
-        click.option("--alpha", type=float, help="Forget-term weight α (default: the method's; vkd 1.25)."),
+        click.option("--alpha", type=float, help="Forget-term weight α (default: the method's; vkd 1.25, others 1)."),
         click.option("--lr", type=float, default=1e-4, show_default=True),
         click.option("--weight-decay", type=float, default=0.0, show_default=True),
         click.option("--steps", type=int, help="Optimizer steps (instead of --epochs)."),
         click.option("--epochs", type=float, help="Passes over the retain-VQA rows (forget-VQA rows for methods "
                                                   "without a retain term) [default: 1]."),
-        click.option("--schedule", type=click.Choice(["combined", "alternating"]), default="combined", show_default=True,
+        click.option("--schedule", type=click.Choice(["combined", "alternating"]),
                      help="combined: one update on forget + retain terms per step; alternating: a forget update "
-                          "then a retain update (MMUnlearner's)."),
+                          "then a retain update [default: the method's own: mmu alternating (MMUnlearner's), "
+                          "the others combined]."),
         click.option("--batch-size", type=int, default=4, show_default=True),
         click.option("--max-grad-norm", type=float, default=1.0, show_default=True),
     ]):
@@ -87,6 +82,41 @@ def selection_options(f):
         click.option("--saliency", type=click.Path(exists=True, dir_okay=False),
                      help="Reuse a saliency.safetensors (from `surgery collect` or an earlier run on the same model "
                           "and data) instead of collecting again."),
+        click.option("--teacher-memory", "teacher_memory_gb", type=click.FloatRange(min=0), default=8.0,
+                     show_default=True,
+                     help="VKD: teacher features larger than this (GiB) go to memory-mapped files on disk."),
+        click.option("--teacher-cache", type=click.Path(file_okay=False),
+                     help="VKD: where those files go, in a fresh directory removed after the run; every rank must "
+                          "see it [default: beside --out]."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _weights(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        weights = tuple(float(x) for x in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected four comma-separated numbers like 1,1,1,1") from None
+    if len(weights) != 4 or min(weights) < 0 or not any(weights):
+        raise click.BadParameter(f"{value!r}: expected four non-negative weights (abs, freq, var, rms), not all zero")
+    return weights
+
+
+def method_options(f):
+    """Options of single methods (each ignored by the others)."""
+    for opt in reversed([
+        click.option("--npo-beta", type=float, help="npo: β in (2/β)·log(1 + (π/π_vanilla)^β) [default: 0.1]."),
+        click.option("--npo-retain/--no-npo-retain", default=None,
+                     help="npo: add cross-entropy on the retain rows (NPO+RT) [default: no, as MLLMU-Bench]."),
+        click.option("--manu-weights", callback=_weights,
+                     help="manu: weights of the importance functions abs,freq,var,rms [default: 1,1,1,1]."),
+        click.option("--vgid-sigma", type=float,
+                     help="vgid: std of the Gaussian noise on the teacher's image pixels in [0, 1] [default: 0.5]."),
+        click.option("--vgid-instruction", help="vgid: the in-context unlearning instruction put before the "
+                                                "teacher's question."),
     ]):
         f = opt(f)
     return f
@@ -100,6 +130,10 @@ def run_method(kw: dict) -> None:
             raise click.BadParameter(f"must be in [0, 1], got {kw[name]}", param_hint=f"--{name.replace('_', '-')}")
     if kw["steps"] is not None and kw["epochs"] is not None:
         raise click.BadParameter("give --steps or --epochs, not both", param_hint="--steps/--epochs")
+    if kw.get("npo_beta") is not None and not kw["npo_beta"] > 0:
+        raise click.BadParameter(f"must be > 0, got {kw['npo_beta']}", param_hint="--npo-beta")
+    if kw.get("vgid_sigma") is not None and not kw["vgid_sigma"] >= 0:
+        raise click.BadParameter(f"must be >= 0, got {kw['vgid_sigma']}", param_hint="--vgid-sigma")
     cfg, method = resolve(config_from(kw))
     cfg.prune_per_layer = not kw.get("prune_global", False)
     if kw.get("prune_threshold") is not None:
@@ -118,6 +152,7 @@ def run_method(kw: dict) -> None:
 @main.command("prune-and-mask")
 @model_options
 @data_options
+@parallel_options
 @selection_options
 @training_options
 @friendly
@@ -130,8 +165,10 @@ def prune_and_mask(**kw):
 @click.option("--method", type=click.Choice(METHODS), required=True, help="The unlearning method.")
 @model_options
 @data_options
+@parallel_options
 @selection_options
 @training_options
+@method_options
 @friendly
 def unlearn(**kw):
     """Unlearn the forget set with any method (a training-free one ignores --steps/--epochs); save to OUT."""

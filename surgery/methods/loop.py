@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from ..config import Config
 from ..data import SPLITS, Splits
-from ..distributed import World
+from ..distributed import World, in_graph, replicate
 from ..models import Adapter, Batch, Example
 from ..optim import MaskedAdamW
 
@@ -63,6 +63,8 @@ class Context:
     vanilla: dict[str, torch.Tensor] | None = None  # the trainable params as they were loaded
     info: dict = field(default_factory=dict)     # what the method reports (report.json["method_info"])
     timings: dict = field(default_factory=dict)
+    synced: set[str] = field(default_factory=set)      # params whose gradient DDP syncs (`distributed.replicate`)
+    scratch: list[Path] = field(default_factory=list)  # directories the run removes at its end
 
     def __post_init__(self):
         self.model = self.model or self.adapter.model
@@ -150,15 +152,19 @@ def batches(n: int, size: int, seed: int):
 
 def _backward(ctx: Context, method: Method, group: list[str], streams: dict, sums: dict) -> None:
     """Forward and backward every split of one update, forget splits first; the forget gradient is masked as soon
-    as it is complete. Every backward but the last runs without DDP's gradient sync (it syncs the sum at the end)."""
+    as it is complete. Every split but the last runs without DDP's gradient sync, forward included (DDP decides at
+    forward time); the last one syncs the sum, and gives a zero gradient to the synced weights it cannot reach."""
     forget = [s for s in group if s in method.forget_splits]
     for k, split in enumerate(group):
         rows = next(streams[split])
         local = ctx.world.shard(rows)
-        terms = method.terms(ctx, split, ctx.encode(split, local), local)
-        loss = sum(t.weight * t.rows.sum() for t in terms.values()) * (ctx.world.size / len(rows))
-        with nullcontext() if k == len(group) - 1 else ctx.world.no_sync(ctx.model):
-            if loss.requires_grad:
+        last = k == len(group) - 1
+        with nullcontext() if last else ctx.world.no_sync(ctx.model):
+            terms = method.terms(ctx, split, ctx.encode(split, local), local)
+            loss = sum(t.weight * t.rows.sum() for t in terms.values()) * (ctx.world.size / len(rows))
+            if last and ctx.synced:
+                loss = in_graph(loss, [ctx.params[n] for n in ctx.synced if not ctx.reaches_param(split, n)])
+            if torch.is_tensor(loss) and loss.requires_grad:
                 loss.backward()
         for name, t in terms.items():
             total = sums.setdefault(name, torch.zeros(2, dtype=torch.float64))
@@ -183,12 +189,15 @@ def train(ctx: Context, method: Method, progress: bool = True) -> list[dict]:
                  "vision tower or projector): skipped", method.name, ", ".join(idle))
     forget = [s for s in method.forget_splits if s in used and s not in idle]
     retain = [s for s in method.retain_splits if s in used and s not in idle]
-    if cfg.schedule not in ("combined", "alternating"):
-        raise ValueError(f"--schedule {cfg.schedule!r}: choose combined or alternating")
-    groups = [forget + retain] if cfg.schedule == "combined" else [g for g in (forget, retain) if g]
+    schedule = cfg.schedule or "combined"
+    if schedule not in ("combined", "alternating"):
+        raise ValueError(f"--schedule {schedule!r}: choose combined or alternating")
+    groups = [forget + retain] if schedule == "combined" else [g for g in (forget, retain) if g]
     groups = [g for g in groups if g]
     if not groups:
         raise ValueError(f"{method.name}: no split with rows reaches the trainable weights")
+    if world.size > 1 and not ctx.synced:
+        ctx.model, ctx.synced = replicate(ctx, forget + retain)   # DDP after freezing and after the prepare step
     size = min((len(ctx.splits[s]) for g in groups for s in g))
     if min(cfg.batch_size, size) < world.size:
         raise ValueError(f"--batch-size {cfg.batch_size} (or a split of {size} rows) gives some of the "

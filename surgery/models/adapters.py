@@ -132,7 +132,7 @@ class Adapter:
     @property
     def vision_prefixes(self) -> tuple[str, str]:
         """Module paths of the vision tower and the projector: a row without an image never reaches them."""
-        tower = self.family.layers.rsplit(".", 2)[0].rsplit(".encoder", 1)[0]
+        tower = self.family.layers.removesuffix(".layers").removesuffix(".blocks").removesuffix(".encoder")
         return tower + ".", self.family.projector + "."
 
     def is_vision(self, name: str) -> bool:

@@ -75,10 +75,11 @@ def llava_processor(adapter: Adapter):
         chat_template=getattr(adapter.processor, "chat_template", None) or adapter.tokenizer.chat_template)
 
 
-def save(adapter: Adapter, out: Path) -> None:
+def save(adapter: Adapter, out: Path, state_dict: dict | None = None) -> None:
     """A normal HF checkpoint: safetensors weights, config, tokenizer, image processor (and processor), loadable
-    and usable with AutoModelForImageTextToText + AutoProcessor alone."""
-    adapter.model.save_pretrained(out, safe_serialization=True)
+    and usable with AutoModelForImageTextToText + AutoProcessor alone. `state_dict`: the weights to write instead of
+    the model's own (a sharded model's, gathered)."""
+    adapter.model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     adapter.tokenizer.save_pretrained(out)
     processor = adapter.processor
     if adapter.model_type == "llava" and adapter.image_processor is not None and \

@@ -1,0 +1,104 @@
+"""In one process: --checkpoint-llm gives the plain path's gradients with fewer saved activations, frozen weights get no
+gradient buffer, the VKD teacher read from memory-mapped files equals the one held in memory, and how collection
+deals batches to ranks."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from surgery.config import Config
+from surgery.data import load_splits
+from surgery.distributed import World, checkpoint_llm, decoder_layers, launch
+from surgery.methods import teacher
+from surgery.methods.vkd import projector_features
+from surgery.models import answer_loss, load
+from surgery.saliency import examples
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices on 2 shared cores: one thread is several times faster than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def backward(adapter, params, batch) -> tuple[dict, int]:
+    """Gradients of the summed answer loss w.r.t. `params`, and the bytes autograd kept for backward outside any
+    checkpointed region."""
+    kept = []
+
+    def pack(t):
+        kept.append(t.numel() * t.element_size())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = answer_loss(adapter.model(**batch.inputs).logits, batch.labels).sum()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in params.items()}
+    for p in params.values():
+        p.grad = None
+    return grads, sum(kept)
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl"])
+def test_decoder_layers_are_the_language_models(tiny_dirs, name):
+    adapter = load(str(tiny_dirs[name]))
+    layers = decoder_layers(adapter)
+    assert len(layers) == adapter.model.config.text_config.num_hidden_layers == 2
+    owned = {id(p) for layer in layers for p in layer.parameters()}
+    assert not any(id(p) in owned for n, p in adapter.model.named_parameters() if adapter.is_vision(n))
+
+
+def test_checkpoint_llm_gives_the_same_gradients(tiny_dirs, data):
+    adapter = load(str(tiny_dirs["tiny-llava"]))
+    params = adapter.scope_params("mlp")
+    adapter.train_only(params)
+    batch = adapter.encode(examples(load_splits(*data).fvqa[:3]))
+    runs = []
+    decoder_layers(adapter)[0].mlp.register_forward_pre_hook(lambda *a: runs.append(1))
+    plain, plain_bytes = backward(adapter, params, batch)
+    assert len(runs) == 1
+    assert checkpoint_llm(adapter) == 2
+    runs.clear()
+    checkpointed, checkpointed_bytes = backward(adapter, params, batch)
+    assert len(runs) == 2                                  # the layer ran again in backward
+    for n in plain:
+        assert torch.equal(checkpointed[n], plain[n]), n
+    assert checkpointed_bytes < 0.8 * plain_bytes
+    frozen = [p for n, p in adapter.model.named_parameters() if n not in params]
+    assert frozen and all(p.grad is None for p in frozen)  # no gradient buffers for frozen weights
+
+
+@pytest.mark.parametrize("file_bytes", [teacher.FILE_BYTES, 1])
+def test_teacher_features_from_disk_equal_those_in_memory(tiny_dirs, data, tmp_path, monkeypatch, file_bytes):
+    monkeypatch.setattr(teacher, "FILE_BYTES", file_bytes)    # 1: a file per batch
+    adapter = load(str(tiny_dirs["tiny-llava"]))
+    rows = load_splits(*data).rvqa
+
+    def features(chunk):
+        return projector_features(adapter, chunk, 3)
+
+    def context(gb):
+        cfg = Config(out=str(tmp_path / "out"), teacher_memory_gb=gb, teacher_cache=str(tmp_path / "cache"))
+        return SimpleNamespace(cfg=cfg, world=World(), scratch=[])
+    in_memory = teacher.cache(context(8.0), rows, features, 3)
+    ctx = context(0.0)
+    on_disk = teacher.cache(ctx, rows, features, 3)
+    assert in_memory.rows is not None and on_disk.rows is None
+    assert len(ctx.scratch) == 1 and ctx.scratch[0].parent == tmp_path / "cache"
+    assert len(list(ctx.scratch[0].glob("*.safetensors"))) == (3 if file_bytes == 1 else 1)
+    assert len(on_disk) == len(in_memory) == len(rows) == 7
+    for i in range(len(rows)):
+        assert torch.equal(on_disk[i], in_memory[i]), i
+
+
+def test_collection_deals_batches_round_robin_in_lockstep():
+    assert [World(r, 3).rounds(7) for r in range(3)] == [[0, 3, 6], [1, 4, None], [2, 5, None]]
+    assert World().rounds(3) == [0, 1, 2] and World(1, 2).rounds(1) == [None] and World(0, 2).rounds(0) == []
+
+
+def test_launch_without_torchrun_is_one_process(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with launch("cpu") as (world, device):
+        assert world == World() and device == "cpu"
