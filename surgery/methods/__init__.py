@@ -3,7 +3,7 @@ import importlib
 
 from .loop import Context, Method, NonFiniteError, Term, train
 
-METHODS = ("vkd",)
+METHODS = ("ga", "ga_diff", "kl_min", "npo", "mmu", "manu", "vgid", "vkd")
 
 __all__ = ["METHODS", "Context", "Method", "NonFiniteError", "Term", "get", "train"]
 

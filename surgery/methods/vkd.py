@@ -18,6 +18,7 @@ from ..models import Adapter, answer_loss
 from ..prune import prune, pruned_entries
 from ..saliency import batches, collect_or_load, examples
 from ..select import fisher_mask, neuron_importance, select_neurons, union_splits
+from . import teacher
 from .loop import Context, Method, Term
 
 log = logging.getLogger("surgery")
@@ -91,7 +92,7 @@ def saliency_of(ctx: Context, fisher: bool = True):
     """Collect (or reuse --saliency) on the model as loaded, and keep a copy in the output directory."""
     cfg = ctx.cfg
     sal = collect_or_load(ctx.adapter, ctx.splits, ctx.params, cfg.forget, cfg.retain, cfg.collect_batch_size,
-                          cfg.saliency, ctx.timings, fisher=fisher)
+                          cfg.saliency, ctx.timings, fisher=fisher, world=ctx.world)
     if ctx.out is not None:
         sal.save(ctx.out / "saliency.safetensors")
     return sal
@@ -101,14 +102,16 @@ class VKD(Method):
     name = "vkd"
     paper = "Robust MLLM Unlearning via Visual Knowledge Distillation (arXiv 2512.11325)"
     default_scope = "mlp"
-    defaults = {"alpha": 1.25}
+    defaults = {"alpha": 1.25, "schedule": "combined"}
     forget_splits = ("fvqa",)
     retain_splits = ("fqa", "rvqa", "rqa")   # the forget people's facts in text are kept: L_fqa has a + sign
 
     def prepare(self, ctx: Context) -> None:
         sal = saliency_of(ctx)
         t = time.perf_counter()
-        self.teacher = projector_features(ctx.adapter, ctx.splits.rvqa, ctx.cfg.collect_batch_size)  # before pruning
+        size = ctx.cfg.collect_batch_size
+        self.teacher = teacher.cache(ctx, ctx.splits.rvqa, lambda rows: projector_features(ctx.adapter, rows, size),
+                                     size)   # before pruning; in memory or memory-mapped (--teacher-memory)
         ctx.timings["teacher_s"] = time.perf_counter() - t
         select_and_mask(ctx, sal)
 

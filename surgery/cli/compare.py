@@ -1,0 +1,93 @@
+"""`surgery compare`: every method on the same vanilla model, data, seeds and relearning attack, in one table."""
+import json
+
+import click
+
+from ..methods import METHODS
+from .common import emit, friendly, main
+
+
+def _names(ctx, param, value):
+    names = [x.strip() for x in value.split(",") if x.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names:
+        raise click.BadParameter(f"unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
+    if len(set(names)) != len(names):
+        raise click.BadParameter(f"{value!r}: a method is named twice")
+    return tuple(names)
+
+
+def _seeds(ctx, param, value):
+    try:
+        seeds = tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated seeds like 0,1,2") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise click.BadParameter(f"{value!r}: expected distinct non-negative seeds")
+    return seeds
+
+
+def _overrides(ctx, param, values):
+    """METHOD.FIELD=VALUE (VALUE read as JSON when it parses: numbers, true/false, lists; else as text)."""
+    out = {}
+    for v in values:
+        target, sep, raw = v.partition("=")
+        method, dot, name = target.partition(".")
+        if not (sep and dot and method and name):
+            raise click.BadParameter(f"{v!r}: expected METHOD.FIELD=VALUE, e.g. npo.npo_retain=true")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        out.setdefault(method, {})[name.replace("-", "_")] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+@main.command()
+@click.option("--methods", default=",".join(METHODS), show_default=True, callback=_names,
+              help="Comma-separated methods.")
+@click.option("--seeds", default="0", show_default=True, callback=_seeds,
+              help="Benchmark seeds: each generates its benchmark and vanilla model (cached); several give mean ± "
+                   "standard deviation. With --bench: seeds of the vanilla fine-tune and of the runs.")
+@click.option("--bench", type=click.Path(exists=True, file_okay=False),
+              help="Use this benchmark for every seed instead of generating one.")
+@click.option("--model", type=click.Path(exists=True, file_okay=False),
+              help="The vanilla model, used as it is (needs --bench; default: fine-tuned on the benchmark, cached).")
+@click.option("--out", default="out/compare", show_default=True, type=click.Path())
+@click.option("--cache", type=click.Path(), help="Vanilla models and method results (default ~/.cache/surgery, or "
+                                                 "$SURGERY_CACHE).")
+@click.option("--steps", type=int, default=100, show_default=True, help="Optimizer steps of every method that trains.")
+@click.option("--lr", type=float, default=3e-3, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--scope", type=click.Choice(["mlp", "vision", "full"]),
+              help="One scope for every method (default: each method's own, its paper's).")
+@click.option("--set", "overrides", multiple=True, callback=_overrides, metavar="METHOD.FIELD=VALUE",
+              help="A setting of one method's runs, e.g. --set npo.npo_retain=true --set vkd.alpha=2.5 (repeatable).")
+@click.option("--relearn-share", type=float, default=0.2, show_default=True)
+@click.option("--relearn-epochs", type=int, default=5, show_default=True)
+@click.option("--generation", is_flag=True, help="Also score by greedy generation: letter accuracy (MLLMU-Bench's "
+                                                 "style) and ROUGE-L, in a second table (slower).")
+@click.option("--in-process", is_flag=True, help="Run every method in this process (faster start; peak memory is "
+                                                 "then not reported).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("-v", "--verbose", is_flag=True)
+@friendly
+def compare(methods, seeds, bench, model, out, cache, steps, lr, batch_size, scope, overrides, relearn_share,
+            relearn_epochs, generation, in_process, device, overwrite, as_json, verbose):
+    """Every method on the same vanilla model, data, seeds and relearning attack: OUT/table.md, report.json and
+    compare.png. Results are cached: a re-run computes only new methods and settings."""
+    from ..compare import CompareConfig
+    from ..compare import compare as run
+    cfg = CompareConfig(methods=methods, seeds=seeds, bench=bench, model=model, steps=steps, lr=lr,
+                        batch_size=batch_size, scope=scope, device=device, overrides=overrides,
+                        relearn_share=relearn_share, relearn_epochs=relearn_epochs, generation=generation,
+                        isolate=not in_process)
+    report = run(out, cfg, cache, overwrite)
+    click.echo(report["table"], err=True)
+    click.echo(f"{out}/table.md, report.json, compare.png ({report['timings']['total_s']:.0f}s; "
+               f"{len(report['computed'])} runs computed, {len(report['reused'])} from the cache)", err=True)
+    emit(report, as_json)
+    if report["failed"]:
+        raise click.ClickException(f"failed: {', '.join(report['failed'])} (see report.json)")

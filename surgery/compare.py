@@ -1,0 +1,412 @@
+"""`surgery compare`: every unlearning method on the same vanilla model, data, seeds and relearning attack, in one
+table laid out like the paper's Table 1 (forget / retain / real-world VQA and QA), plus the relearning gain AG, time
+per step, peak memory and trainable weights per method.
+
+Per benchmark seed: the benchmark (generated for the seed, or --bench), its vanilla model (fine-tuned once and cached,
+or --model), the vanilla model's scores, then per method: unlearn on the shared loop -> evaluate -> relearning attack.
+Each method run happens in a fresh process, so its peak resident memory is its own (CUDA: the allocator's peak).
+Results are cached under CACHE/compare, keyed by the method, its resolved config, the vanilla model, the benchmark's
+files, the attack and the evaluation: a re-run computes only what is new. A run whose loss or weights become
+non-finite is reported as diverged and not scored. Several seeds give the mean and the spread (sample standard
+deviation) of every number.
+"""
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
+from pathlib import Path
+
+import torch
+import transformers
+
+from . import __version__
+# the benchmark: used only in the section marked below, so that a new benchmark version is a change there
+from .bench.demo import bench_digest, benchmark
+from .bench.evaluate import evaluate
+from .bench.finetune import FinetuneConfig, cache_root, vanilla_model
+from .bench.relearn import relearn
+from .config import Config
+from .methods import METHODS, NonFiniteError, get
+from .models import load
+from .pipeline import atomic_dir, environment, resolve, run
+
+log = logging.getLogger("surgery")
+COLUMNS = [("forget", "vqa"), ("forget", "qa"), ("retain", "vqa"), ("retain", "qa"), ("realworld", "vqa"),
+           ("realworld", "qa")]
+TRAINING = ("alpha", "lr", "weight_decay", "steps", "epochs", "schedule", "batch_size", "max_grad_norm")
+PATHS = ("model", "forget", "retain", "out", "saliency", "teacher_cache")
+EVAL_VERSION = 2          # bump when the scoring changes: cached results are then recomputed
+
+
+@dataclass
+class CompareConfig:
+    methods: tuple[str, ...] = METHODS
+    seeds: tuple[int, ...] = (0,)       # benchmark seeds (with --bench: seeds of the vanilla fine-tune and the runs)
+    bench: str | None = None            # an existing benchmark directory for every seed (default: generate one)
+    model: str | None = None            # the vanilla model, used as it is (needs --bench)
+    steps: int = 100                    # one training budget for every method that trains ...
+    lr: float = 3e-3                    # ... (the demo's: its tiny vision tower needs more than the paper's 1e-4)
+    batch_size: int = 4
+    scope: str | None = None            # None: each method's own (its paper's)
+    device: str = "cpu"
+    overrides: dict = field(default_factory=dict)   # {method: {Config field: value}}
+    relearn_share: float = 0.2
+    relearn_epochs: int = 5
+    generation: bool = False            # also letter accuracy and ROUGE-L by greedy generation (slower)
+    isolate: bool = True                # one fresh process per method run (fair peak memory)
+    bench_params: dict | None = None    # make_bench arguments (default: the demo's benchmark)
+    finetune: dict = field(default_factory=dict)    # FinetuneConfig fields of the vanilla model
+
+    def check(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from "
+                             f"{', '.join(METHODS)}")
+        if not self.seeds or any(s < 0 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"--seeds: expected distinct non-negative seeds, got {list(self.seeds)}")
+        if self.model and not self.bench:
+            raise ValueError("--model needs --bench: a vanilla model belongs to the benchmark it was trained on")
+        if self.steps < 1 or not self.lr > 0 or self.batch_size < 1:
+            raise ValueError(f"--steps, --lr and --batch-size must be positive (got {self.steps}, {self.lr}, "
+                             f"{self.batch_size})")
+        if not 0 < self.relearn_share <= 1 or self.relearn_epochs < 1:
+            raise ValueError(f"--relearn-share must be in (0, 1] and --relearn-epochs >= 1 (got "
+                             f"{self.relearn_share}, {self.relearn_epochs})")
+        settable = {f.name for f in fields(Config)} - set(PATHS) - {"method", "seed", "device", "extra"}
+        for method, values in self.overrides.items():
+            if method not in self.methods:
+                raise ValueError(f"--set {method}.…: {method} is not among --methods")
+            bad = sorted(set(values) - settable)
+            if bad:
+                raise ValueError(f"--set {method}.{bad[0]}: not a setting of a run (one of "
+                                 f"{', '.join(sorted(settable))})")
+
+
+# ----- the benchmark: every call into surgery.bench is in this section ---------------------------------------------
+def _benchmark(cfg: CompareConfig, seed: int, cache: Path) -> Path:
+    """The benchmark of this seed: --bench, or the demo's benchmark for the seed (generated once, cached)."""
+    if cfg.bench:
+        return Path(cfg.bench)
+    return benchmark(seed, cfg.bench_params or {}, cache)[0]
+
+
+def _vanilla(cfg: CompareConfig, bench: Path, seed: int, cache: Path) -> tuple[Path, bool, str]:
+    """(vanilla model, taken from the cache?, an id that changes when the model does)."""
+    if cfg.model:
+        model = Path(cfg.model)
+        files = sorted(p for p in model.iterdir() if p.is_file()) if model.is_dir() else []
+        if not files:
+            raise FileNotFoundError(f"--model {model}: not a model directory")
+        stamp = json.dumps([[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files])
+        return model, True, f"{model.resolve()}:{hashlib.sha256(stamp.encode()).hexdigest()[:16]}"
+    path, cached = vanilla_model(bench, FinetuneConfig(**{"seed": seed, **cfg.finetune}), cache)
+    return path, cached, path.name              # the name holds the content hash of benchmark + fine-tune config
+
+
+def _digest(bench: Path) -> str:
+    return bench_digest(bench)
+
+
+def _inputs(bench: Path) -> tuple[Path, Path]:
+    """The method's forget and retain files (training rows; evaluation uses the held-out views)."""
+    return bench / "forget.jsonl", bench / "retain.jsonl"
+
+
+def _score(model: Path, bench: Path, device: str, generation: bool, seed: int) -> dict:
+    return evaluate(load(str(model), device=device, seed=seed), bench, letter=generation, rouge=generation)
+
+
+def _attack(model: Path, bench: Path, cfg: dict, seed: int) -> dict:
+    return relearn(model, bench, share=cfg["relearn_share"], epochs=cfg["relearn_epochs"], seed=seed,
+                   device=cfg["device"])
+
+
+def _cache_root() -> Path:
+    return cache_root()
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def peak_rss() -> int | None:
+    """This process's peak resident memory in bytes (Linux: VmHWM, the high-water mark of its own address space).
+    Not getrusage's ru_maxrss: that one survives fork and exec, so a run started by a larger parent reports the
+    parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def run_job(job: dict) -> dict:
+    """One method on one seed: unlearn (into a scratch directory) -> evaluate -> relearning attack. Runs in a fresh
+    process when isolated; a NonFiniteError is a result (diverged), any other error propagates."""
+    if job.get("log_level") is not None:
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
+        log.setLevel(job["log_level"])
+    cfg = Config(**job["config"])
+    out = Path(cfg.out)
+    try:
+        try:
+            report = run(cfg, overwrite=True, progress=job.get("progress", False))
+            memory = {**report["memory"], "peak_rss_bytes": peak_rss()}       # before evaluation and attack
+        except NonFiniteError as e:
+            log.warning("%s diverged on seed %d: %s", cfg.method, cfg.seed, e)
+            return {"status": "diverged", "error": str(e)}
+        bench = Path(job["bench"])
+        scores = _score(out, bench, cfg.device, job["generation"], cfg.seed)
+        attack = _attack(out, bench, job, cfg.seed)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    timings = report["timings"]
+    return {"status": "ok", "scores": scores, "relearn": attack, "AG": attack["AG"],
+            "steps": len(report["losses"]), "step_s": timings.get("step_s"), "train_s": timings.get("train_s"),
+            "prepare_s": timings.get("prepare_s"), "total_s": timings.get("total_s"), "memory": memory,
+            "memory_isolated": job["isolate"], "trainable_weights": report["trainable_weights"],
+            "scope": report["scope"]["name"], "pruned_neurons": sum((report.get("pruned_neurons") or {}).values()),
+            "config": report["config"], "losses_last": report["losses"][-1] if report["losses"] else None}
+
+
+def _execute(job: dict, isolate: bool) -> dict:
+    if not isolate:
+        return run_job(job)
+    # a fresh interpreter per run: its peak RSS is the run's own, and nothing leaks from one method to the next
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(run_job, job).result()
+
+
+def job_config(cfg: CompareConfig, method: str, seed: int, vanilla: Path, bench: Path, out: Path) -> Config:
+    """The run's Config with the method's defaults filled in (what report.json records)."""
+    forget, retain = _inputs(bench)
+    base = Config(method=method, model=str(vanilla), forget=str(forget), retain=str(retain), out=str(out), seed=seed,
+                  device=cfg.device, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, scope=cfg.scope)
+    return resolve(replace(base, **cfg.overrides.get(method, {})))[0]
+
+
+def cache_key(run_cfg: Config, trains: bool, vanilla_id: str, digest: str, cfg: CompareConfig) -> str:
+    """What a method's result depends on: its config (paths aside; training settings aside for a training-free
+    method), the vanilla model, the benchmark files, the attack, the evaluation and the library versions."""
+    settings = {k: v for k, v in run_cfg.to_dict().items() if k not in PATHS and (trains or k not in TRAINING)}
+    what = {"config": settings, "vanilla": vanilla_id, "bench": digest, "relearn": [cfg.relearn_share,
+            cfg.relearn_epochs], "generation": cfg.generation, "eval": EVAL_VERSION,
+            "versions": [__version__, torch.__version__, transformers.__version__]}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _cached(path: Path, compute):
+    """The JSON in `path`, or compute() written there (atomically) and returned. Returns (value, was cached)."""
+    if path.is_file():
+        return json.loads(path.read_text()), True
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{id(value)}")
+    tmp.write_text(json.dumps(value, indent=1))
+    tmp.replace(path)
+    return value, False
+
+
+def summarize(seeds: dict, methods: tuple) -> dict:
+    """Per row (vanilla, then each method) and number: the values over the seeds where the run is scored, their mean
+    and sample standard deviation; the per-person interval of a single seed when the benchmark gives one."""
+    rows = {"vanilla": [s["vanilla"] for s in seeds.values()]}
+    for m in methods:
+        rows[m] = [s["methods"][m] for s in seeds.values()]
+    summary = {}
+    for name, results in rows.items():
+        scored = [r for r in results if name == "vanilla" or r["status"] == "ok"]
+        entry = {"runs": len(results), "scored": len(scored),
+                 "diverged": sum(1 for r in results if r.get("status") == "diverged"),
+                 "failed": sum(1 for r in results if r.get("status") == "failed")}
+        for split, kind in COLUMNS:
+            scores = [r["scores"] if name != "vanilla" else r for r in scored]
+            entry[f"{split}_{kind}"] = _stat([s.get(split, {}).get(kind) for s in scores])
+            entry[f"{split}_{kind}_letter"] = _stat([s.get(split, {}).get(f"{kind}_letter") for s in scores])
+            if len(scores) == 1 and scores[0].get(split, {}).get(f"{kind}_ci"):
+                entry[f"{split}_{kind}"]["ci"] = scores[0][split][f"{kind}_ci"]
+            entry[f"{split}_rougeL_vqa"] = _stat([s.get(split, {}).get("rougeL_vqa") for s in scores])
+        if name != "vanilla":
+            for key in ("AG", "step_s", "trainable_weights", "pruned_neurons"):
+                entry[key] = _stat([r.get(key) for r in scored])
+            entry["unlearn_s"] = _stat([(r.get("prepare_s") or 0) + (r.get("train_s") or 0) for r in scored])
+            entry["peak_rss_bytes"] = _stat([r["memory"].get("peak_rss_bytes") for r in scored
+                                             if r["memory_isolated"]])
+            entry["cuda_max_allocated_bytes"] = _stat([r["memory"].get("cuda_max_allocated_bytes") for r in scored])
+        summary[name] = entry
+    return summary
+
+
+def _stat(values) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "n": 0, "values": []}
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+    return {"mean": mean, "std": std, "n": len(values), "values": values}
+
+
+def _cell(stat: dict, digits: int = 1, scale: float = 1.0) -> str:
+    if stat["mean"] is None:
+        return "–"
+    text = f"{stat['mean'] / scale:.{digits}f}"
+    if stat.get("std") is not None:
+        text += f" ± {stat['std'] / scale:.{digits}f}"
+    elif stat.get("ci"):
+        lo, hi = stat["ci"]
+        text += f" [{lo / scale:.{digits}f}, {hi / scale:.{digits}f}]"
+    return text
+
+
+def table(summary: dict, methods: tuple, seeds: tuple) -> str:
+    """Markdown, Table 1 layout: accuracy (%) by option likelihood on held-out views, then AG (forget-VQA gain under
+    the relearning attack), seconds per step, prepare + training time, peak memory and trainable weights; with
+    generation scored, a second table by letter generation (MLLMU-Bench's style) and ROUGE-L."""
+    head = ["method", "forget VQA ↓", "forget QA", "retain VQA ↑", "retain QA ↑", "real-world VQA ↑",
+            "real-world QA ↑", "AG ↓", "s / step", "unlearn s", "peak mem (GiB)", "trainable", "scope"]
+    lines = _rows(summary, head, lambda name, entry: [_cell(entry[f"{s}_{k}"]) for s, k in COLUMNS] + (
+        ["–"] * 6 if name == "vanilla" else
+        [_cell(entry["AG"]), _cell(entry["step_s"], 2), _cell(entry["unlearn_s"], 0), _cell(_memory(entry), 2, 2**30),
+         _cell(entry["trainable_weights"], 0), entry.get("scope", "")]))
+    if any(entry["forget_vqa_letter"]["n"] for entry in summary.values()):
+        head = ["method", *(f"{h} (letter)" for h in head[1:7]), "forget ROUGE-L ↓", "retain ROUGE-L ↑"]
+        lines += [""] + _rows(summary, head, lambda name, entry: [_cell(entry[f"{s}_{k}_letter"]) for s, k in COLUMNS]
+                              + [_cell(entry["forget_rougeL_vqa"]), _cell(entry["retain_rougeL_vqa"])])
+    n = len(seeds)
+    note = (f"Mean ± sample standard deviation over {n} benchmark seeds ({', '.join(map(str, seeds))})." if n > 1
+            else f"Benchmark seed {seeds[0]}; [a, b]: per-person bootstrap 95 % interval where the benchmark gives it.")
+    return "\n".join(lines) + "\n\n" + note + (" Accuracy in %, held-out views, by option likelihood (letter: the "
+                                              "first letter A-D of the greedy answer). AG: forget-VQA accuracy after "
+                                              "the relearning attack − before it. unlearn s: the method's prepare step "
+                                              "(statistics, masks, pruning) + training. Memory: peak RSS of the run's "
+                                              "own process (CUDA: max allocated).")
+
+
+def _memory(entry: dict) -> dict:
+    return entry["cuda_max_allocated_bytes"] if entry["cuda_max_allocated_bytes"]["n"] else entry["peak_rss_bytes"]
+
+
+def _rows(summary: dict, head: list, cells) -> list[str]:
+    """Markdown rows: `cells(name, entry)` for scored rows; a method never scored says why."""
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for name, entry in summary.items():
+        label = name
+        if name != "vanilla" and entry["scored"] == 0:
+            status = "diverged" if entry["diverged"] else "failed"
+            row = [f"**{status}** ({entry[status]} of {entry['runs']})"] + ["–"] * (len(head) - 2)
+        else:
+            row = cells(name, entry)
+            if name != "vanilla" and entry["diverged"]:
+                label += f" (diverged on {entry['diverged']} of {entry['runs']} seeds)"
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
+    return lines
+
+
+def figure(summary: dict, methods: tuple, path: Path) -> None:
+    """Forget-VQA drop against retain-VQA drop (vanilla − method, points) per method, AG in the label and the colour."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    van = summary["vanilla"]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    points, skipped = [], []
+    for m in methods:
+        e = summary[m]
+        if not e["scored"]:
+            skipped.append(m)
+            continue
+        x = van["forget_vqa"]["mean"] - e["forget_vqa"]["mean"]
+        y = van["retain_vqa"]["mean"] - e["retain_vqa"]["mean"]
+        points.append((m, x, y, e["forget_vqa"]["std"] or 0, e["retain_vqa"]["std"] or 0, e["AG"]["mean"]))
+    if points:
+        ags = [p[5] for p in points]
+        scatter = ax.scatter([p[1] for p in points], [p[2] for p in points], c=ags, cmap="coolwarm", s=70, zorder=3,
+                             vmin=min(0.0, *ags), vmax=max(1.0, *ags))
+        ax.errorbar([p[1] for p in points], [p[2] for p in points], xerr=[p[3] for p in points],
+                    yerr=[p[4] for p in points], fmt="none", ecolor="grey", lw=1, zorder=2)
+        for m, x, y, *_, ag in points:
+            ax.annotate(f"{m} (AG {ag:+.1f})", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        fig.colorbar(scatter, ax=ax, label="AG (forget-VQA gain under relearning, points)")
+    ax.axhline(0, color="grey", lw=0.8, ls=":")
+    ax.axvline(0, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("forget-VQA drop from vanilla (points, higher: more forgotten)")
+    ax.set_ylabel("retain-VQA drop from vanilla (points, lower: better kept)")
+    ax.set_title("unlearning methods" + (f" (not scored: {', '.join(skipped)})" if skipped else ""), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _method_result(cfg: CompareConfig, method: str, seed: int, vanilla: Path, vanilla_id: str, bench: Path,
+                   digest: str, cache: Path, progress: bool, ledger: dict) -> dict:
+    """One method on one seed: from the cache, or run (in its own process unless --in-process) and cached."""
+    scratch = Path(tempfile.mkdtemp(prefix=f"surgery-compare-{method}-"))
+    run_cfg = job_config(cfg, method, seed, vanilla, bench, scratch / "out")
+    key = cache_key(run_cfg, get(method).trains, vanilla_id, digest, cfg)
+    job = {"config": run_cfg.to_dict(), "bench": str(bench), "generation": cfg.generation,
+           "relearn_share": cfg.relearn_share, "relearn_epochs": cfg.relearn_epochs, "device": cfg.device,
+           "isolate": cfg.isolate, "progress": progress, "log_level": log.getEffectiveLevel()}
+    t, path = time.perf_counter(), cache / "compare" / f"{method}-{key}.json"
+    if cfg.isolate and path.is_file() and json.loads(path.read_text()).get("memory_isolated") is False:
+        path.unlink()       # measured in-process: run it again in its own process for a fair peak
+    try:
+        result, hit = _cached(path, partial(_execute, job, cfg.isolate))
+    except Exception as e:  # noqa: BLE001  (one method's bug must not hide the others' results)
+        log.error("%s failed on seed %d: %s: %s", method, seed, type(e).__name__, e)
+        result, hit = {"status": "failed", "error": f"{type(e).__name__}: {e}"}, False
+        ledger["failed"].append(f"{method}@{seed}")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    ledger["reused" if hit else "computed"].append(f"{method}@{seed}")
+    ledger["timings"][f"{method}_s[{seed}]"] = time.perf_counter() - t
+    log.info("%s seed %d: %s%s", method, seed, result["status"], " (cached)" if hit else "")
+    return {**result, "cache_key": key}
+
+
+def _seed_results(cfg: CompareConfig, seed: int, cache: Path, progress: bool,
+                  ledger: dict) -> dict:
+    """The benchmark and vanilla model of one seed, the vanilla scores, and every method's result."""
+    t = time.perf_counter()
+    bench = _benchmark(cfg, seed, cache)
+    vanilla, vanilla_cached, vanilla_id = _vanilla(cfg, bench, seed, cache)
+    digest = _digest(bench)
+    ledger["timings"][f"vanilla_s[{seed}]"] = time.perf_counter() - t
+    key = hashlib.sha256(json.dumps([vanilla_id, digest, cfg.generation, EVAL_VERSION, __version__]).encode())
+    scores, hit = _cached(cache / "compare" / f"vanilla-{key.hexdigest()[:20]}.json",
+                          partial(_score, vanilla, bench, cfg.device, cfg.generation, seed))
+    ledger["reused" if hit else "computed"].append(f"vanilla@{seed}")
+    return {"bench": str(bench), "bench_digest": digest,
+            "vanilla_model": str(vanilla), "vanilla_cached": vanilla_cached, "vanilla": scores,
+            "methods": {m: _method_result(cfg, m, seed, vanilla, vanilla_id, bench, digest, cache, progress, ledger)
+                        for m in cfg.methods}}
+
+
+def compare(out, cfg: CompareConfig, cache: Path | None = None, overwrite: bool = False, progress: bool = True
+            ) -> dict:
+    """Run the comparison into `out` (atomically): report.json, table.md, compare.png and the benchmarks used."""
+    cfg.check()
+    out, cache = Path(out), Path(cache) if cache else _cache_root()
+    t0, ledger = time.perf_counter(), {"computed": [], "reused": [], "failed": [], "timings": {}}
+    with atomic_dir(out, overwrite) as tmp:
+        seeds = {seed: _seed_results(cfg, seed, cache, progress, ledger) for seed in cfg.seeds}
+        summary = summarize(seeds, cfg.methods)
+        for m in cfg.methods:
+            scored = [s["methods"][m] for s in seeds.values() if s["methods"][m]["status"] == "ok"]
+            summary[m]["scope"] = scored[0]["scope"] if scored else ""
+        markdown = table(summary, cfg.methods, cfg.seeds)
+        figure(summary, cfg.methods, tmp / "compare.png")
+        ledger["timings"]["total_s"] = time.perf_counter() - t0
+        report = {"compare": asdict(cfg), "out": str(out), "cache": str(cache), "environment": environment(cfg.device),
+                  "seeds": {str(k): v for k, v in seeds.items()}, "summary": summary, "table": markdown, **ledger}
+        (tmp / "table.md").write_text(markdown + "\n")
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    log.info("compare written to %s in %.0fs (%d runs computed, %d from the cache)", out,
+             ledger["timings"]["total_s"], len(ledger["computed"]), len(ledger["reused"]))
+    return report
