@@ -9,6 +9,7 @@ __all__ = ["METHODS", "Context", "Method", "NonFiniteError", "Term", "get", "tra
 
 
 def get(name: str) -> Method:
+    """A fresh instance of the method (a run keeps state on it: its teacher, its retain splits)."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-    return importlib.import_module(f".{name}", __name__).METHOD
+    return type(importlib.import_module(f".{name}", __name__).METHOD)()
