@@ -1,12 +1,17 @@
-"""`surgery demo`: the whole evaluation loop on the built-in benchmark, from nothing.
+"""`surgery demo`: the whole evaluation loop on the built-in benchmark, from nothing, over one or more seeds.
 
-make-bench -> finetune (cached by content hash) -> prune-and-mask (β = 0.3 and the β = 0 ablation) -> eval vanilla
-vs unlearned -> relearning attack -> table on stderr, report.json and demo.png in OUT. With `reference`, also the
-model that never saw the forget people's faces (what unlearning aims at), evaluated and attacked the same way."""
+Per benchmark seed: make-bench (cached) -> the vanilla and the reference model (built stage by stage, cached by
+content hash: finetune.vanilla_model) -> VKD prune-and-mask at β = 0.3 and the β = 0 ablation -> evaluation of every
+model on the held-out views (or the dev views, for tuning) -> the relearning attack on the unlearned and the
+reference model. Then the mean and spread over the seeds, the issue's targets checked on the means, table on stderr,
+report.json and demo.png in OUT; the unlearned models of every seed are kept in OUT/seed-<s>/ for re-evaluation.
+
+The reference model never saw a forget person's face: it is what unlearning aims at, and its AG (the forget-VQA
+accuracy a relearning attack brings back) is the yardstick for the unlearned model's AG."""
 import hashlib
 import json
 import logging
-import os
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -14,117 +19,156 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from ..models import load
-from ..pipeline import atomic_dir, environment, prune_and_mask, seed_everything
 from ..data import load_jsonl
-from ..models import Example
-from .evaluate import CHANCE, answer_logprobs, evaluate, option_answer, table
-from .finetune import FinetuneConfig, finetune
-from .make_bench import make_bench
+from ..models import Example, load
+from ..pipeline import atomic_dir, environment, prune_and_mask, seed_everything
+from .evaluate import CHANCE, COLUMNS, answer_logprobs, evaluate, option_answer, split_files, table
+from .finetune import QUICK_BENCH, FinetuneConfig, cache_root, vanilla_model
+from .make_bench import VERSION, make_bench
 from .relearn import relearn
 
 log = logging.getLogger("surgery")
 
-# The method's settings for this benchmark's toy model (a 4-layer, 64-wide CLIP: its MLPs hold less of the
-# identity than a real CLIP's, so it needs a larger step than the paper's 1e-4). Chosen on seed 0 by trying
-# lr 1e-4..1e-2, steps 50..150, α 1.25..20, β 0 / 0.3 / 1; the benchmark itself was not changed.
-UNLEARN = dict(lr=3e-3, steps=100, alpha=2.5, beta=0.3)
-BENCH = dict(people=40, forget_share=0.1, real_world=10, train_views=4, test_views=2)
-QUICK_BENCH = dict(people=8, forget_share=0.25, real_world=3, train_views=2, test_views=1)
+# VKD's settings for this benchmark, chosen on the DEV views of seed 0 (README: "How the demo's settings were chosen"
+# has the sweep and the commands); the test views were not looked at. Of the settings that took dev forget-VQA to
+# <= 40 %, this one kept the most retain and real-world VQA. β is 3, not the paper's 0.3: our L_VKD is a mean over
+# tokens and channels, so its scale differs from the paper's. The combined schedule (one update on forget + retain +
+# distillation per step, the paper's) kept more on dev than MMUnlearner's alternating one, with a lower AG.
+UNLEARN = dict(lr=5e-4, steps=200, alpha=2.5, beta=3.0, schedule="combined")
+TARGET_SLACK = dict(forget_over_chance=15.0, kept_within=5.0, ag_max=10.0, ag_within_reference=5.0)
 
 
 @dataclass
 class DemoConfig:
-    seed: int = 0
+    seeds: tuple[int, ...] = (0,)
     quick: bool = False                # a few-second run of every stage (tests), not a measurement
-    ablation: bool = True              # also run β = 0 (does VKD keep retain accuracy?)
-    reference: bool = False            # also train the model that never saw the forget faces (cached)
+    views: str = "test"                # test: held-out views (report); dev: the views tuning may look at
+    ablation: bool = True              # also run β = 0 (does the distillation term keep retain accuracy?)
+    reference: bool = True             # also build the model that never saw the forget faces (cached)
     relearn_share: float = 0.2
     relearn_epochs: int = 5
     unlearn: dict = field(default_factory=lambda: dict(UNLEARN))
-    bench: dict = field(default_factory=lambda: dict(BENCH))
+    bench: dict = field(default_factory=dict)       # make_bench arguments beyond its defaults
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     @classmethod
-    def make(cls, seed: int = 0, quick: bool = False, **kw) -> "DemoConfig":
-        cfg = cls(seed=seed, quick=quick, **kw)
-        cfg.finetune.seed = seed
+    def make(cls, seeds=(0,), quick: bool = False, unlearn: dict | None = None, **kw) -> "DemoConfig":
+        cfg = cls(seeds=tuple(seeds), quick=quick, **kw)
+        cfg.unlearn.update(unlearn or {})
         if quick:
-            cfg.bench = dict(QUICK_BENCH)
-            cfg.finetune.epochs, cfg.finetune.name_epochs = 2, 1
-            cfg.unlearn["steps"], cfg.relearn_epochs = 4, 1
+            cfg.bench, cfg.finetune = dict(QUICK_BENCH), FinetuneConfig.quick()
+            cfg.unlearn.update(steps=4, epochs=None)
+            cfg.relearn_epochs = 1
+        cfg.check()
         return cfg
 
+    def check(self) -> None:
+        if not self.seeds or min(self.seeds) < 0 or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"--seeds: expected distinct non-negative seeds, got {list(self.seeds)}")
+        if self.views not in ("test", "dev"):
+            raise ValueError(f"--views {self.views!r}: choose test or dev")
+        known = set(Config.__dataclass_fields__) - {"model", "forget", "retain", "out", "seed", "method", "saliency"}
+        bad = sorted(set(self.unlearn) - known)
+        if bad:
+            raise ValueError(f"--set {bad[0]}: not a setting of prune-and-mask (one of {', '.join(sorted(known))})")
 
-def cache_root() -> Path:
-    if os.environ.get("SURGERY_CACHE"):
-        return Path(os.environ["SURGERY_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "surgery"
+
+def benchmark(seed: int, params: dict, cache: Path) -> tuple[Path, bool]:
+    """The benchmark of `seed` (make_bench with `params`), generated once into the cache. Returns (dir, cached)."""
+    key = json.dumps({"version": VERSION, "seed": seed, **params}, sort_keys=True)
+    path = cache / f"bench-{seed}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if (path / "bench.json").is_file():
+        return path, True
+    make_bench(path, seed=seed, overwrite=True, **params)
+    return path, False
 
 
 def bench_digest(bench: Path, h=None) -> str:
     """SHA-256 over every benchmark file (names and bytes): equal digests mean the same benchmark."""
     h = h or hashlib.sha256()
-    for path in sorted(p for p in bench.rglob("*") if p.is_file()):
+    for path in sorted(p for p in Path(bench).rglob("*") if p.is_file()):
         h.update(path.relative_to(bench).as_posix().encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
 
-def content_hash(bench: Path, cfg: FinetuneConfig) -> str:
-    """What the vanilla model depends on: every benchmark file, the fine-tuning config, the library versions."""
-    import transformers
-    from .. import __version__
-    return bench_digest(bench, hashlib.sha256(json.dumps([asdict(cfg), __version__, torch.__version__,
-                                                          transformers.__version__]).encode()))
-
-
-def vanilla_model(bench: Path, cfg: FinetuneConfig, cache: Path, name: str = "vanilla") -> tuple[Path, bool]:
-    """The fine-tuned model for this benchmark: from the cache, else trained into it. Returns (path, was cached)."""
-    path = cache / f"{name}-{content_hash(bench, cfg)}"
-    if (path / "finetune.json").is_file():
-        log.info("%s model from cache: %s", name, path)
-        return path, True
-    finetune(bench, path, cfg, overwrite=True)
-    return path, False
-
-
-def targets(results: dict, attack: dict, qa_shift: dict, quick: bool) -> dict:
-    """The issue's efficacy targets, checked against the measured numbers (likelihood accuracy, percent)."""
-    van, unl = results["vanilla"], results["unlearned"]
+def targets(mean: dict, shifts: list[float], ag: float | None, ag_ref: float | None, beta: float) -> dict:
+    """The issue's targets, checked on the seed means (likelihood accuracy, percent)."""
+    van, unl, s = mean["vanilla"], mean["unlearned"], TARGET_SLACK
     checks = {
-        "forget_vqa <= chance + 15": unl["forget"]["vqa"] <= CHANCE + 15,
-        "retain_vqa within 5 of vanilla": abs(unl["retain"]["vqa"] - van["retain"]["vqa"]) <= 5,
-        "realworld_vqa within 5 of vanilla": abs(unl["realworld"]["vqa"] - van["realworld"]["vqa"]) <= 5,
-        "forget_qa and retain_qa unchanged (every QA option log-likelihood identical)":
-            all(unl[s]["qa"] == van[s]["qa"] for s in ("forget", "retain")) and qa_shift["unlearned"] == 0.0,
-        "relearn AG <= 10": attack["AG"] <= 10,
+        f"forget VQA <= chance + {s['forget_over_chance']:g}": unl["forget_vqa"] <= CHANCE + s["forget_over_chance"],
+        f"retain VQA within {s['kept_within']:g} of vanilla": abs(unl["retain_vqa"] - van["retain_vqa"]) <= s["kept_within"],
+        f"real-world VQA within {s['kept_within']:g} of vanilla":
+            abs(unl["realworld_vqa"] - van["realworld_vqa"]) <= s["kept_within"],
+        "every QA option log-likelihood bit-identical to vanilla": all(x == 0.0 for x in shifts),
     }
-    if "unlearned (beta=0)" in results:
-        checks["beta 0.3 keeps more retain_vqa than beta 0"] = \
-            unl["retain"]["vqa"] > results["unlearned (beta=0)"]["retain"]["vqa"]
-    return {"quick run: not a measurement": True} if quick else checks
+    if "unlearned (beta=0)" in mean:
+        checks[f"beta {beta:g} keeps more retain VQA than beta 0"] = \
+            unl["retain_vqa"] > mean["unlearned (beta=0)"]["retain_vqa"]
+    if ag is not None:
+        checks[f"AG <= {s['ag_max']:g}"] = ag <= s["ag_max"]
+        if ag_ref is not None:
+            checks[f"AG within {s['ag_within_reference']:g} of the reference model's"] = \
+                abs(ag - ag_ref) <= s["ag_within_reference"]
+    return checks
 
 
-def figure(results: dict, attack: dict, attack_ref: dict | None, path: Path) -> None:
+def summarize(per_seed: dict) -> tuple[dict, dict]:
+    """(mean, spread): per model and accuracy column (and AG), the mean over seeds and the sample standard deviation
+    (None for one seed)."""
+    models = list(next(iter(per_seed.values()))["results"])
+    mean, spread = {}, {}
+    for name in models:
+        values = {f"{s}_{k}{suffix}": [r["results"][name][s].get(f"{k}{suffix}") for r in per_seed.values()]
+                  for s, k in COLUMNS for suffix in ("", "_letter")}
+        attack = {"unlearned": "relearn", "reference": "relearn_reference"}.get(name)
+        if attack and all(attack in r for r in per_seed.values()):
+            values["AG"] = [r[attack]["AG"] for r in per_seed.values()]
+        mean[name], spread[name] = {}, {}
+        for key, xs in values.items():
+            xs = [x for x in xs if x is not None]
+            mean[name][key] = sum(xs) / len(xs) if xs else None
+            spread[name][key] = math.sqrt(sum((x - mean[name][key]) ** 2 for x in xs) / (len(xs) - 1)) \
+                if len(xs) > 1 else None
+    return mean, spread
+
+
+def seeds_table(mean: dict, spread: dict, seeds) -> str:
+    """Mean ± sample standard deviation over the seeds, per model: accuracy columns and AG."""
+    cols = [f"{s}_{k}" for s, k in COLUMNS] + ["forget_vqa_letter", "retain_qa_letter", "AG"]
+    width = max(12, *(len(m) for m in mean))
+    lines = [f"-- mean ± sd over seeds {', '.join(map(str, seeds))} (accuracy %, likelihood; letter: greedy letter; "
+             "AG: forget VQA after relearning − before)",
+             f"{'model':<{width}} " + " ".join(f"{c.replace('realworld', 'realw'):>18}" for c in cols)]
+    for name in mean:
+        cells = []
+        for c in cols:
+            m, sd = mean[name].get(c), spread[name].get(c)
+            cells.append("-" if m is None else f"{m:.1f}" + (f" ± {sd:.1f}" if sd is not None else ""))
+        lines.append(f"{name:<{width}} " + " ".join(f"{c:>18}" for c in cells))
+    return "\n".join(lines)
+
+
+def figure(mean: dict, attacks: dict, path: Path) -> None:
+    """Accuracy per model and column (seed means) beside the relearning curves (one per seed and model)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    cols = [(s, k) for s in ("forget", "retain", "realworld") for k in ("vqa", "qa")]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [2.2, 1]})
-    width = 0.8 / len(results)
-    for i, (method, res) in enumerate(results.items()):
-        ax.bar([j + i * width for j in range(len(cols))], [res[s][k] or 0 for s, k in cols], width, label=method)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cols))], [f"{s}\n{k.upper()}" for s, k in cols])
+    width = 0.8 / len(mean)
+    for i, (name, res) in enumerate(mean.items()):
+        ax.bar([j + i * width for j in range(len(COLUMNS))], [res[f"{s}_{k}"] or 0 for s, k in COLUMNS], width,
+               label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(COLUMNS))], [f"{s}\n{k.upper()}" for s, k in COLUMNS])
     ax.axhline(CHANCE, color="grey", ls=":", lw=1, label="chance")
     ax.set_ylabel("accuracy (%)"), ax.set_ylim(0, 122), ax.set_yticks(range(0, 101, 20))
-    ax.legend(fontsize=8, loc="upper center", ncol=len(results) + 1), ax.set_title("vanilla vs unlearned")
-    ax2.plot(range(len(attack["forget_vqa"])), attack["forget_vqa"], marker="o", label="unlearned")
-    if attack_ref:
-        ax2.plot(range(len(attack_ref["forget_vqa"])), attack_ref["forget_vqa"], marker="s", label="reference")
-    ax2.axhline(results["vanilla"]["forget"]["vqa"], color="C0", ls="--", lw=1, label="vanilla")
+    ax.legend(fontsize=7, loc="upper center", ncol=3), ax.set_title("seed means")
+    for (name, seed), a in attacks.items():
+        ax2.plot(range(len(a["forget_vqa"])), a["forget_vqa"], marker="o" if name == "unlearned" else "s",
+                 color="C1" if name == "unlearned" else "C3", alpha=0.8, label=f"{name} (seed {seed})")
+    ax2.axhline(mean["vanilla"]["forget_vqa"], color="C0", ls="--", lw=1, label="vanilla (mean)")
     ax2.set_xlabel("relearning epoch"), ax2.set_ylabel("forget-VQA accuracy (%)"), ax2.set_ylim(0, 105)
-    ax2.set_title(f"relearning attack ({attack['share']:.0%} of forget-VQA)"), ax2.legend(fontsize=8)
+    ax2.set_title("relearning attack"), ax2.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -133,82 +177,96 @@ def figure(results: dict, attack: dict, attack_ref: dict | None, path: Path) -> 
 def is_demo_output(path: Path) -> bool:
     """A directory a previous `surgery demo` wrote (the demo replaces its own output without --overwrite)."""
     try:
-        return "relearn" in json.loads((path / "report.json").read_text()) and (path / "bench").is_dir()
+        return "per_seed" in json.loads((path / "report.json").read_text())
     except (OSError, ValueError):
         return False
+
+
+def qa_examples(bench: Path, views: str) -> list[Example]:
+    """Every option of every text-only multiple-choice row: the LLM's answers that unlearning must not move."""
+    return [Example(r.prompt(), option_answer(r, letter), None) for path in split_files(bench, views).values()
+            for r in load_jsonl(path) if r.options and not r.is_vqa for letter in sorted(r.options)]
+
+
+def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict) -> dict:
+    """One benchmark seed: benchmark, vanilla (+ reference), VKD (+ β = 0), evaluation, attacks."""
+    def timed(name, fn):
+        t = time.perf_counter()
+        value = fn()
+        timings[f"{name}_s[{seed}]"] = time.perf_counter() - t
+        return value
+
+    seed_everything(seed)
+    bench, bench_cached = timed("make_bench", lambda: benchmark(seed, cfg.bench, cache))
+    ft = replace(cfg.finetune, seed=seed)
+    vanilla, vanilla_cached = timed("vanilla", lambda: vanilla_model(bench, ft, cache))
+    models = {"vanilla": vanilla}
+    if cfg.reference:
+        models["reference"], _ = timed("reference", lambda: vanilla_model(bench, ft, cache, reference=True))
+    runs = {"unlearned": cfg.unlearn}
+    if cfg.ablation:
+        runs["unlearned (beta=0)"] = {**cfg.unlearn, "beta": 0.0}
+    work, saliency, reports = tmp / f"seed-{seed}", None, {}
+    for name, kw in runs.items():
+        dest = work / ("unlearned" if name == "unlearned" else "unlearned-beta0")
+        reports[name] = timed(f"unlearn[{name}]", lambda: prune_and_mask(Config(
+            model=str(vanilla), forget=str(bench / "forget.jsonl"), retain=str(bench / "retain.jsonl"), out=str(dest),
+            seed=seed, saliency=saliency, **kw), progress=False))
+        saliency = str(dest / "saliency.safetensors")       # β changes nothing before unlearning: collect once
+        models[name] = dest
+
+    results, logprobs = {}, {}
+    examples = qa_examples(bench, cfg.views)
+    for name, path in models.items():
+        def score():
+            adapter = load(str(path), seed=seed)
+            results[name] = evaluate(adapter, bench, views=cfg.views, rouge=False)
+            logprobs[name] = torch.tensor(answer_logprobs(adapter, examples), dtype=torch.float64)
+        timed(f"eval[{name}]", score)
+    # text-only rows never reach the vision weights: every QA option's log-likelihood must be bit-identical
+    shifts = {name: float((logprobs[name] - logprobs["vanilla"]).abs().max()) for name in runs}
+    attack = dict(bench=bench, share=cfg.relearn_share, epochs=cfg.relearn_epochs, seed=seed, views=cfg.views)
+    out = {"bench": str(bench), "bench_cached": bench_cached, "bench_digest": bench_digest(bench),
+           "vanilla_model": str(vanilla), "vanilla_cached": vanilla_cached, "results": results,
+           "qa_logprob_max_abs_change": shifts,
+           "unlearn": {name: {k: r[k] for k in ("pruned_neurons", "mask_density", "losses", "timings") if k in r}
+                       for name, r in reports.items()},
+           "relearn": timed("relearn", lambda: relearn(models["unlearned"], **attack))}
+    if cfg.reference:
+        out["reference_model"] = str(models["reference"])
+        out["relearn_reference"] = timed("relearn_reference", lambda: relearn(models["reference"], **attack))
+    log.info("seed %d:\n%s", seed, table(results))
+    return out
 
 
 def demo(out, cfg: DemoConfig | None = None, cache: Path | None = None, overwrite: bool = False) -> dict:
     """Run the demo into `out` (atomically). Returns the report (also written to OUT/report.json)."""
     cfg = cfg or DemoConfig.make()
+    cfg.check()
     out, cache = Path(out), Path(cache or cache_root())
     if out.exists() and not overwrite:
         if not is_demo_output(out):
             raise FileExistsError(f"--out {out} already exists and is not a demo output (pass --overwrite to replace it)")
         log.info("replacing the previous demo output in %s", out)
         overwrite = True
-    seed_everything(cfg.seed)
     t0, timings = time.perf_counter(), {}
     with atomic_dir(out, overwrite) as tmp:
-        t = time.perf_counter()
-        bench = tmp / "bench"
-        make_bench(bench, seed=cfg.seed, **cfg.bench)
-        timings["make_bench_s"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        vanilla, cached = vanilla_model(bench, cfg.finetune, cache)
-        timings["finetune_s" + ("_cached" if cached else "")] = time.perf_counter() - t
-
-        if cfg.reference:
-            t = time.perf_counter()
-            reference, _ = vanilla_model(bench, replace(cfg.finetune, without_forget_images=True), cache, "reference")
-            timings["finetune_reference_s"] = time.perf_counter() - t
-
-        runs = {"unlearned": cfg.unlearn}
-        if cfg.ablation:
-            runs["unlearned (beta=0)"] = {**cfg.unlearn, "beta": 0.0}
-        models, saliency = {"vanilla": vanilla}, None
-        for name, kw in runs.items():
-            t = time.perf_counter()
-            dest = tmp / ("unlearned" if kw["beta"] == cfg.unlearn["beta"] else "unlearned-beta0")
-            prune_and_mask(Config(model=str(vanilla), forget=str(bench / "forget.jsonl"), saliency=saliency,
-                                  retain=str(bench / "retain.jsonl"), out=str(dest), seed=cfg.seed, **kw))
-            saliency = str(dest / "saliency.safetensors")  # β changes nothing before unlearning: collect once
-            models[name] = dest
-            timings[f"prune_and_mask_s[{name}]"] = time.perf_counter() - t
-        if cfg.reference:
-            models["reference"] = reference
-
-        results = {}
-        qa_examples = [Example(r.prompt(), option_answer(r, letter), None)
-                       for split in ("forget", "retain", "realworld")
-                       for r in load_jsonl(bench / f"eval_{split}.jsonl") if r.options and not r.is_vqa
-                       for letter in sorted(r.options)]
-        qa_logprobs = {}
-        for name, path in models.items():
-            t = time.perf_counter()
-            adapter = load(str(path), seed=cfg.seed)
-            results[name] = evaluate(adapter, bench)
-            qa_logprobs[name] = torch.tensor(answer_logprobs(adapter, qa_examples), dtype=torch.float64)
-            timings[f"eval_s[{name}]"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        attack = relearn(models["unlearned"], bench, share=cfg.relearn_share, epochs=cfg.relearn_epochs,
-                         seed=cfg.seed)
-        timings["relearn_s"] = time.perf_counter() - t
-        attack_ref = relearn(reference, bench, share=cfg.relearn_share, epochs=cfg.relearn_epochs,
-                             seed=cfg.seed) if cfg.reference else None
-        # text-only rows never reach the vision weights: every QA option's log-likelihood must be bit-identical
-        qa_shift = {name: float((qa_logprobs[name] - qa_logprobs["vanilla"]).abs().max()) for name in runs}
+        per_seed = {seed: run_seed(seed, cfg, tmp, cache, timings) for seed in cfg.seeds}
+        mean, spread = summarize(per_seed)
+        shifts = [x for r in per_seed.values() for x in r["qa_logprob_max_abs_change"].values()]
+        checks = {"quick run: not a measurement": True} if cfg.quick else \
+            targets(mean, shifts, mean["unlearned"].get("AG"), mean.get("reference", {}).get("AG"),
+                    cfg.unlearn.get("beta", Config.beta))
         timings["total_s"] = time.perf_counter() - t0
-
-        figure(results, attack, attack_ref, tmp / "demo.png")
-        report = {"config": {**asdict(cfg), "out": str(out), "cache": str(cache)}, "seed": cfg.seed,
-                  "dtype": "float32", "environment": environment("cpu"), "bench_digest": bench_digest(bench),
-                  "vanilla_model": str(vanilla),
-                  "vanilla_cached": cached, "results": results, "relearn": attack, "qa_logprob_max_abs_change": qa_shift,
-                  **({"relearn_reference": attack_ref} if attack_ref else {}),
-                  "targets": targets(results, attack, qa_shift, cfg.quick), "timings": timings, "table": table(results)}
-        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        attacks = {(name, seed): r[key] for seed, r in per_seed.items()
+                   for name, key in (("unlearned", "relearn"), ("reference", "relearn_reference")) if key in r}
+        figure(mean, attacks, tmp / "demo.png")
+        text = "\n\n".join([*(f"seed {s} ({cfg.views} views)\n{table(r['results'])}" for s, r in per_seed.items()),
+                            seeds_table(mean, spread, cfg.seeds)])
+        report = {"config": {**asdict(cfg), "out": str(out), "cache": str(cache)}, "seeds": list(cfg.seeds),
+                  "views": cfg.views, "dtype": "float32", "environment": environment("cpu"),
+                  "per_seed": {str(s): r for s, r in per_seed.items()}, "mean": mean, "spread": spread,
+                  "targets": checks, "timings": timings, "table": text}
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
     log.info("demo written to %s in %.0fs", out, timings["total_s"])
     return report

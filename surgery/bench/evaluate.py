@@ -1,38 +1,51 @@
 """Evaluation on a benchmark: multiple-choice accuracy (VQA and QA) on forget / retain / real-world, scored two
-ways, plus ROUGE-L on free-form generations.
+ways, plus ROUGE-L on free-form generations, each with a per-person bootstrap 95 % interval.
 
-  likelihood (default)  each option's answer (its letter, plus EOS) is scored by its summed token log-probability
-                        given the multiple-choice prompt; the argmax is the prediction. No parsing, no refusals.
+  likelihood (default)  each option's answer (its text and letter, plus EOS) is scored by its summed token
+                        log-probability given the multiple-choice prompt; the argmax is the prediction.
   letter                MLLMU-Bench's generation style: greedy decoding, the first standalone letter A-D in the
                         output is the prediction; an output without one counts as wrong.
   rougeL                ROUGE-L F-measure (stemmed) of the greedy generation against the fact sentence, on rows
                         without options.
+
+Views: "test" reads eval_<split>.jsonl (held-out views, for reporting), "dev" reads dev_<split>.jsonl (the views
+tuning may look at).
+
+For LLaVA-style models the prompt of a row runs once: its cache serves the greedy decode and the four options
+(the options differ only after the prompt). Other families score every option as a full sequence.
 """
 import logging
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
+
 from ..data import Row, load_jsonl
 from ..models import Adapter, Example
 
 log = logging.getLogger("surgery")
 SPLITS = ("forget", "retain", "realworld")
+VIEWS = {"test": "eval", "dev": "dev"}   # --views -> file prefix
 CHANCE = 25.0  # four options
 LETTER = re.compile(r"\b([A-D])\b")
 COLUMNS = [("forget", "vqa"), ("forget", "qa"), ("retain", "vqa"), ("retain", "qa"), ("realworld", "vqa"),
            ("realworld", "qa")]
 
 
-def split_files(bench) -> dict[str, Path]:
-    """The evaluation files present in `bench`: eval_forget.jsonl, eval_retain.jsonl, eval_realworld.jsonl."""
+def split_files(bench, views: str = "test") -> dict[str, Path]:
+    """The evaluation files present in `bench` for `views`: <prefix>_forget|retain|realworld.jsonl."""
     bench = Path(bench)
+    if views not in VIEWS:
+        raise ValueError(f"--views {views!r}: choose one of {', '.join(VIEWS)}")
     if not bench.is_dir():
         raise FileNotFoundError(f"--bench {bench}: no such directory")
-    files = {s: bench / f"eval_{s}.jsonl" for s in SPLITS if (bench / f"eval_{s}.jsonl").is_file()}
+    prefix = VIEWS[views]
+    files = {s: bench / f"{prefix}_{s}.jsonl" for s in SPLITS if (bench / f"{prefix}_{s}.jsonl").is_file()}
     if not files:
-        raise FileNotFoundError(f"--bench {bench}: no eval_forget.jsonl / eval_retain.jsonl / eval_realworld.jsonl "
-                                "(create a benchmark with `surgery make-bench` or `surgery import-mllmu`)")
+        raise FileNotFoundError(f"--bench {bench}: no {prefix}_forget.jsonl / {prefix}_retain.jsonl / "
+                                f"{prefix}_realworld.jsonl (create a benchmark with `surgery make-bench`"
+                                + (" or `surgery import-mllmu`)" if views == "test" else ")"))
     return files
 
 
@@ -55,10 +68,27 @@ class ImageCache:
         return self.cache[row.image]
 
 
+def bootstrap_ci(values, people, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> list[float]:
+    """Per-person bootstrap interval of 100 x the mean of `values` (bools or scores in [0, 1]): draw as many people
+    as there are, with replacement, pool their rows, take the mean; the interval holds the central `level` of
+    `resamples` such means (percentile method). Rows whose person is None are people of their own."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0:
+        return [float("nan"), float("nan")]
+    ids: dict = {}
+    cluster = np.array([ids.setdefault(p if p is not None else ("row", i), len(ids)) for i, p in enumerate(people)])
+    sums = np.bincount(cluster, weights=values)
+    counts = np.bincount(cluster).astype(np.float64)
+    draws = np.random.default_rng(seed).integers(0, len(sums), size=(resamples, len(sums)))
+    means = 100.0 * sums[draws].sum(1) / counts[draws].sum(1)
+    lo, hi = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
+    return [float(lo), float(hi)]
+
+
 @torch.no_grad()
 def answer_logprobs(adapter: Adapter, examples: list[Example], batch_size: int = 32) -> list[float]:
     """Summed log-probability of each example's answer tokens (as `Adapter.encode` labels them: answer + EOS)
-    given its prompt and image."""
+    given its prompt and image, each example a full sequence of its own."""
     out = []
     for chunk in _chunks(examples, batch_size):
         batch = adapter.encode(chunk).to(adapter.device)
@@ -72,6 +102,9 @@ def answer_logprobs(adapter: Adapter, examples: list[Example], batch_size: int =
 @torch.no_grad()
 def generate(adapter: Adapter, examples: list[Example], max_new_tokens: int, batch_size: int = 32) -> list[str]:
     """Greedy continuations of each prompt (answers are ignored), decoded without special tokens."""
+    if adapter.family.style == "llava":
+        return [text for chunk in _chunks(examples, batch_size)
+                for text in _greedy(adapter, *_prefill(adapter, chunk), max_new_tokens)]
     texts = []
     tok = adapter.tokenizer
     for chunk in _chunks([Example(e.prompt, None, e.image) for e in examples], batch_size):
@@ -80,6 +113,62 @@ def generate(adapter: Adapter, examples: list[Example], max_new_tokens: int, bat
                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         texts += tok.batch_decode(ids[:, batch.inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     return texts
+
+
+def _prefill(adapter: Adapter, examples: list[Example]):
+    """Run the prompts once (left-padded, so every prompt ends at the last position). Returns the cache, the
+    attention mask and the log-probabilities of the first answer token [B, V]."""
+    batch = adapter.encode([Example(e.prompt, None, e.image) for e in examples], padding_side="left")
+    batch = batch.to(adapter.device)
+    out = adapter.model(**batch.inputs, use_cache=True, logits_to_keep=1)
+    return out.past_key_values, batch.inputs["attention_mask"], torch.log_softmax(out.logits[:, -1].float(), -1)
+
+
+def _greedy(adapter: Adapter, cache, mask, first: torch.Tensor, max_new_tokens: int) -> list[str]:
+    """Greedy decoding from a prefilled cache (as `generate` with do_sample=False: rows stop at EOS). The cache
+    is cropped back to the prompt afterwards."""
+    tok, prompt_len = adapter.tokenizer, mask.shape[1]
+    token = first.argmax(-1)
+    done = token == tok.eos_token_id
+    tokens = [token]
+    for _ in range(max_new_tokens - 1):
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        logits = adapter.model(input_ids=token[:, None], attention_mask=mask, past_key_values=cache,
+                               use_cache=True).logits[:, -1]
+        token = torch.where(done, tok.pad_token_id, logits.argmax(-1))
+        done |= token == tok.eos_token_id
+        tokens.append(token)
+    cache.crop(prompt_len - cache.get_seq_length())
+    ids = torch.stack(tokens, 1).tolist()
+    return tok.batch_decode([row[:row.index(tok.eos_token_id)] if tok.eos_token_id in row else row for row in ids],
+                            skip_special_tokens=True)
+
+
+def _continuation_logprobs(adapter: Adapter, cache, mask, first: torch.Tensor, answers: list[list[list[int]]]):
+    """Summed log-probability of every answer (token ids, EOS included) after its prompt: `answers[i]` are the k
+    answers of prompt i (the same k for every prompt). Returns [B, k]. The cache is expanded to B*k rows."""
+    k = len(answers[0])
+    flat = [a for per_prompt in answers for a in per_prompt]
+    width = max(map(len, flat))
+    ids = torch.full((len(flat), width), adapter.tokenizer.pad_token_id, dtype=torch.long)
+    valid = torch.zeros((len(flat), width), dtype=torch.bool)
+    for i, a in enumerate(flat):
+        ids[i, :len(a)], valid[i, :len(a)] = torch.tensor(a), True
+    ids, valid = ids.to(first.device), valid.to(first.device)
+    cache.batch_repeat_interleave(k)
+    mask = torch.cat([mask.repeat_interleave(k, 0), valid.long()], 1)
+    logits = adapter.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+    logp = torch.cat([first.repeat_interleave(k, 0)[:, None], torch.log_softmax(logits[:, :-1].float(), -1)], 1)
+    token_logp = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1) * valid
+    return token_logp.sum(1).view(-1, k)
+
+
+def _answer_ids(adapter: Adapter, answer: str) -> list[int]:
+    """The answer's tokens as `Adapter.encode` appends them to a prompt (EOS included)."""
+    batch = adapter.encode([Example("", answer, None)])
+    return batch.inputs["input_ids"][0][batch.labels[0] != -100].tolist()
 
 
 def parse_letter(text: str) -> str | None:
@@ -93,26 +182,49 @@ def option_answer(row: Row, letter: str) -> str:
     return f"{row.options[letter]} ({letter})"
 
 
-def score_likelihood(adapter: Adapter, rows: list[Row], images=None, batch_size: int = 32) -> list[bool]:
-    """Per multiple-choice row: is the option with the highest answer log-likelihood the correct one?"""
+@torch.no_grad()
+def score_mc(adapter: Adapter, rows: list[Row], images=None, batch_size: int = 64,
+             letter: bool = True) -> tuple[list[bool], list[bool] | None]:
+    """Per multiple-choice row: is the option with the highest answer log-likelihood the correct one, and (with
+    `letter`) does the greedy answer's first letter A-D name it?"""
     images = images or ImageCache()
-    examples = [Example(r.prompt(), option_answer(r, letter), images(r)) for r in rows for letter in sorted(r.options)]
-    scores = iter(answer_logprobs(adapter, examples, batch_size))
-    hits = []
-    for r in rows:
-        per_option = {letter: next(scores) for letter in sorted(r.options)}
-        hits.append(max(per_option, key=per_option.get) == r.correct)
-    return hits
+    if adapter.family.style != "llava":
+        examples = [Example(r.prompt(), option_answer(r, l), images(r)) for r in rows for l in sorted(r.options)]
+        scores = iter(answer_logprobs(adapter, examples, batch_size))
+        hits = []
+        for r in rows:
+            per_option = {l: next(scores) for l in sorted(r.options)}
+            hits.append(max(per_option, key=per_option.get) == r.correct)
+        if not letter:
+            return hits, None
+        texts = generate(adapter, [Example(r.prompt(), None, images(r)) for r in rows], 12, batch_size)
+        return hits, [parse_letter(t) == r.correct for t, r in zip(texts, rows)]
+    hits, letter_hits, ids = [], [], {}
+    for chunk in _chunks(rows, batch_size):
+        cache, mask, first = _prefill(adapter, [Example(r.prompt(), None, images(r)) for r in chunk])
+        if letter:
+            letter_hits += [parse_letter(t) == r.correct for t, r in zip(_greedy(adapter, cache, mask, first, 12), chunk)]
+        letters = [sorted(r.options) for r in chunk]
+        answers = [[ids.setdefault(a, _answer_ids(adapter, a)) for a in (option_answer(r, l) for l in ls)]
+                   for r, ls in zip(chunk, letters)]
+        best = _continuation_logprobs(adapter, cache, mask, first, answers).argmax(1).tolist()
+        hits += [ls[b] == r.correct for r, ls, b in zip(chunk, letters, best)]
+    return hits, letter_hits if letter else None
 
 
-def score_letter(adapter: Adapter, rows: list[Row], images=None, batch_size: int = 32) -> list[bool]:
+def score_likelihood(adapter: Adapter, rows: list[Row], images=None, batch_size: int = 64) -> list[bool]:
+    """Per multiple-choice row: is the option with the highest answer log-likelihood the correct one?"""
+    return score_mc(adapter, rows, images, batch_size, letter=False)[0]
+
+
+def score_letter(adapter: Adapter, rows: list[Row], images=None, batch_size: int = 64) -> list[bool]:
     """Per multiple-choice row: does the greedy answer's first letter A-D name the correct option?"""
     images = images or ImageCache()
-    outputs = generate(adapter, [Example(r.prompt(), None, images(r)) for r in rows], 12, batch_size)
-    return [parse_letter(o) == r.correct for o, r in zip(outputs, rows)]
+    texts = generate(adapter, [Example(r.prompt(), None, images(r)) for r in rows], 12, batch_size)
+    return [parse_letter(t) == r.correct for t, r in zip(texts, rows)]
 
 
-def score_rouge(adapter: Adapter, rows: list[Row], images=None, batch_size: int = 32,
+def score_rouge(adapter: Adapter, rows: list[Row], images=None, batch_size: int = 64,
                 max_new_tokens: int = 24) -> list[float]:
     from rouge_score import rouge_scorer
     images = images or ImageCache()
@@ -126,48 +238,62 @@ def percent(xs) -> float | None:
     return 100.0 * sum(xs) / len(xs) if xs else None
 
 
-def evaluate(adapter: Adapter, bench_dir, batch_size: int = 32, splits=SPLITS, letter: bool = True,
-             rouge: bool = True, kinds=("vqa", "qa")) -> dict:
+def evaluate(adapter: Adapter, bench_dir, batch_size: int = 64, splits=SPLITS, letter: bool = True,
+             rouge: bool = True, kinds=("vqa", "qa"), views: str = "test", resamples: int = 1000,
+             seed: int = 0) -> dict:
     """{split: {"vqa", "qa": likelihood accuracy %, "vqa_letter", "qa_letter": generation-style accuracy %,
-    "rougeL_vqa", "rougeL_qa": ROUGE-L F x100, "n": row counts}} for each evaluation file in the benchmark."""
-    files = split_files(bench_dir)
+    "rougeL_vqa", "rougeL_qa": ROUGE-L F x100, each also as "<key>_ci": [lo, hi], the per-person bootstrap 95 %
+    interval (`resamples` draws, seeded), "n": row and people counts}} for each evaluation file of `views`."""
+    files = split_files(bench_dir, views)
     adapter.model.eval()
     results = {}
     for split in [s for s in splits if s in files]:
         rows = load_jsonl(files[split])
         images = ImageCache()
-        res, counts = {}, {}
-        groups = {"vqa": [r for r in rows if r.is_vqa], "qa": [r for r in rows if not r.is_vqa]}
+        res, counts = {}, {"people": len({r.entity for r in rows})}
+
+        def put(key, values, scored_rows):
+            res[key] = percent(values) if scored_rows else None
+            res[f"{key}_ci"] = bootstrap_ci(values, [r.entity for r in scored_rows], resamples, seed) \
+                if scored_rows else None
+
         for kind in kinds:
-            mc = [r for r in groups[kind] if r.options]
-            gen = [r for r in groups[kind] if not r.options]
+            group = [r for r in rows if r.is_vqa == (kind == "vqa")]
+            mc, gen = [r for r in group if r.options], [r for r in group if not r.options]
             counts[kind], counts[f"{kind}_gen"] = len(mc), len(gen)
-            res[kind] = percent(score_likelihood(adapter, mc, images, batch_size)) if mc else None
+            hits, letter_hits = score_mc(adapter, mc, images, batch_size, letter) if mc else ([], [])
+            put(kind, hits, mc)
             if letter:
-                res[f"{kind}_letter"] = percent(score_letter(adapter, mc, images, batch_size)) if mc else None
+                put(f"{kind}_letter", letter_hits, mc)
             if rouge:
-                res[f"rougeL_{kind}"] = percent(score_rouge(adapter, gen, images, batch_size)) if gen else None
+                put(f"rougeL_{kind}", score_rouge(adapter, gen, images, batch_size) if gen else [], gen)
         res["n"] = counts
         results[split] = res
-        log.info("eval %s: %s", split, {k: round(v, 1) for k, v in res.items() if isinstance(v, float)})
+        log.info("eval %s (%s views): %s", split, views,
+                 {k: round(v, 1) for k, v in res.items() if isinstance(v, float)})
     return results
 
 
-def _cell(value) -> str:
-    return "   -  " if value is None else f"{value:6.1f}"
+def _cell(res: dict, key: str) -> str:
+    value, ci = res.get(key), res.get(f"{key}_ci")
+    if value is None:
+        return "-"
+    return f"{value:.1f}" + (f" [{ci[0]:.0f}-{ci[1]:.0f}]" if ci else "")
 
 
 def table(results: dict[str, dict]) -> str:
     """Paper Table 1 layout: one line per method; forget / retain / real-world VQA and QA accuracy (likelihood),
-    ROUGE-L on forget-VQA generations; then the same accuracies scored by letter generation."""
+    ROUGE-L on forget- and retain-VQA generations; then the same accuracies scored by letter generation. Each cell:
+    the value and its per-person bootstrap 95 % interval."""
     head = ("method", *(f"{s[:6]} {k.upper()}" for s, k in COLUMNS), "F-ROUGE", "R-ROUGE")
     width = max(12, *(len(m) for m in results))
-    lines = [f"{head[0]:<{width}} " + " ".join(f"{h:>10}" for h in head[1:])]
+    lines = [f"{head[0]:<{width}} " + " ".join(f"{h:>16}" for h in head[1:])]
     for scoring, suffix in (("likelihood", ""), ("letter", "_letter")):
-        lines.append(f"-- accuracy (%) by {scoring}" + ("; ROUGE-L x100 on VQA generations" if not suffix else ""))
+        lines.append(f"-- accuracy (%) by {scoring} [95 % interval, people resampled]"
+                     + ("; ROUGE-L x100 on VQA generations" if not suffix else ""))
         for method, res in results.items():
-            cells = [_cell(res.get(s, {}).get(k + suffix)) for s, k in COLUMNS]
+            cells = [_cell(res.get(s, {}), k + suffix) for s, k in COLUMNS]
             if not suffix:
-                cells += [_cell(res.get("forget", {}).get("rougeL_vqa")), _cell(res.get("retain", {}).get("rougeL_vqa"))]
-            lines.append(f"{method:<{width}} " + " ".join(f"{c:>10}" for c in cells))
+                cells += [_cell(res.get("forget", {}), "rougeL_vqa"), _cell(res.get("retain", {}), "rougeL_vqa")]
+            lines.append(f"{method:<{width}} " + " ".join(f"{c:>16}" for c in cells))
     return "\n".join(lines)

@@ -1,46 +1,107 @@
-"""The vanilla model: a small LLaVA-architecture model fine-tuned (all weights) on the benchmark's training rows,
-so that it knows every person, by face and by name. Unlearning starts from it.
+"""The vanilla model: a small LLaVA (CLIP tower, MLP projector, Llama LM) built as a real one is, in stages.
 
-Two stages: the vision tower learns more slowly than the text side at this scale, so a first stage teaches
-image -> name only ("Who is the person in the image?"); the second trains on every row.
+  0. llm    (llm_pretrain.py) the LLM learns the multiple-choice format from generic instruction rows about no
+            one; independent of the benchmark and its seed, like any pretrained LLM;
+  a. tower  (tower.py) the vision tower is pretrained to recognise faces, on every photo of `pretrain.jsonl` it may
+            see: the benchmark people's tower views (photos no question asks about) and hundreds of extra
+            identities;
+  b. text   the LLM learns every person's profile from the QA rows, text only;
+  c. align  with the tower frozen, as LLaVA keeps CLIP frozen, the projector and the LLM learn the VQA rows; the
+            QA rows are replayed so the LLM keeps its text knowledge. The LLM trains too (LLaVA's second stage
+            does): a frozen LLM that never read "the person in the image" cannot answer about them.
+Stages b and c also replay fresh generic instruction rows like stage 0's (as LLaVA mixes instruction data into
+its fine-tuning): without them, learning the facts wears the option-letter lookup away (letter accuracy fell from
+stage 0's 84 % to about 60 %).
+
+The reference model (`without_forget_images`, the "retrained" model of unlearning papers) is built the same way
+with no forget-face photo in any stage: its tower is pretrained without the forget people's photos, and its
+alignment leaves out their VQA rows. It knows their profiles from the text stage, which it shares with the vanilla
+model (that stage sees no image).
+
+Stages 0, a and b are cached by a content hash of what they read (rows, image bytes, the earlier stages' hashes,
+their settings, library versions): the vanilla and the reference model share stages 0 and b, every benchmark seed
+shares stage 0, and nothing retrains when nothing changed. Stage c's hash names the finished model.
 """
+import hashlib
 import json
 import logging
-import math
-import random
+import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from safetensors.torch import load_file, save_file
+from torch import nn
 
 from ..data import load_jsonl
 from ..models import Adapter, Example, answer_loss, save
 from ..models.tiny import tiny_llava
-from .make_bench import bench_texts
+from . import llm_pretrain, tower
+from .make_bench import vocabulary
+from .training import train_llm, train_loop
 
 log = logging.getLogger("surgery")
+TRAINING_VERSION = 3   # part of every stage's cache key: bump it when the code changes what the stages compute
+# A change to one stage's computation bumps that stage's own version instead, so the stages it does not touch stay
+# cached (stage 0 takes minutes). text/align 2: fresh instruction rows replayed.
+STAGE_VERSIONS = {"llm": 0, "tower": 0, "text": 2, "align": 2}
 
 
 @dataclass
 class FinetuneConfig:
     seed: int = 0
-    epochs: int = 12             # stage 2: every training row
-    name_epochs: int = 4         # stage 1: image -> name rows only
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    batch_size: int = 32
-    warmup_steps: int = 30
-    vision_layers: int = 4
-    vision_hidden: int = 64
-    vision_intermediate: int = 256
-    patch_size: int = 8
-    text_hidden: int = 128
+    # model sizes: the tower is the larger part of the vision pathway
+    vision_layers: int = 6
+    vision_hidden: int = 96
+    vision_intermediate: int = 384
+    patch_size: int = 20         # 40-pixel portraits: a 2 x 2 grid of patches (the tower recognises faces best so)
+    text_hidden: int = 64
     text_layers: int = 2
-    vocab_size: int = 1024
-    threads: int = 0             # 0: torch's default
+    vocab_size: int = 2048
+    # 0. the LLM's pretraining on multiple-choice instruction rows
+    llm_rows: int = 2000
+    llm_epochs: int = 20
+    llm_lr: float = 3e-3
+    # a. tower pretraining (identity + facial attributes from the feature layer's patch tokens)
+    tower_epochs: int = 16
+    tower_lr: float = 2e-3
+    tower_batch_size: int = 32
+    tower_weight_decay: float = 0.05
+    tower_warmup_steps: int = 100  # a ViT from scratch needs a longer warmup than the LLM stages
+    # b. text, c. alignment
+    text_epochs: int = 12
+    text_lr: float = 3e-3
+    align_epochs: int = 8
+    align_lr: float = 5e-3
+    # instruction rows of stage 0 replayed in the text and align stages, so that learning the benchmark's facts
+    # does not wear away the multiple-choice letter format (as instruction data is mixed into LLaVA's stage 2)
+    replay_rows: int = 1200
+    batch_size: int = 32
+    weight_decay: float = 0.01
+    warmup_steps: int = 30
+    threads: int = 0             # torch CPU threads while building (0: as set); one is often faster for these sizes
     without_forget_images: bool = False  # the reference model: forget people known by name, faces never seen
+
+    @classmethod
+    def quick(cls, seed: int = 0, **kw) -> "FinetuneConfig":
+        """Toy sizes and one short epoch per stage, for QUICK_BENCH: a wiring check in seconds, not a model."""
+        return cls(**{**dict(seed=seed, vision_layers=2, vision_hidden=32, vision_intermediate=64, patch_size=8,
+                              text_hidden=32, text_layers=1, vocab_size=512, llm_rows=64, llm_epochs=1,
+                              tower_epochs=1, text_epochs=1, align_epochs=1, warmup_steps=1, tower_warmup_steps=1,
+                              replay_rows=16, threads=1), **kw})
+
+
+# The benchmark FinetuneConfig.quick() is meant for (make_bench keyword arguments).
+QUICK_BENCH = dict(people=8, forget_share=0.25, real_world=3, extra_people=6, tower_views=2, train_views=2,
+                   dev_views=1, test_views=1, image_size=24)
+
+
+def cache_root() -> Path:
+    """$SURGERY_CACHE, else $XDG_CACHE_HOME/surgery, else ~/.cache/surgery."""
+    if os.environ.get("SURGERY_CACHE"):
+        return Path(os.environ["SURGERY_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "surgery"
 
 
 def bench_rows(path) -> list[tuple]:
@@ -50,14 +111,18 @@ def bench_rows(path) -> list[tuple]:
     return list(zip(rows, raw))
 
 
+def forget_people(bench) -> set[str]:
+    return {raw.get("entity") for _, raw in bench_rows(Path(bench) / "forget.jsonl")}
+
+
 def training_rows(bench: Path, without_forget_images: bool = False) -> list[tuple]:
     """train.jsonl as (Row, raw) pairs; optionally without the forget people's image rows. That gives the
     reference model unlearning aims at (the "retrained" model of unlearning papers): it learns the forget people's
     facts from the QA rows but never sees their faces."""
-    rows = bench_rows(bench / "train.jsonl")
+    rows = bench_rows(Path(bench) / "train.jsonl")
     if not without_forget_images:
         return rows
-    forget = {raw.get("entity") for _, raw in bench_rows(bench / "forget.jsonl")}
+    forget = forget_people(bench)
     kept = [(r, raw) for r, raw in rows if not (r.is_vqa and raw.get("entity") in forget)]
     log.info("without the forget people's images: %d of %d training rows (%d forget people)", len(kept), len(rows),
              len(forget))
@@ -74,105 +139,235 @@ def to_examples(rows, images=None) -> list[Example]:
 def train_epochs(adapter: Adapter, examples: list[Example], params, *, epochs: int, lr: float, batch_size: int,
                  seed: int, weight_decay: float = 0.0, warmup_steps: int = 0, desc: str = "train",
                  on_epoch=None) -> list[float]:
-    """AdamW over `params` for `epochs` shuffled passes, linear warmup then cosine decay. Returns the mean
-    loss per epoch; `on_epoch(epoch)` is called after each epoch (for per-epoch evaluation)."""
-    rng = random.Random(seed)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    steps = epochs * math.ceil(len(examples) / batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(warmup_steps, 1))
-                                              * 0.5 * (1 + math.cos(math.pi * min(s / max(steps, 1), 1.0))))
-    losses = []
+    """`train_loop` on whole-model forwards of `examples` (answer-token cross-entropy); `on_epoch(epoch)` runs in
+    eval mode after each epoch."""
+    def loss(batch):
+        enc = adapter.encode([examples[j] for j in batch]).to(adapter.device)
+        return answer_loss(adapter.model(**enc.inputs).logits, enc.labels).mean()
+
+    def in_eval_mode(epoch):
+        adapter.model.eval()
+        on_epoch(epoch)
+        adapter.model.train()
+
     adapter.model.train()
-    for epoch in range(1, epochs + 1):
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        total, bar = 0.0, tqdm(range(0, len(order), batch_size), desc=f"{desc} {epoch}/{epochs}", leave=False)
-        for i in bar:
-            batch = adapter.encode([examples[j] for j in order[i:i + batch_size]]).to(adapter.device)
-            loss = answer_loss(adapter.model(**batch.inputs).logits, batch.labels).mean()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            total += loss.item() * len(batch.labels)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        losses.append(total / len(examples))
-        log.info("%s epoch %d/%d: loss %.4f", desc, epoch, epochs, losses[-1])
-        if on_epoch is not None:
-            adapter.model.eval()
-            on_epoch(epoch)
-            adapter.model.train()
-    adapter.model.eval()
-    return losses
+    try:
+        return train_loop(params, len(examples), loss, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                          weight_decay=weight_decay, warmup_steps=warmup_steps, desc=desc,
+                          on_epoch=in_eval_mode if on_epoch else None)
+    finally:
+        adapter.model.eval()
 
 
-def train_accuracy(adapter: Adapter, bench: Path) -> dict:
-    """Option-likelihood accuracy (%) on the multiple-choice training rows of the forget and retain people."""
-    from .evaluate import percent, score_likelihood
-    out = {}
-    for split in ("forget", "retain"):
-        rows = [r for r in load_jsonl(bench / f"{split}.jsonl") if r.options]
-        for kind, group in (("vqa", [r for r in rows if r.is_vqa]), ("qa", [r for r in rows if not r.is_vqa])):
-            out[f"{split}_{kind}"] = percent(score_likelihood(adapter, group)) if group else None
-    log.info("training-row accuracy: %s", {k: round(v, 1) for k, v in out.items() if v is not None})
-    return out
-
-
-def build_model(bench, cfg: FinetuneConfig) -> Adapter:
-    """A fresh tiny LLaVA whose tokenizer is trained on the benchmark's own text (short sequences)."""
-    params = json.loads((Path(bench) / "bench.json").read_text())["params"]
-    corpus = bench_texts(bench) + ["USER: <image>\n ASSISTANT:"]
-    model, tok, ip = tiny_llava(seed=cfg.seed, corpus=corpus, image_size=params["image_size"],
+def build_model(image_size: int, cfg: FinetuneConfig, seed: int | None = None) -> Adapter:
+    """A fresh tiny LLaVA whose tokenizer is trained on the generator's vocabulary (every word one token; the
+    same for every benchmark seed). The chat template's words are in the corpus often enough to be tokens too."""
+    corpus = vocabulary() + ["USER: <image>\n ASSISTANT:"] * 100
+    model, tok, ip = tiny_llava(seed=cfg.seed if seed is None else seed, corpus=corpus, image_size=image_size,
                                 patch_size=cfg.patch_size, vision_layers=cfg.vision_layers,
                                 vision_hidden=cfg.vision_hidden, vision_intermediate=cfg.vision_intermediate,
                                 text_hidden=cfg.text_hidden, text_layers=cfg.text_layers, vocab_size=cfg.vocab_size)
     return Adapter(model, tok, ip, None)
 
 
-def check_bench(bench) -> Path:
+def check_bench(bench, cfg: FinetuneConfig) -> tuple[Path, int]:
+    """The benchmark directory and its image size, or a clear error."""
     bench = Path(bench)
-    missing = [f for f in ("bench.json", "train.jsonl", "forget.jsonl") if not (bench / f).is_file()]
+    missing = [f for f in ("bench.json", "train.jsonl", "forget.jsonl", "pretrain.jsonl") if not (bench / f).is_file()]
     if missing:
-        raise FileNotFoundError(f"--bench {bench}: not a benchmark directory (missing {', '.join(missing)}; "
-                                "create one with `surgery make-bench`)")
-    return bench
+        raise FileNotFoundError(f"--bench {bench}: not a benchmark directory of this version (missing "
+                                f"{', '.join(missing)}; create one with `surgery make-bench`)")
+    size = json.loads((bench / "bench.json").read_text())["params"]["image_size"]
+    if size % cfg.patch_size:
+        raise ValueError(f"--bench {bench}: its {size}-pixel images do not divide into {cfg.patch_size}-pixel patches")
+    return bench, size
 
 
-def finetune(bench, out, cfg: FinetuneConfig | None = None, overwrite: bool = False) -> dict:
-    """Train the vanilla model on `bench`/train.jsonl and save it to `out` (atomically). Returns a report."""
-    from ..pipeline import atomic_dir, seed_everything
+# ----- stages and their cache -----
+
+def _digest(*parts, files=()) -> str:
+    """SHA-256 (16 hex digits) over JSON-able `parts` and the bytes of `files`."""
+    h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
+    for f in files:
+        h.update(Path(f).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _versions(stage: str) -> list[str]:
+    import transformers
+    from .. import __version__
+    version = [str(TRAINING_VERSION)] + ([f"{stage}-{STAGE_VERSIONS[stage]}"] if STAGE_VERSIONS[stage] else [])
+    return [__version__, torch.__version__, transformers.__version__, *version]
+
+
+def _settings(cfg: FinetuneConfig, *names: str) -> dict:
+    return {k: getattr(cfg, k) for k in names}
+
+
+TEXT_SIZES = ("text_hidden", "text_layers", "vocab_size")
+VISION_SIZES = ("vision_layers", "vision_hidden", "vision_intermediate", "patch_size")
+
+
+def stage_keys(bench: Path, cfg: FinetuneConfig) -> dict[str, str]:
+    """The content hash of every stage of the model `cfg` describes (llm, tower, text, align)."""
+    bench = Path(bench)
+    llm_train = ("batch_size", "weight_decay", "warmup_steps")
+    keys = {"llm": _digest("llm", _versions("llm"), vocabulary(), _settings(cfg, *TEXT_SIZES, "llm_rows", "llm_epochs",
+                                                                       "llm_lr", *llm_train))}
+    without = forget_people(bench) if cfg.without_forget_images else set()
+    photos = tower.pretrain_rows(bench, without)
+    keys["tower"] = _digest("tower", _versions("tower"), photos,
+                            _settings(cfg, "seed", *VISION_SIZES, *TEXT_SIZES, "tower_epochs", "tower_lr",
+                                      "tower_batch_size", "tower_weight_decay", "tower_warmup_steps"),
+                            files=[bench / r["image"] for r in photos])
+    qa = [raw for r, raw in training_rows(bench) if not r.is_vqa]
+    keys["text"] = _digest("text", _versions("text"), keys["llm"], qa,
+                           _settings(cfg, "text_epochs", "text_lr", "replay_rows", *llm_train))
+    vqa = [raw for r, raw in training_rows(bench, cfg.without_forget_images) if r.is_vqa]
+    keys["align"] = _digest("align", _versions("align"), keys["tower"], keys["text"], vqa,
+                            _settings(cfg, "seed", "align_epochs", "align_lr", "replay_rows", *llm_train),
+                            files=sorted({bench / raw["image"] for raw in vqa}))
+    return keys
+
+
+def _stage(cache: Path | None, name: str, key: str, run) -> tuple[dict, dict, bool]:
+    """(weights, report, was_cached) of a stage: from `cache`/<name>-<key>/ when there, else `run()`'s, written
+    there atomically."""
+    path = None if cache is None else Path(cache) / f"{name}-{key}"
+    if path is not None and (path / "stage.json").is_file():
+        log.info("%s stage from cache: %s", name, path)
+        return load_file(str(path / "weights.safetensors")), json.loads((path / "stage.json").read_text()), True
+    weights, report = run()
+    if path is not None:
+        from ..pipeline import atomic_dir
+        with atomic_dir(path, overwrite=True) as tmp:
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
+            (tmp / "stage.json").write_text(json.dumps(report, indent=2))
+    return weights, report, False
+
+
+def _llm_state(adapter: Adapter) -> dict[str, torch.Tensor]:
+    model = adapter.model
+    return {**_prefixed(model.model.language_model, "lm."), **_prefixed(model.lm_head, "head.")}
+
+
+def _load_llm(adapter: Adapter, weights: dict) -> None:
+    adapter.model.model.language_model.load_state_dict(_unprefixed(weights, "lm."))
+    adapter.model.lm_head.load_state_dict(_unprefixed(weights, "head."))
+
+
+def _prefixed(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    return {f"{prefix}{k}": v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _unprefixed(weights: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
+def _pretrain_llm(image_size: int, cfg: FinetuneConfig):
+    """Stage 0, on a model of its own seed (the pretrained LLM is the same whatever the benchmark seed)."""
+    adapter = build_model(image_size, cfg, seed=llm_pretrain.LLM_SEED)
+    report = llm_pretrain.pretrain_llm(adapter, rows=cfg.llm_rows, epochs=cfg.llm_epochs, lr=cfg.llm_lr,
+                                       batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
+                                       warmup_steps=cfg.warmup_steps)
+    return _llm_state(adapter), report
+
+
+def _pretrain_tower(adapter: Adapter, bench: Path, cfg: FinetuneConfig):
+    """Stage a on every photo the model may see. The report has the tower's identity accuracy on the dev views:
+    how well the tower alone tells the benchmark's people apart."""
+    without = forget_people(bench) if cfg.without_forget_images else set()
+    report, head = tower.pretrain(adapter, bench, tower.pretrain_rows(bench, without), epochs=cfg.tower_epochs,
+                                  lr=cfg.tower_lr, batch_size=cfg.tower_batch_size, seed=cfg.seed,
+                                  weight_decay=cfg.tower_weight_decay, warmup_steps=cfg.tower_warmup_steps)
+    dev = {r.image: {"image": r.image, "entity": r.entity} for split in ("forget", "retain", "realworld")
+           for r in load_jsonl(bench / f"dev_{split}.jsonl") if r.is_vqa and r.entity in report["identities"]}
+    report["dev_identity_accuracy"] = tower.identity_accuracy(adapter, bench, list(dev.values()),
+                                                              report.pop("identities"), head)
+    log.info("tower: identity accuracy on the dev views %.1f %%", report["dev_identity_accuracy"])
+    return _prefixed(adapter.model.model.vision_tower, "tower."), report
+
+
+def finetune(bench, out, cfg: FinetuneConfig | None = None, overwrite: bool = False,
+             cache: Path | None = None) -> dict:
+    """Build the vanilla model (or, with `cfg.without_forget_images`, the reference model) for `bench`, stage by
+    stage, and save it to `out` (atomically) as a normal HF checkpoint with finetune.json. `cache`: a directory
+    where stages 0, a and b are kept by content hash and found again. Returns the report."""
     cfg = cfg or FinetuneConfig()
-    bench, out = check_bench(bench), Path(out)
+    (bench, image_size), out = check_bench(bench, cfg), Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"--out {out} already exists (pass --overwrite to replace it)")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads or threads)
+    try:
+        return _finetune(bench, image_size, out, cfg, overwrite, cache)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _finetune(bench: Path, image_size: int, out: Path, cfg: FinetuneConfig, overwrite: bool, cache) -> dict:
+    from ..pipeline import atomic_dir, seed_everything
     seed_everything(cfg.seed)
     t0 = time.perf_counter()
-    rows = training_rows(bench, cfg.without_forget_images)
-    adapter = build_model(bench, cfg)
-    everything = to_examples([r for r, _ in rows])
-    names = [e for e, (_, raw) in zip(everything, rows) if raw.get("attribute") == "name" and e.image is not None]
-    params = [p for p in adapter.model.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    losses = {}
-    if cfg.name_epochs:
-        losses["names"] = train_epochs(adapter, names, params, epochs=cfg.name_epochs, lr=cfg.lr,
-                                       batch_size=cfg.batch_size, seed=cfg.seed, weight_decay=cfg.weight_decay,
-                                       warmup_steps=cfg.warmup_steps, desc="finetune names")
-    losses["all"] = train_epochs(adapter, everything, params, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                                 seed=cfg.seed + 1, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
-                                 desc="finetune")
-    for p in params:
-        p.requires_grad_(False)
+    keys = stage_keys(bench, cfg)
+    stages, cached = {}, {}
+    llm, stages["llm"], cached["llm"] = _stage(cache, "llm", keys["llm"], lambda: _pretrain_llm(image_size, cfg))
+
+    adapter = build_model(image_size, cfg)
+    model = adapter.model
+    weights, stages["tower"], cached["tower"] = _stage(cache, "tower", keys["tower"],
+                                                       lambda: _pretrain_tower(adapter, bench, cfg))
+    model.model.vision_tower.load_state_dict(_unprefixed(weights, "tower."))
+
+    rows = [r for r, _ in training_rows(bench, cfg.without_forget_images)]
+    qa, vqa = [r for r in rows if not r.is_vqa], [r for r in rows if r.is_vqa]
+    # fresh instruction rows (not stage 0's own, which the LLM knows by heart): they keep teaching the option lookup
+    replay = {stage: llm_pretrain.instruction_rows(cfg.replay_rows, seed=llm_pretrain.LLM_SEED + k)
+              for k, stage in ((2, "text"), (3, "align"))}
+    llm_params = [p for m in (model.model.language_model, model.lm_head) for p in m.parameters()]
+    settings = dict(batch_size=cfg.batch_size, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps)
+
+    def run_text():
+        t = time.perf_counter()
+        _load_llm(adapter, llm)
+        losses = train_llm(adapter, qa + replay["text"], llm_params, epochs=cfg.text_epochs, lr=cfg.text_lr,
+                           seed=cfg.seed, desc="text (QA + instruction rows)", **settings)
+        return _llm_state(adapter), {"rows": len(qa), "replay_rows": cfg.replay_rows, "losses": losses,
+                                     "seconds": time.perf_counter() - t}
+
+    weights, stages["text"], cached["text"] = _stage(cache, "text", keys["text"], run_text)
+    _load_llm(adapter, weights)
+
+    t = time.perf_counter()
+    features = tower.features(adapter, bench, sorted({str(r.image) for r in vqa}))
+    losses = train_llm(adapter, vqa + qa + replay["align"],
+                       [*model.model.multi_modal_projector.parameters(), *llm_params],
+                       features=features, epochs=cfg.align_epochs, lr=cfg.align_lr, seed=cfg.seed + 1,
+                       desc="align (VQA + QA + instruction rows, tower frozen)", **settings)
+    stages["align"] = {"rows": len(vqa) + len(qa), "vqa_rows": len(vqa), "replay_rows": cfg.replay_rows,
+                       "losses": losses,
+                       "seconds": time.perf_counter() - t}
     seconds = time.perf_counter() - t0
-    report = {"config": asdict(cfg), "bench": str(bench), "rows": len(everything), "name_rows": len(names),
-              "losses": losses, "seconds": seconds, "train_accuracy": train_accuracy(adapter, bench),
-              "weights": sum(p.numel() for p in params), "vocab": len(adapter.tokenizer)}
+    report = {"config": asdict(cfg), "bench": str(bench), "rows": len(rows), "stage_keys": keys,
+              "stages": stages, "stages_cached": cached, "seconds": seconds,
+              "weights": sum(p.numel() for p in model.parameters()), "vocab": len(adapter.tokenizer)}
     with atomic_dir(out, overwrite) as tmp:
         save(adapter, tmp)
         (tmp / "finetune.json").write_text(json.dumps(report, indent=2))
-    log.info("vanilla model: %s (trained in %.0fs)", out, seconds)
+    log.info("%s model: %s (%.0fs)", "reference" if cfg.without_forget_images else "vanilla", out, seconds)
     return report
+
+
+def vanilla_model(bench, cfg: FinetuneConfig, cache: Path, reference: bool = False) -> tuple[Path, bool]:
+    """The vanilla model for `bench` (or, with `reference`, the model that never saw the forget people's faces):
+    from `cache` when built before, else built there stage by stage (stages shared with other models come from the
+    cache too). Returns (model directory, whether the whole model was cached)."""
+    cfg = replace(cfg, without_forget_images=reference)
+    check_bench(bench, cfg)
+    keys = stage_keys(Path(bench), cfg)
+    path = Path(cache) / f"{'reference' if reference else 'vanilla'}-{keys['align']}"
+    if (path / "finetune.json").is_file():
+        log.info("%s model from cache: %s", "reference" if reference else "vanilla", path)
+        return path, True
+    finetune(bench, path, cfg, overwrite=True, cache=cache)
+    return path, False

@@ -23,15 +23,15 @@ def attack_rows(bench, share: float, seed: int) -> list:
 
 
 def relearn(model, bench, share: float = 0.2, epochs: int = 5, lr: float = 1e-3, batch_size: int = 8,
-            scope: str = "vision", seed: int = 0, device: str = "cpu") -> dict:
+            scope: str = "vision", seed: int = 0, device: str = "cpu", views: str = "test") -> dict:
     """Attack `model` (a directory) with `share` of the forget-VQA rows for `epochs` epochs, training `scope`
     ('mlp': the live vision MLPs; 'vision': encoder + projector; 'full': every weight). Forget-VQA accuracy on the held-out evaluation rows is
-    measured before and after every epoch. The model on disk is not modified."""
+    measured before and after every epoch (`views`: "dev" while tuning). The model on disk is not modified."""
     if epochs < 1:
         raise ValueError(f"relearn epochs must be >= 1, got {epochs}")
-    files = split_files(bench)
+    files = split_files(bench, views)
     if "forget" not in files:
-        raise FileNotFoundError(f"--bench {bench}: no eval_forget.jsonl")
+        raise FileNotFoundError(f"--bench {bench}: no forget file for the {views} views")
     eval_rows = [r for r in load_jsonl(files["forget"]) if r.is_vqa and r.options]
     if not eval_rows:
         raise ValueError(f"{files['forget']}: no multiple-choice VQA rows to measure forgetting on")

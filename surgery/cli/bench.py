@@ -1,7 +1,5 @@
 """The benchmark commands: make-bench, finetune, eval, relearn, import-mllmu."""
-import json
 import logging
-from dataclasses import asdict
 
 import click
 
@@ -35,74 +33,106 @@ def _models(ctx, param, values):
 @main.command("make-bench")
 @click.option("--out", required=True, type=click.Path())
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--people", type=int, default=40, show_default=True, help="Fictitious people (forget + retain).")
-@click.option("--forget-share", type=float, default=0.1, show_default=True)
-@click.option("--real-world", type=int, default=10, show_default=True, help="People of the separate population.")
-@click.option("--train-views", type=int, default=4, show_default=True)
-@click.option("--test-views", type=int, default=2, show_default=True)
+@click.option("--people", type=int, help="Fictitious people (forget + retain) [100].")
+@click.option("--forget-share", type=float, help="Share of them to forget [0.1].")
+@click.option("--real-world", type=int, help="People of the separate population [20].")
+@click.option("--extra-people", type=int, help="Faces only the vision tower's pretraining sees [300].")
+@click.option("--tower-views", type=int, help="Photos per person only the tower's pretraining sees [12].")
+@click.option("--train-views", type=int, help="Photos per person the training rows ask about [12].")
+@click.option("--dev-views", type=int, help="Views for tuning (dev_*.jsonl) [2].")
+@click.option("--test-views", type=int, help="Held-out views (eval_*.jsonl) [4].")
+@click.option("--image-size", type=int, help="Portrait side in pixels [40].")
 @click.option("--overwrite", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("-v", "--verbose", is_flag=True)
 @friendly
-def make_bench_cmd(out, seed, people, forget_share, real_world, train_views, test_views, overwrite, as_json,
-                   verbose):
-    """Generate the fictitious-profiles benchmark (JSONL + PNG), deterministic for a seed."""
+def make_bench_cmd(out, seed, overwrite, as_json, verbose, **params):
+    """Generate the fictitious-profiles benchmark (JSONL + PNG), deterministic for a seed. Options left out take
+    the defaults `surgery demo` uses (`surgery.bench.make_bench.make_bench`)."""
     from ..bench.make_bench import make_bench
-    summary = make_bench(out, seed=seed, people=people, forget_share=forget_share, real_world=real_world,
-                         train_views=train_views, test_views=test_views, overwrite=overwrite)
+    summary = make_bench(out, seed=seed, overwrite=overwrite, **{k: v for k, v in params.items() if v is not None})
     log.info("benchmark in %s: %s people, rows %s", out, summary["people"], summary["rows"])
     emit(summary, as_json)
+
 
 @main.command()
 @click.option("--bench", required=True, type=click.Path(), help="A make-bench directory.")
 @click.option("--out", required=True, type=click.Path())
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--epochs", type=int, default=12, show_default=True, help="Epochs over every training row.")
-@click.option("--name-epochs", type=int, default=4, show_default=True, help="First stage: image -> name rows.")
-@click.option("--lr", type=float, default=2e-3, show_default=True)
+@click.option("--tower-epochs", type=int, default=None, help="Tower pretraining on every photo the model may see.")
+@click.option("--text-epochs", type=int, default=None, help="The LLM on the QA rows.")
+@click.option("--align-epochs", type=int, default=None, help="Projector + LLM on the VQA (+ QA) rows, tower frozen.")
+@click.option("--quick", is_flag=True, help="Toy sizes, one epoch per stage (a wiring check, not a model).")
+@click.option("--threads", type=int, default=0, show_default=True, help="Torch CPU threads (0: torch's default).")
+@click.option("--cache", type=click.Path(), default=None,
+              help="Keep each stage by content hash in this directory and reuse what is there.")
 @click.option("--without-forget-images", is_flag=True,
-              help="Leave out the forget people's image rows: the reference model that knows them by name but "
-                   "has never seen their faces (what unlearning aims at).")
+              help="Leave out the forget people's photos in every stage: the reference model that knows them by "
+                   "name but has never seen their faces (what unlearning aims at).")
 @click.option("--overwrite", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("-v", "--verbose", is_flag=True)
 @friendly
-def finetune(bench, out, seed, epochs, name_epochs, lr, without_forget_images, overwrite, as_json, verbose):
-    """Train the vanilla model (tiny LLaVA, offline tokenizer) that knows everyone in the benchmark."""
+def finetune(bench, out, seed, tower_epochs, text_epochs, align_epochs, quick, threads, cache, without_forget_images,
+             overwrite, as_json, verbose):
+    """Build the vanilla model (tiny LLaVA, offline tokenizer) that knows everyone in the benchmark: tower
+    pretraining, text, alignment."""
     from ..bench.finetune import FinetuneConfig, finetune as run
-    if epochs < 1 or name_epochs < 0:
-        raise click.BadParameter("--epochs must be >= 1 and --name-epochs >= 0")
-    cfg = FinetuneConfig(seed=seed, epochs=epochs, name_epochs=name_epochs, lr=lr,
-                         without_forget_images=without_forget_images)
-    report = run(bench, out, cfg, overwrite)
+    epochs = {"tower_epochs": tower_epochs, "text_epochs": text_epochs, "align_epochs": align_epochs}
+    for name, value in epochs.items():
+        if value is not None and value < 1:
+            raise click.BadParameter(f"--{name.replace('_', '-')} must be >= 1")
+    cfg = (FinetuneConfig.quick if quick else FinetuneConfig)(seed=seed, threads=threads,
+                                                              without_forget_images=without_forget_images)
+    for name, value in epochs.items():
+        if value is not None:
+            setattr(cfg, name, value)
+    report = run(bench, out, cfg, overwrite, cache=cache)
     emit(report, as_json)
+
 
 @main.command("eval")
 @click.option("--bench", required=True, type=click.Path(), help="Directory with eval_forget/retain/realworld.jsonl.")
 @click.option("--model", "models", multiple=True, required=True, callback=_models,
               help="Model directory, or NAME=DIR; repeat to compare (e.g. vanilla=... unlearned=...).")
+@click.option("--views", type=click.Choice(["test", "dev"]), default="test", show_default=True,
+              help="test: the held-out views (eval_*.jsonl, for reporting); dev: the views tuning may look at.")
+@click.option("--ablate", type=click.Choice(["mlp", "embeddings"]), default=None,
+              help="mlp: zero every live vision MLP's output; embeddings: every vision layer passes its input "
+                   "through, so the projector sees the patch + position embeddings alone.")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--no-letter", is_flag=True, help="Skip the generation-style (letter) scoring.")
 @click.option("--no-rouge", is_flag=True, help="Skip ROUGE-L on the generation questions.")
+@click.option("--resamples", type=int, default=1000, show_default=True, help="Bootstrap draws for the intervals.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("-v", "--verbose", is_flag=True)
 @friendly
-def eval_cmd(bench, models, device, batch_size, no_letter, no_rouge, seed, as_json, verbose):
-    """Multiple-choice accuracy (option likelihood and letter generation) and ROUGE-L, Table-1 layout."""
+def eval_cmd(bench, models, views, ablate, device, batch_size, no_letter, no_rouge, resamples, seed, as_json,
+             verbose):
+    """Multiple-choice accuracy (option likelihood and letter generation) and ROUGE-L, Table-1 layout, each with a
+    per-person bootstrap 95 % interval."""
     from ..models import load
     from ..pipeline import check_device, seed_everything
+    from ..bench.ablation import ablated
     from ..bench.evaluate import evaluate, split_files, table
     check_device(device)
-    split_files(bench)  # a bad --bench fails before any model loads
+    if resamples < 1:
+        raise click.BadParameter("--resamples must be >= 1")
+    split_files(bench, views)  # a bad --bench fails before any model loads
     results = {}
     for name, path in models.items():
         seed_everything(seed)
-        results[name] = evaluate(load(path, device=device, seed=seed), bench, batch_size=batch_size,
-                                 letter=not no_letter, rouge=not no_rouge)
+        adapter = load(path, device=device, seed=seed)
+        with ablated(adapter, ablate):
+            results[name + (f" (ablate {ablate})" if ablate else "")] = evaluate(
+                adapter, bench, batch_size=batch_size, letter=not no_letter, rouge=not no_rouge, views=views,
+                resamples=resamples, seed=seed)
+    click.echo(f"{views} views" + (f", vision {ablate} ablated" if ablate else ""), err=True)
     click.echo(table(results), err=True)
     emit(results, as_json)
+
 
 @main.command()
 @click.option("--model", required=True, type=click.Path(), help="The (unlearned) model directory to attack.")
@@ -113,12 +143,14 @@ def eval_cmd(bench, models, device, batch_size, no_letter, no_rouge, seed, as_js
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--scope", type=click.Choice(["mlp", "vision", "full"]), default="vision", show_default=True,
               help="What the attacker trains: the live vision MLPs, encoder + projector, or every weight.")
+@click.option("--views", type=click.Choice(["test", "dev"]), default="test", show_default=True,
+              help="Measure forget-VQA on the held-out test views or on the dev views (tuning).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("-v", "--verbose", is_flag=True)
 @friendly
-def relearn(model, bench, shares, epochs, lr, scope, device, seed, as_json, verbose):
+def relearn(model, bench, shares, epochs, lr, scope, views, device, seed, as_json, verbose):
     """The relearning attack: forget-VQA accuracy per epoch and AG = final - before, per share."""
     from ..pipeline import check_device, seed_everything
     from ..bench.relearn import relearn as run
@@ -126,7 +158,7 @@ def relearn(model, bench, shares, epochs, lr, scope, device, seed, as_json, verb
     results = []
     for share in shares:
         seed_everything(seed)
-        r = run(model, bench, share=share, epochs=epochs, lr=lr, scope=scope, seed=seed, device=device)
+        r = run(model, bench, share=share, epochs=epochs, lr=lr, scope=scope, seed=seed, device=device, views=views)
         click.echo(f"{share:>5.0%}: forget-VQA " + " -> ".join(f"{a:.1f}" for a in r["forget_vqa"])
                    + f"   AG {r['AG']:+.1f}", err=True)
         results.append(r)

@@ -3,8 +3,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from surgery.bench.evaluate import (answer_logprobs, evaluate, generate, option_answer, parse_letter, score_likelihood,
-                                    score_letter, score_rouge, table)
+from surgery.bench.evaluate import (answer_logprobs, bootstrap_ci, evaluate, generate, option_answer, parse_letter,
+                                    score_letter, score_likelihood, score_rouge, table)
 from surgery.cli import main
 from surgery.data import load_jsonl
 from surgery.models import Example, load
@@ -124,3 +124,39 @@ def test_saved_model_scores_with_transformers_alone(model, tiny_dirs, small_benc
         theirs.append(sum(logp[t - 1, ids[0, t]].item() for t in range(n, ids.shape[1])))
     assert any(e.image is not None for e in examples) and any(e.image is None for e in examples)
     assert answer_logprobs(model, examples) == pytest.approx(theirs, rel=1e-4, abs=1e-3)
+
+
+def test_bootstrap_resamples_people_not_rows():
+    """Person A: three rows right; person B: one row wrong. Drawing two people gives AA (100 %), AB or BA (75 %)
+    or BB (0 %) with probabilities 1/4, 1/2, 1/4, so the central 40 % of the draws is exactly 75 %, and the 95 %
+    interval spans 0-100. Resampling the four rows instead gives 0 % with probability 1/256 and at most 25 % with
+    probability 13/256: its 95 % interval is 25-100."""
+    values, people = [1, 1, 1, 0], ["A", "A", "A", "B"]
+    assert bootstrap_ci(values, people, level=0.4) == [75.0, 75.0]
+    assert bootstrap_ci(values, people) == [0.0, 100.0]
+    assert bootstrap_ci(values, [None] * 4) == [25.0, 100.0]
+
+
+def test_bootstrap_rows_without_a_person_and_degenerate_cases():
+    values = [0.1, 0.9, 0.35, 0.7, 0.2, 0.55, 0.8]
+    assert bootstrap_ci(values, [None] * 7, seed=3) == bootstrap_ci(values, [f"p{i}" for i in range(7)], seed=3)
+    assert bootstrap_ci(values, [None] * 7, seed=3) != bootstrap_ci(values, [None] * 7, seed=4)
+    assert bootstrap_ci([1, 0, 0, 1, 1, 0], ["a", "a", "b", "b", "c", "c"]) == [50.0, 50.0]   # everyone at 50 %
+    assert bootstrap_ci([0.2, 0.4], ["a", "a"]) == pytest.approx([30.0, 30.0])                # scores, one person
+
+
+def test_every_accuracy_carries_its_interval(model, small_bench):
+    res = evaluate(model, small_bench, resamples=200)
+    for split, r in res.items():
+        keys = [k for k in r if k != "n" and not k.endswith("_ci")]
+        assert {"vqa", "qa", "vqa_letter", "qa_letter", "rougeL_vqa", "rougeL_qa"} <= set(keys)
+        for k in keys:
+            lo, hi = r[f"{k}_ci"]
+            assert lo <= r[k] <= hi
+        assert r["n"]["people"] == len({x.entity for x in load_jsonl(small_bench / f"eval_{split}.jsonl")})
+    assert "[" in table({"m": res}).splitlines()[2]
+    dev = evaluate(model, small_bench, views="dev", letter=False, rouge=False, resamples=10)
+    assert dev["retain"]["n"]["vqa"] == sum(x.is_vqa and bool(x.options)
+                                            for x in load_jsonl(small_bench / "dev_retain.jsonl"))
+    with pytest.raises(ValueError, match="--views"):
+        evaluate(model, small_bench, views="train")

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from surgery.cli import main
-from surgery.data import DataError, load_jsonl
+from surgery.data import load_jsonl
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")

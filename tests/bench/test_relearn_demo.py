@@ -6,6 +6,7 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file
 
+from surgery.bench.demo import UNLEARN
 from surgery.bench.relearn import attack_rows, relearn
 from surgery.cli import main
 from surgery.data import load_jsonl
@@ -47,24 +48,29 @@ def test_demo_quick_end_to_end(tmp_path):
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     assert rep == json.loads((out / "report.json").read_text())
-    assert not rep["vanilla_cached"] and len(list(cache.glob("vanilla-*"))) == 1
-    assert set(rep["results"]) == {"vanilla", "unlearned", "unlearned (beta=0)"}
-    assert {"torch", "transformers", "surgery"} <= set(rep["environment"]) and rep["seed"] == 0
-    assert rep["config"]["unlearn"]["beta"] == 0.3 and "total_s" in rep["timings"]
-    assert rep["qa_logprob_max_abs_change"] == {"unlearned": 0.0, "unlearned (beta=0)": 0.0}
-    van, unl = rep["results"]["vanilla"], rep["results"]["unlearned"]
+    seed = rep["per_seed"]["0"]
+    assert not seed["vanilla_cached"] and len(list(cache.glob("vanilla-*"))) == 1
+    assert len(list(cache.glob("reference-*"))) == 1 and len(list(cache.glob("bench-0-*"))) == 1
+    assert set(seed["results"]) == {"vanilla", "reference", "unlearned", "unlearned (beta=0)"}
+    assert {"torch", "transformers", "surgery"} <= set(rep["environment"]) and rep["seeds"] == [0]
+    assert rep["config"]["unlearn"]["beta"] == UNLEARN["beta"] and "total_s" in rep["timings"] and rep["views"] == "test"
+    assert seed["qa_logprob_max_abs_change"] == {"unlearned": 0.0, "unlearned (beta=0)": 0.0}
+    van, unl = seed["results"]["vanilla"], seed["results"]["unlearned"]
     for split in ("forget", "retain", "realworld"):   # the LLM is frozen: text-only rows score the same
         assert unl[split]["qa"] == van[split]["qa"]
-    a = load_file(str(out / "unlearned" / "model.safetensors"))
-    b = load_file(str(out / "unlearned-beta0" / "model.safetensors"))
+    assert rep["mean"]["unlearned"]["forget_vqa"] == unl["forget"]["vqa"]      # one seed: the mean is the value
+    assert rep["mean"]["unlearned"]["AG"] == seed["relearn"]["AG"]
+    assert rep["mean"]["reference"]["AG"] == seed["relearn_reference"]["AG"]
+    a = load_file(str(out / "seed-0" / "unlearned" / "model.safetensors"))
+    b = load_file(str(out / "seed-0" / "unlearned-beta0" / "model.safetensors"))
     assert any(not a[k].equal(b[k]) for k in a)
     assert Image.open(out / "demo.png").size[0] > 100
-    # second run: the vanilla model comes from the cache, and the run is reproducible
+    # second run: benchmark and models come from the cache, and the run is reproducible
     r = CliRunner().invoke(main, args)                 # a previous demo output is replaced without --overwrite
     assert r.exit_code == 0, r.output
-    rep2 = json.loads(r.stdout)
-    assert rep2["vanilla_cached"] and rep2["results"] == rep["results"] and rep2["relearn"]["forget_vqa"] == \
-        rep["relearn"]["forget_vqa"]
+    seed2 = json.loads(r.stdout)["per_seed"]["0"]
+    assert seed2["vanilla_cached"] and seed2["bench_cached"] and seed2["results"] == seed["results"]
+    assert seed2["relearn"]["forget_vqa"] == seed["relearn"]["forget_vqa"]
     other = tmp_path / "mine"
     other.mkdir()
     (other / "keep.txt").write_text("x")
@@ -72,16 +78,20 @@ def test_demo_quick_end_to_end(tmp_path):
     assert r.exit_code == 1 and "not a demo output" in r.output and (other / "keep.txt").exists()
 
 
-def test_demo_quick_with_reference(tmp_path):
-    """--reference: the model trained without the forget people's image rows is cached apart from the vanilla one,
-    evaluated and attacked like the unlearned model."""
+def test_demo_seeds_dev_views_and_settings(tmp_path):
+    """--seeds: one benchmark and model set per seed, the mean and sample sd over them; --views dev; --set."""
     out, cache = tmp_path / "demo", tmp_path / "cache"
-    r = CliRunner().invoke(main, ["demo", "--quick", "--no-ablation", "--reference", "--out", str(out),
-                                  "--cache", str(cache), "--json"])
+    r = CliRunner().invoke(main, ["demo", "--quick", "--no-ablation", "--no-reference", "--seeds", "1,2", "--views",
+                                  "dev", "--set", "alpha=2", "--out", str(out), "--cache", str(cache), "--json"])
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
-    assert set(rep["results"]) == {"vanilla", "unlearned", "reference"}
-    assert len(rep["relearn_reference"]["forget_vqa"]) == rep["config"]["relearn_epochs"] + 1
-    van, ref = (json.loads(next(cache.glob(f"{n}-*/finetune.json")).read_text()) for n in ("vanilla", "reference"))
-    forget_image_rows = [row for row in load_jsonl(out / "bench" / "forget.jsonl") if row.is_vqa]
-    assert ref["rows"] == van["rows"] - len(forget_image_rows) and ref["config"]["without_forget_images"]
+    assert rep["seeds"] == [1, 2] and rep["views"] == "dev" and rep["config"]["unlearn"]["alpha"] == 2
+    assert set(rep["per_seed"]["1"]["results"]) == {"vanilla", "unlearned"}
+    assert rep["per_seed"]["1"]["bench_digest"] != rep["per_seed"]["2"]["bench_digest"]
+    xs = [rep["per_seed"][s]["results"]["vanilla"]["retain"]["vqa"] for s in ("1", "2")]
+    assert rep["mean"]["vanilla"]["retain_vqa"] == pytest.approx(sum(xs) / 2)
+    assert rep["spread"]["vanilla"]["retain_vqa"] == pytest.approx(abs(xs[0] - xs[1]) / 2 ** 0.5)
+    assert (out / "seed-2" / "unlearned" / "model.safetensors").is_file()
+    r = CliRunner().invoke(main, ["demo", "--quick", "--set", "nope=1", "--out", str(tmp_path / "x"),
+                                  "--cache", str(cache)])
+    assert r.exit_code != 0 and "--set nope" in r.output and not (tmp_path / "x").exists()

@@ -1,0 +1,57 @@
+"""Stage 0 of the vanilla model: the LLM's own pretraining, before it meets the benchmark.
+
+A real MLLM starts from an LLM that already knows how to answer a multiple-choice question: find the option it
+means and name its letter. A tiny LLM trained from scratch on the benchmark's few hundred facts never learns that
+(its letter-generation accuracy stays at chance: the letter of the right option changes from question to question,
+and memorising the facts does not teach the lookup). Here it learns the format from generic instruction data about
+no one: "Which option is X?" over the generator's names and values, answered "X (<letter>)": the only way to the
+letter is to find X among the options. The skill forms abruptly after several hundred steps (an induction-style
+copy), which is why this stage exists rather than a few such rows among the benchmark's.
+
+Nothing here depends on a benchmark or its seed (the tokenizer is built from `make_bench.vocabulary()`), so the
+stage is cached once and shared by every benchmark seed, the vanilla and the reference model.
+"""
+import logging
+import time
+
+import numpy as np
+
+from ..data import Row
+from ..models import Adapter
+from .make_bench import ATTRIBUTES, FIRST, LAST, MC_INSTRUCTION, VALUES, _options
+from .training import train_llm
+
+log = logging.getLogger("surgery")
+LLM_SEED = 0  # the pretrained LLM is one model, whatever the benchmark seed
+
+
+def instruction_rows(n: int, seed: int = LLM_SEED) -> list[Row]:
+    """`n` rows "Which option is X? <instruction>" with four options of one kind (names or one attribute's values),
+    answered "X (<letter>)"."""
+    names = [f"{first} {last}" for population in FIRST for first, last in zip(FIRST[population], LAST[population])]
+    pools = {"name": names, **{a: VALUES[a] for a in ATTRIBUTES}}
+    rng = np.random.default_rng(seed)
+    rows = []
+    for k in range(n):
+        kind = sorted(pools)[k % len(pools)]
+        value = pools[kind][int(rng.integers(len(pools[kind])))]
+        options, letter = _options(rng, value, pools[kind])
+        rows.append(Row(f"Which option is {value}? {MC_INSTRUCTION}", f"{value} ({letter})", None, options, letter,
+                        None, f"instruction-{k}"))
+    return rows
+
+
+def pretrain_llm(adapter: Adapter, *, rows: int, epochs: int, lr: float, batch_size: int, weight_decay: float,
+                 warmup_steps: int) -> dict:
+    """Train the LLM (embeddings, layers, head) on `rows` instruction rows for `epochs` epochs. Returns a report
+    with the letter-generation accuracy on 200 fresh instruction rows."""
+    from .evaluate import score_mc
+    t0 = time.perf_counter()
+    model = adapter.model
+    params = [p for m in (model.model.language_model, model.lm_head) for p in m.parameters()]
+    losses = train_llm(adapter, instruction_rows(rows), params, epochs=epochs, lr=lr, batch_size=batch_size,
+                       weight_decay=weight_decay, warmup_steps=warmup_steps, seed=LLM_SEED, desc="llm (instructions)")
+    held_out = instruction_rows(200, seed=LLM_SEED + 1)
+    accuracy = 100.0 * float(np.mean(score_mc(adapter, held_out, letter=True)[1]))
+    log.info("llm pretraining: letter accuracy on fresh instruction rows %.1f %%", accuracy)
+    return {"rows": rows, "losses": losses, "letter_accuracy": accuracy, "seconds": time.perf_counter() - t0}

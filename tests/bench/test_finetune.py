@@ -1,0 +1,113 @@
+"""The staged vanilla model at toy size: the shortcuts it takes (the tower's features computed once, the LM head on
+answer positions only) against the whole model's own forward, the stage cache, and the reference model's data."""
+import json
+from collections import Counter
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from surgery.bench import tower
+from surgery.bench.finetune import FinetuneConfig, build_model, finetune, forget_people, stage_keys, vanilla_model
+from surgery.bench.llm_pretrain import instruction_rows
+from surgery.bench.training import Encoded, answer_loss_from_features
+from surgery.cli import main
+from surgery.data import load_jsonl
+from surgery.models import Example, answer_loss
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    return build_model(24, FinetuneConfig.quick(), seed=2)
+
+
+@torch.no_grad()
+def test_feature_layer_output_is_what_llava_reads(adapter, small_bench):
+    rows = [r for r in load_jsonl(small_bench / "train.jsonl") if r.is_vqa][:3]
+    pixels = tower.pixel_values(adapter, small_bench, [str(r.image) for r in rows])
+    ours = tower.feature_layer_output(adapter, pixels)
+    hidden = adapter.model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+    assert torch.equal(ours, hidden[adapter.model.config.vision_feature_layer][:, 1:])
+
+
+@torch.no_grad()
+def test_loss_from_cached_features_equals_the_whole_model(adapter, small_bench):
+    rows = [r for r in load_jsonl(small_bench / "train.jsonl")]
+    rows = [r for r in rows if r.is_vqa][:4] + [r for r in rows if not r.is_vqa][:3]
+    features = tower.features(adapter, small_bench, [str(r.image) for r in rows if r.is_vqa])
+    data = Encoded(adapter, rows)
+    inputs, labels = data.batch(list(range(len(rows))))
+    ours = answer_loss_from_features(adapter, inputs, labels,
+                                     torch.stack([features[str(r.image)] for r in rows if r.is_vqa]))
+    batch = adapter.encode([Example(r.prompt(), r.answer, r.load_image()) for r in rows])
+    assert torch.equal(batch.inputs["input_ids"], inputs["input_ids"]) and torch.equal(batch.labels, labels)
+    expect = answer_loss(adapter.model(**batch.inputs).logits, batch.labels)
+    assert torch.allclose(ours, expect, atol=1e-5)
+
+
+def test_stages_are_cached_and_shared(small_bench, tmp_path):
+    """The vanilla and the reference model share the LLM's pretraining and the text stage, not the tower; nothing
+    retrains on a second call; the reference tower never sees a forget face."""
+    cache, cfg = tmp_path / "cache", FinetuneConfig.quick()
+    vanilla, cached = vanilla_model(small_bench, cfg, cache)
+    assert not cached
+    reference, cached = vanilla_model(small_bench, cfg, cache, reference=True)
+    rep = json.loads((reference / "finetune.json").read_text())
+    assert not cached and rep["stages_cached"] == {"llm": True, "tower": False, "text": True}
+    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["llm", "reference", "text", "tower", "tower",
+                                                                      "vanilla"]
+    van = json.loads((vanilla / "finetune.json").read_text())
+    forget = forget_people(small_bench)
+    views = json.loads((small_bench / "bench.json").read_text())["params"]["tower_views"]
+    assert rep["stages"]["tower"]["photos"] == van["stages"]["tower"]["photos"] - views * len(forget)
+    assert all(r["entity"] not in forget for r in tower.pretrain_rows(small_bench, forget))
+    keys = stage_keys(small_bench, FinetuneConfig.quick(without_forget_images=True))
+    assert keys["tower"] != van["stage_keys"]["tower"] and keys["text"] == van["stage_keys"]["text"]
+    forget_vqa = [r for r in load_jsonl(small_bench / "forget.jsonl") if r.is_vqa]
+    assert rep["rows"] == van["rows"] - len(forget_vqa) > 0
+    assert vanilla_model(small_bench, cfg, cache) == (vanilla, True)
+    assert vanilla_model(small_bench, FinetuneConfig.quick(seed=1), cache)[0] != vanilla   # the seed is in the key
+
+
+def test_finetune_is_deterministic(small_bench, tmp_path):
+    cfg = FinetuneConfig.quick(seed=3)
+    finetune(small_bench, tmp_path / "a", cfg)
+    finetune(small_bench, tmp_path / "b", cfg)
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_instruction_rows_need_the_lookup():
+    rows = instruction_rows(400)
+    for r in rows:
+        value = r.question.split("Which option is ")[1].split("?")[0]
+        assert r.options[r.correct] == value and r.answer == f"{value} ({r.correct})" and r.entity is None
+    counts = Counter(r.correct for r in rows)
+    assert set(counts) == {"A", "B", "C", "D"} and min(counts.values()) > 70      # the letter is no guess
+    assert [r.question for r in instruction_rows(5)] == [r.question for r in rows[:5]]
+
+
+def test_cli_finetune_and_bad_arguments(small_bench, tmp_path):
+    r = CliRunner().invoke(main, ["finetune", "--bench", str(small_bench), "--out", str(tmp_path / "m"), "--quick",
+                                  "--threads", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["config"]["vision_layers"] == 2 and (tmp_path / "m" / "model.safetensors").is_file()
+    r = CliRunner().invoke(main, ["finetune", "--bench", str(small_bench), "--out", str(tmp_path / "n"),
+                                  "--tower-epochs", "0"])
+    assert r.exit_code == 2 and "--tower-epochs" in r.output
+    r = CliRunner().invoke(main, ["finetune", "--bench", str(small_bench), "--out", str(tmp_path / "n")])
+    assert r.exit_code == 1 and "patches" in r.output and not (tmp_path / "n").exists()   # 24 px in 10-px patches
+
+
+def test_stage_versions_and_replay_invalidate_only_their_stages(small_bench, monkeypatch):
+    """A stage's own version, or the instruction rows replayed in stages b and c, change the keys from that stage
+    on and leave the earlier stages (stage 0 above all, minutes of work) cached."""
+    import surgery.bench.finetune as ft
+    base = stage_keys(small_bench, FinetuneConfig.quick())
+    replay = stage_keys(small_bench, FinetuneConfig.quick(replay_rows=3))
+    assert replay["llm"] == base["llm"] and replay["tower"] == base["tower"]
+    assert replay["text"] != base["text"] and replay["align"] != base["align"]
+    monkeypatch.setitem(ft.STAGE_VERSIONS, "align", ft.STAGE_VERSIONS["align"] + 1)
+    bumped = stage_keys(small_bench, FinetuneConfig.quick())
+    assert {k for k in base if bumped[k] != base[k]} == {"align"}
