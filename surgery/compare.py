@@ -29,7 +29,7 @@ import transformers
 
 from . import __version__
 # the benchmark: used only in the section marked below, so that a new benchmark version is a change there
-from .bench.demo import bench_digest, benchmark
+from .bench.demo import UNLEARN, bench_digest, benchmark
 from .bench.evaluate import evaluate
 from .bench.finetune import FinetuneConfig, cache_root, vanilla_model
 from .bench.relearn import relearn
@@ -52,8 +52,8 @@ class CompareConfig:
     seeds: tuple[int, ...] = (0,)       # benchmark seeds (with --bench: seeds of the vanilla fine-tune and the runs)
     bench: str | None = None            # an existing benchmark directory for every seed (default: generate one)
     model: str | None = None            # the vanilla model, used as it is (needs --bench)
-    steps: int = 100                    # one training budget for every method that trains ...
-    lr: float = 3e-3                    # ... (the demo's: its tiny vision tower needs more than the paper's 1e-4)
+    steps: int = UNLEARN["steps"]       # one training budget for every method that trains: the demo's, chosen ...
+    lr: float = UNLEARN["lr"]           # ... for VKD on the dev views (the baselines were not tuned)
     batch_size: int = 4
     scope: str | None = None            # None: each method's own (its paper's)
     device: str = "cpu"
@@ -61,6 +61,7 @@ class CompareConfig:
     relearn_share: float = 0.2
     relearn_epochs: int = 5
     generation: bool = False            # also letter accuracy and ROUGE-L by greedy generation (slower)
+    views: str = "test"                 # test: held-out views (report); dev: the views tuning may look at
     isolate: bool = True                # one fresh process per method run (fair peak memory)
     bench_params: dict | None = None    # make_bench arguments (default: the demo's benchmark)
     finetune: dict = field(default_factory=dict)    # FinetuneConfig fields of the vanilla model
@@ -72,6 +73,8 @@ class CompareConfig:
                              f"{', '.join(METHODS)}")
         if not self.seeds or any(s < 0 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"--seeds: expected distinct non-negative seeds, got {list(self.seeds)}")
+        if self.views not in ("test", "dev"):
+            raise ValueError(f"--views {self.views!r}: choose test or dev")
         if self.model and not self.bench:
             raise ValueError("--model needs --bench: a vanilla model belongs to the benchmark it was trained on")
         if self.steps < 1 or not self.lr > 0 or self.batch_size < 1:
@@ -120,13 +123,14 @@ def _inputs(bench: Path) -> tuple[Path, Path]:
     return bench / "forget.jsonl", bench / "retain.jsonl"
 
 
-def _score(model: Path, bench: Path, device: str, generation: bool, seed: int) -> dict:
-    return evaluate(load(str(model), device=device, seed=seed), bench, letter=generation, rouge=generation)
+def _score(model: Path, bench: Path, device: str, generation: bool, seed: int, views: str) -> dict:
+    return evaluate(load(str(model), device=device, seed=seed), bench, letter=generation, rouge=generation,
+                    views=views)
 
 
 def _attack(model: Path, bench: Path, cfg: dict, seed: int) -> dict:
     return relearn(model, bench, share=cfg["relearn_share"], epochs=cfg["relearn_epochs"], seed=seed,
-                   device=cfg["device"])
+                   device=cfg["device"], views=cfg["views"])
 
 
 def _cache_root() -> Path:
@@ -163,7 +167,7 @@ def run_job(job: dict) -> dict:
             log.warning("%s diverged on seed %d: %s", cfg.method, cfg.seed, e)
             return {"status": "diverged", "error": str(e)}
         bench = Path(job["bench"])
-        scores = _score(out, bench, cfg.device, job["generation"], cfg.seed)
+        scores = _score(out, bench, cfg.device, job["generation"], cfg.seed, job["views"])
         attack = _attack(out, bench, job, cfg.seed)
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -197,7 +201,7 @@ def cache_key(run_cfg: Config, trains: bool, vanilla_id: str, digest: str, cfg: 
     method), the vanilla model, the benchmark files, the attack, the evaluation and the library versions."""
     settings = {k: v for k, v in run_cfg.to_dict().items() if k not in PATHS and (trains or k not in TRAINING)}
     what = {"config": settings, "vanilla": vanilla_id, "bench": digest, "relearn": [cfg.relearn_share,
-            cfg.relearn_epochs], "generation": cfg.generation, "eval": EVAL_VERSION,
+            cfg.relearn_epochs], "generation": cfg.generation, "views": cfg.views, "eval": EVAL_VERSION,
             "versions": [__version__, torch.__version__, transformers.__version__]}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -265,7 +269,7 @@ def _cell(stat: dict, digits: int = 1, scale: float = 1.0) -> str:
     return text
 
 
-def table(summary: dict, methods: tuple, seeds: tuple) -> str:
+def table(summary: dict, methods: tuple, seeds: tuple, views: str = "test") -> str:
     """Markdown, Table 1 layout: accuracy (%) by option likelihood on held-out views, then AG (forget-VQA gain under
     the relearning attack), seconds per step, prepare + training time, peak memory and trainable weights; with
     generation scored, a second table by letter generation (MLLMU-Bench's style) and ROUGE-L."""
@@ -282,11 +286,11 @@ def table(summary: dict, methods: tuple, seeds: tuple) -> str:
     n = len(seeds)
     note = (f"Mean ± sample standard deviation over {n} benchmark seeds ({', '.join(map(str, seeds))})." if n > 1
             else f"Benchmark seed {seeds[0]}; [a, b]: per-person bootstrap 95 % interval where the benchmark gives it.")
-    return "\n".join(lines) + "\n\n" + note + (" Accuracy in %, held-out views, by option likelihood (letter: the "
-                                              "first letter A-D of the greedy answer). AG: forget-VQA accuracy after "
-                                              "the relearning attack − before it. unlearn s: the method's prepare step "
-                                              "(statistics, masks, pruning) + training. Memory: peak RSS of the run's "
-                                              "own process (CUDA: max allocated).")
+    where = "held-out test" if views == "test" else "dev"
+    return "\n".join(lines) + "\n\n" + note + (
+        f" Accuracy in %, {where} views, by option likelihood (letter: the first letter A-D of the greedy answer). AG: "
+        "forget-VQA accuracy after the relearning attack − before it. unlearn s: the method's prepare step (statistics, "
+        "masks, pruning) + training. Memory: peak RSS of the run's own process (CUDA: max allocated).")
 
 
 def _memory(entry: dict) -> dict:
@@ -350,7 +354,7 @@ def _method_result(cfg: CompareConfig, method: str, seed: int, vanilla: Path, va
     scratch = Path(tempfile.mkdtemp(prefix=f"surgery-compare-{method}-"))
     run_cfg = job_config(cfg, method, seed, vanilla, bench, scratch / "out")
     key = cache_key(run_cfg, get(method).trains, vanilla_id, digest, cfg)
-    job = {"config": run_cfg.to_dict(), "bench": str(bench), "generation": cfg.generation,
+    job = {"config": run_cfg.to_dict(), "bench": str(bench), "generation": cfg.generation, "views": cfg.views,
            "relearn_share": cfg.relearn_share, "relearn_epochs": cfg.relearn_epochs, "device": cfg.device,
            "isolate": cfg.isolate, "progress": progress, "log_level": log.getEffectiveLevel()}
     t, path = time.perf_counter(), cache / "compare" / f"{method}-{key}.json"
@@ -378,9 +382,9 @@ def _seed_results(cfg: CompareConfig, seed: int, cache: Path, progress: bool,
     vanilla, vanilla_cached, vanilla_id = _vanilla(cfg, bench, seed, cache)
     digest = _digest(bench)
     ledger["timings"][f"vanilla_s[{seed}]"] = time.perf_counter() - t
-    key = hashlib.sha256(json.dumps([vanilla_id, digest, cfg.generation, EVAL_VERSION, __version__]).encode())
+    key = hashlib.sha256(json.dumps([vanilla_id, digest, cfg.generation, cfg.views, EVAL_VERSION, __version__]).encode())
     scores, hit = _cached(cache / "compare" / f"vanilla-{key.hexdigest()[:20]}.json",
-                          partial(_score, vanilla, bench, cfg.device, cfg.generation, seed))
+                          partial(_score, vanilla, bench, cfg.device, cfg.generation, seed, cfg.views))
     ledger["reused" if hit else "computed"].append(f"vanilla@{seed}")
     return {"bench": str(bench), "bench_digest": digest,
             "vanilla_model": str(vanilla), "vanilla_cached": vanilla_cached, "vanilla": scores,
@@ -400,7 +404,7 @@ def compare(out, cfg: CompareConfig, cache: Path | None = None, overwrite: bool 
         for m in cfg.methods:
             scored = [s["methods"][m] for s in seeds.values() if s["methods"][m]["status"] == "ok"]
             summary[m]["scope"] = scored[0]["scope"] if scored else ""
-        markdown = table(summary, cfg.methods, cfg.seeds)
+        markdown = table(summary, cfg.methods, cfg.seeds, cfg.views)
         figure(summary, cfg.methods, tmp / "compare.png")
         ledger["timings"]["total_s"] = time.perf_counter() - t0
         report = {"compare": asdict(cfg), "out": str(out), "cache": str(cache), "environment": environment(cfg.device),

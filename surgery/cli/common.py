@@ -105,3 +105,12 @@ def main():
     """Make a multimodal LLM forget what a person looks like (Visual Knowledge Distillation unlearning)."""
 
 
+def seeds_option(ctx, param, value):
+    """A click callback: "0,1,2" -> (0, 1, 2), distinct and non-negative."""
+    try:
+        seeds = tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated seeds like 0,1,2") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise click.BadParameter(f"{value!r}: expected distinct non-negative seeds")
+    return seeds

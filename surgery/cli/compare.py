@@ -4,7 +4,7 @@ import json
 import click
 
 from ..methods import METHODS
-from .common import emit, friendly, main
+from .common import emit, friendly, main, seeds_option
 
 
 def _names(ctx, param, value):
@@ -15,16 +15,6 @@ def _names(ctx, param, value):
     if len(set(names)) != len(names):
         raise click.BadParameter(f"{value!r}: a method is named twice")
     return tuple(names)
-
-
-def _seeds(ctx, param, value):
-    try:
-        seeds = tuple(int(x) for x in value.split(",") if x.strip())
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected comma-separated seeds like 0,1,2") from None
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise click.BadParameter(f"{value!r}: expected distinct non-negative seeds")
-    return seeds
 
 
 def _overrides(ctx, param, values):
@@ -46,7 +36,7 @@ def _overrides(ctx, param, values):
 @main.command()
 @click.option("--methods", default=",".join(METHODS), show_default=True, callback=_names,
               help="Comma-separated methods.")
-@click.option("--seeds", default="0", show_default=True, callback=_seeds,
+@click.option("--seeds", default="0", show_default=True, callback=seeds_option,
               help="Benchmark seeds: each generates its benchmark and vanilla model (cached); several give mean ± "
                    "standard deviation. With --bench: seeds of the vanilla fine-tune and of the runs.")
 @click.option("--bench", type=click.Path(exists=True, file_okay=False),
@@ -56,8 +46,9 @@ def _overrides(ctx, param, values):
 @click.option("--out", default="out/compare", show_default=True, type=click.Path())
 @click.option("--cache", type=click.Path(), help="Vanilla models and method results (default ~/.cache/surgery, or "
                                                  "$SURGERY_CACHE).")
-@click.option("--steps", type=int, default=100, show_default=True, help="Optimizer steps of every method that trains.")
-@click.option("--lr", type=float, default=3e-3, show_default=True)
+@click.option("--steps", type=int, default=200, show_default=True, help="Optimizer steps of every method that trains "
+                                                                      "(the demo's budget).")
+@click.option("--lr", type=float, default=5e-4, show_default=True)
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--scope", type=click.Choice(["mlp", "vision", "full"]),
               help="One scope for every method (default: each method's own, its paper's).")
@@ -67,6 +58,8 @@ def _overrides(ctx, param, values):
 @click.option("--relearn-epochs", type=int, default=5, show_default=True)
 @click.option("--generation", is_flag=True, help="Also score by greedy generation: letter accuracy (MLLMU-Bench's "
                                                  "style) and ROUGE-L, in a second table (slower).")
+@click.option("--views", type=click.Choice(["test", "dev"]), default="test", show_default=True,
+              help="Score on the held-out test views (report) or the dev views (the only ones tuning may use).")
 @click.option("--in-process", is_flag=True, help="Run every method in this process (faster start; peak memory is "
                                                  "then not reported).")
 @click.option("--device", default="cpu", show_default=True)
@@ -75,14 +68,14 @@ def _overrides(ctx, param, values):
 @click.option("-v", "--verbose", is_flag=True)
 @friendly
 def compare(methods, seeds, bench, model, out, cache, steps, lr, batch_size, scope, overrides, relearn_share,
-            relearn_epochs, generation, in_process, device, overwrite, as_json, verbose):
+            relearn_epochs, generation, views, in_process, device, overwrite, as_json, verbose):
     """Every method on the same vanilla model, data, seeds and relearning attack: OUT/table.md, report.json and
     compare.png. Results are cached: a re-run computes only new methods and settings."""
     from ..compare import CompareConfig
     from ..compare import compare as run
     cfg = CompareConfig(methods=methods, seeds=seeds, bench=bench, model=model, steps=steps, lr=lr,
                         batch_size=batch_size, scope=scope, device=device, overrides=overrides,
-                        relearn_share=relearn_share, relearn_epochs=relearn_epochs, generation=generation,
+                        relearn_share=relearn_share, relearn_epochs=relearn_epochs, generation=generation, views=views,
                         isolate=not in_process)
     report = run(out, cfg, cache, overwrite)
     click.echo(report["table"], err=True)

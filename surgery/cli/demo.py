@@ -1,34 +1,59 @@
-"""`surgery demo`: the whole evaluation loop on the built-in benchmark."""
+"""`surgery demo`: the whole evaluation loop on the built-in benchmark, over one or more benchmark seeds."""
+import json
+
 import click
 
-from .common import emit, friendly, main
+from .common import emit, friendly, main, seeds_option
+
+
+def _settings(ctx, param, values):
+    """FIELD=VALUE settings of prune-and-mask (VALUE read as JSON when it parses, else as text)."""
+    out = {}
+    for v in values:
+        name, sep, raw = v.partition("=")
+        if not (sep and name):
+            raise click.BadParameter(f"{v!r}: expected FIELD=VALUE, e.g. lr=1e-3")
+        try:
+            out[name.replace("-", "_")] = json.loads(raw)
+        except ValueError:
+            out[name.replace("-", "_")] = raw
+    return out
 
 
 @main.command()
 @click.option("--out", default="out/demo", show_default=True, type=click.Path())
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--cache", type=click.Path(), help="Where vanilla models are cached (default ~/.cache/surgery, "
+@click.option("--seeds", "--seed", default="0", show_default=True, callback=seeds_option,
+              help="Benchmark seeds, e.g. 0,1,2: each its own benchmark and models (cached); the table gives the "
+                   "mean and spread.")
+@click.option("--views", type=click.Choice(["test", "dev"]), default="test", show_default=True,
+              help="Evaluate on the held-out test views (report) or the dev views (the only ones tuning may use).")
+@click.option("--set", "settings", multiple=True, callback=_settings, metavar="FIELD=VALUE",
+              help="A prune-and-mask setting for this run, e.g. --set lr=1e-3 --set alpha=5 (repeatable).")
+@click.option("--cache", type=click.Path(), help="Where benchmarks and models are cached (default ~/.cache/surgery, "
                                                  "or $SURGERY_CACHE).")
 @click.option("--quick", is_flag=True, help="A tiny run of every stage (seconds): checks the wiring, measures nothing.")
 @click.option("--no-ablation", is_flag=True, help="Skip the beta=0 run.")
-@click.option("--reference", is_flag=True, help="Also train (and cache) the model that never saw the forget "
-                                                 "people's faces, and evaluate and attack it the same way.")
+@click.option("--no-reference", is_flag=True, help="Skip the model that never saw the forget people's faces.")
 @click.option("--overwrite", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("-v", "--verbose", is_flag=True)
 @friendly
-def demo(out, seed, cache, quick, no_ablation, reference, overwrite, as_json, verbose):
-    """make-bench -> finetune (cached) -> prune-and-mask -> eval -> relearn; table, report.json, demo.png."""
+def demo(out, seeds, views, settings, cache, quick, no_ablation, no_reference, overwrite, as_json, verbose):
+    """make-bench -> vanilla + reference model (cached) -> prune-and-mask -> eval -> relearn, per seed; table,
+    report.json and demo.png."""
     from ..bench.demo import DemoConfig, demo as run
-    cfg = DemoConfig.make(seed=seed, quick=quick, ablation=not no_ablation, reference=reference)
+    cfg = DemoConfig.make(seeds=seeds, quick=quick, unlearn=settings, views=views, ablation=not no_ablation,
+                          reference=not no_reference)
     report = run(out, cfg, cache, overwrite)
     click.echo(report["table"], err=True)
-    for who, key in (("unlearned", "relearn"), ("reference", "relearn_reference")):
-        if a := report.get(key):
-            click.echo(f"relearning the {who} model, {a['share']:.0%} x {a['epochs']} epochs: forget-VQA "
-                       + " -> ".join(f"{x:.1f}" for x in a["forget_vqa"]) + f"   AG {a['AG']:+.1f}", err=True)
-    click.echo("QA option log-likelihoods, largest change from vanilla: "
-               + ", ".join(f"{k} {v:g}" for k, v in report["qa_logprob_max_abs_change"].items()), err=True)
+    for seed, r in report["per_seed"].items():
+        for who, key in (("unlearned", "relearn"), ("reference", "relearn_reference")):
+            if a := r.get(key):
+                click.echo(f"seed {seed}: relearning the {who} model, {a['share']:.0%} x {a['epochs']} epochs: "
+                           "forget-VQA " + " -> ".join(f"{x:.1f}" for x in a["forget_vqa"]) + f"   AG {a['AG']:+.1f}",
+                           err=True)
+        click.echo(f"seed {seed}: QA option log-likelihoods, largest change from vanilla: "
+                   + ", ".join(f"{k} {v:g}" for k, v in r["qa_logprob_max_abs_change"].items()), err=True)
     for name, ok in report["targets"].items():
         click.echo(f"  [{'met' if ok else 'MISSED'}] {name}", err=True)
     click.echo(f"{out}/report.json, {out}/demo.png ({report['timings']['total_s']:.0f}s)", err=True)

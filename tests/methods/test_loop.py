@@ -4,7 +4,6 @@ import math
 from collections import Counter
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 import surgery.methods as methods
