@@ -29,7 +29,7 @@ import transformers
 
 from . import __version__
 # the benchmark: used only in the section marked below, so that a new benchmark version is a change there
-from .bench.demo import UNLEARN, bench_digest, benchmark
+from .bench.demo import UNLEARN, bench_digest, benchmark, torch_threads
 from .bench.evaluate import evaluate
 from .bench.finetune import FinetuneConfig, cache_root, vanilla_model
 from .bench.relearn import relearn
@@ -61,6 +61,7 @@ class CompareConfig:
     relearn_share: float = 0.2
     relearn_epochs: int = 5
     generation: bool = False            # also letter accuracy and ROUGE-L by greedy generation (slower)
+    threads: int = 1                    # torch CPU threads of every step (as the demo: reproducible numbers; 0: as set)
     views: str = "test"                 # test: held-out views (report); dev: the views tuning may look at
     isolate: bool = True                # one fresh process per method run (fair peak memory)
     bench_params: dict | None = None    # make_bench arguments (default: the demo's benchmark)
@@ -110,7 +111,7 @@ def _vanilla(cfg: CompareConfig, bench: Path, seed: int, cache: Path) -> tuple[P
             raise FileNotFoundError(f"--model {model}: not a model directory")
         stamp = json.dumps([[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files])
         return model, True, f"{model.resolve()}:{hashlib.sha256(stamp.encode()).hexdigest()[:16]}"
-    path, cached = vanilla_model(bench, FinetuneConfig(**{"seed": seed, **cfg.finetune}), cache)
+    path, cached = vanilla_model(bench, FinetuneConfig(**{"seed": seed, "threads": cfg.threads, **cfg.finetune}), cache)
     return path, cached, path.name              # the name holds the content hash of benchmark + fine-tune config
 
 
@@ -159,6 +160,8 @@ def run_job(job: dict) -> dict:
         log.setLevel(job["log_level"])
     cfg = Config(**job["config"])
     out = Path(cfg.out)
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])       # its own process (or restored by compare() when in-process)
     try:
         try:
             report = run(cfg, overwrite=True, progress=job.get("progress", False))
@@ -201,7 +204,8 @@ def cache_key(run_cfg: Config, trains: bool, vanilla_id: str, digest: str, cfg: 
     method), the vanilla model, the benchmark files, the attack, the evaluation and the library versions."""
     settings = {k: v for k, v in run_cfg.to_dict().items() if k not in PATHS and (trains or k not in TRAINING)}
     what = {"config": settings, "vanilla": vanilla_id, "bench": digest, "relearn": [cfg.relearn_share,
-            cfg.relearn_epochs], "generation": cfg.generation, "views": cfg.views, "eval": EVAL_VERSION,
+            cfg.relearn_epochs], "generation": cfg.generation, "views": cfg.views, "threads": cfg.threads,
+            "eval": EVAL_VERSION,
             "versions": [__version__, torch.__version__, transformers.__version__]}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -356,7 +360,8 @@ def _method_result(cfg: CompareConfig, method: str, seed: int, vanilla: Path, va
     key = cache_key(run_cfg, get(method).trains, vanilla_id, digest, cfg)
     job = {"config": run_cfg.to_dict(), "bench": str(bench), "generation": cfg.generation, "views": cfg.views,
            "relearn_share": cfg.relearn_share, "relearn_epochs": cfg.relearn_epochs, "device": cfg.device,
-           "isolate": cfg.isolate, "progress": progress, "log_level": log.getEffectiveLevel()}
+           "isolate": cfg.isolate, "progress": progress, "log_level": log.getEffectiveLevel(),
+           "threads": cfg.threads}
     t, path = time.perf_counter(), cache / "compare" / f"{method}-{key}.json"
     if cfg.isolate and path.is_file() and json.loads(path.read_text()).get("memory_isolated") is False:
         path.unlink()       # measured in-process: run it again in its own process for a fair peak
@@ -398,7 +403,7 @@ def compare(out, cfg: CompareConfig, cache: Path | None = None, overwrite: bool 
     cfg.check()
     out, cache = Path(out), Path(cache) if cache else _cache_root()
     t0, ledger = time.perf_counter(), {"computed": [], "reused": [], "failed": [], "timings": {}}
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite) as tmp, torch_threads(cfg.threads):
         seeds = {seed: _seed_results(cfg, seed, cache, progress, ledger) for seed in cfg.seeds}
         summary = summarize(seeds, cfg.methods)
         for m in cfg.methods:

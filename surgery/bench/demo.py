@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -47,6 +48,7 @@ class DemoConfig:
     reference: bool = True             # also build the model that never saw the forget faces (cached)
     relearn_share: float = 0.2
     relearn_epochs: int = 5
+    threads: int = 1                   # torch CPU threads for every step: the same numbers on every machine (0: as set)
     unlearn: dict = field(default_factory=lambda: dict(UNLEARN))
     bench: dict = field(default_factory=dict)       # make_bench arguments beyond its defaults
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -71,6 +73,18 @@ class DemoConfig:
         bad = sorted(set(self.unlearn) - known)
         if bad:
             raise ValueError(f"--set {bad[0]}: not a setting of prune-and-mask (one of {', '.join(sorted(known))})")
+
+
+@contextmanager
+def torch_threads(n: int):
+    """Run the block on `n` torch CPU threads (0: leave as set). The small models here are sensitive to how float
+    reductions are split over threads, so the demo's numbers are reproducible only at a fixed count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def benchmark(seed: int, params: dict, cache: Path) -> tuple[Path, bool]:
@@ -198,7 +212,7 @@ def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict) 
 
     seed_everything(seed)
     bench, bench_cached = timed("make_bench", lambda: benchmark(seed, cfg.bench, cache))
-    ft = replace(cfg.finetune, seed=seed)
+    ft = replace(cfg.finetune, seed=seed, threads=cfg.threads or cfg.finetune.threads)
     vanilla, vanilla_cached = timed("vanilla", lambda: vanilla_model(bench, ft, cache))
     models = {"vanilla": vanilla}
     if cfg.reference:
@@ -250,7 +264,7 @@ def demo(out, cfg: DemoConfig | None = None, cache: Path | None = None, overwrit
         log.info("replacing the previous demo output in %s", out)
         overwrite = True
     t0, timings = time.perf_counter(), {}
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite) as tmp, torch_threads(cfg.threads):
         per_seed = {seed: run_seed(seed, cfg, tmp, cache, timings) for seed in cfg.seeds}
         mean, spread = summarize(per_seed)
         shifts = [x for r in per_seed.values() for x in r["qa_logprob_max_abs_change"].values()]
@@ -264,7 +278,8 @@ def demo(out, cfg: DemoConfig | None = None, cache: Path | None = None, overwrit
         text = "\n\n".join([*(f"seed {s} ({cfg.views} views)\n{table(r['results'])}" for s, r in per_seed.items()),
                             seeds_table(mean, spread, cfg.seeds)])
         report = {"config": {**asdict(cfg), "out": str(out), "cache": str(cache)}, "seeds": list(cfg.seeds),
-                  "views": cfg.views, "dtype": "float32", "environment": environment("cpu"),
+                  "views": cfg.views, "dtype": "float32", "threads": torch.get_num_threads(),
+                  "environment": environment("cpu"),
                   "per_seed": {str(s): r for s, r in per_seed.items()}, "mean": mean, "spread": spread,
                   "targets": checks, "timings": timings, "table": text}
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
