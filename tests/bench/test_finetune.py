@@ -111,3 +111,13 @@ def test_stage_versions_and_replay_invalidate_only_their_stages(small_bench, mon
     monkeypatch.setitem(ft.STAGE_VERSIONS, "align", ft.STAGE_VERSIONS["align"] + 1)
     bumped = stage_keys(small_bench, FinetuneConfig.quick())
     assert {k for k in base if bumped[k] != base[k]} == {"align"}
+
+
+def test_thread_count_is_part_of_every_stage_key(small_bench, monkeypatch):
+    """A model built on another number of threads rounds differently: it must not share a cache entry with the
+    one-thread build (the default), whose keys stay as they were."""
+    one = stage_keys(small_bench, FinetuneConfig.quick(threads=1))
+    two = stage_keys(small_bench, FinetuneConfig.quick(threads=2))
+    assert all(one[s] != two[s] for s in one)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert stage_keys(small_bench, FinetuneConfig.quick(threads=0)) == one     # 0: as set, here one thread

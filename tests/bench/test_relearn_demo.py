@@ -2,6 +2,7 @@ import hashlib
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file
@@ -44,6 +45,7 @@ def test_relearn_curve_and_input_untouched(small_bench, tiny_dirs):
 def test_demo_quick_end_to_end(tmp_path):
     out, cache = tmp_path / "demo", tmp_path / "cache"
     args = ["demo", "--quick", "--out", str(out), "--cache", str(cache), "--json"]
+    threads = torch.get_num_threads()
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
@@ -53,6 +55,7 @@ def test_demo_quick_end_to_end(tmp_path):
     assert len(list(cache.glob("reference-*"))) == 1 and len(list(cache.glob("bench-0-*"))) == 1
     assert set(seed["results"]) == {"vanilla", "reference", "unlearned", "unlearned (beta=0)"}
     assert {"torch", "transformers", "surgery"} <= set(rep["environment"]) and rep["seeds"] == [0]
+    assert rep["threads"] == 1 and torch.get_num_threads() == threads      # pinned for the run, then restored
     assert rep["config"]["unlearn"]["beta"] == UNLEARN["beta"] and "total_s" in rep["timings"] and rep["views"] == "test"
     assert seed["qa_logprob_max_abs_change"] == {"unlearned": 0.0, "unlearned (beta=0)": 0.0}
     van, unl = seed["results"]["vanilla"], seed["results"]["unlearned"]
