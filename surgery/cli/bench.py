@@ -63,7 +63,9 @@ def make_bench_cmd(out, seed, overwrite, as_json, verbose, **params):
 @click.option("--text-epochs", type=int, default=None, help="The LLM on the QA rows.")
 @click.option("--align-epochs", type=int, default=None, help="Projector + LLM on the VQA (+ QA) rows, tower frozen.")
 @click.option("--quick", is_flag=True, help="Toy sizes, one epoch per stage (a wiring check, not a model).")
-@click.option("--threads", type=int, default=0, show_default=True, help="Torch CPU threads (0: torch's default).")
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="Torch CPU threads (0: torch's default). The model depends on it; 1 is what the demo builds and "
+                   "caches.")
 @click.option("--cache", type=click.Path(), default=None,
               help="Keep each stage by content hash in this directory and reuse what is there.")
 @click.option("--without-forget-images", is_flag=True,
