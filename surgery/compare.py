@@ -29,14 +29,14 @@ import transformers
 
 from . import __version__
 # the benchmark: used only in the section marked below, so that a new benchmark version is a change there
-from .bench.demo import UNLEARN, bench_digest, benchmark, torch_threads
+from .bench.demo import UNLEARN, bench_digest, benchmark
 from .bench.evaluate import evaluate
 from .bench.finetune import FinetuneConfig, cache_root, vanilla_model
 from .bench.relearn import relearn
 from .config import Config
 from .methods import METHODS, NonFiniteError, get
 from .models import load
-from .pipeline import atomic_dir, environment, resolve, run
+from .pipeline import atomic_dir, environment, resolve, run, torch_threads
 
 log = logging.getLogger("surgery")
 COLUMNS = [("forget", "vqa"), ("forget", "qa"), ("retain", "vqa"), ("retain", "qa"), ("realworld", "vqa"),

@@ -40,6 +40,18 @@ def check_device(device: str) -> None:
                          f"({torch.cuda.device_count()} visible)")
 
 
+@contextmanager
+def torch_threads(n: int):
+    """Run the block on `n` torch CPU threads (0: leave as set). Small models are sensitive to how float reductions
+    are split over threads: a trained model (and the benchmark's numbers) is reproducible only at a fixed count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def seed_everything(seed: int) -> None:
     import random
 

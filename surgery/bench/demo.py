@@ -11,9 +11,8 @@ accuracy a relearning attack brings back) is the yardstick for the unlearned mod
 import hashlib
 import json
 import logging
-import math
+import statistics
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 from ..config import Config
 from ..data import load_jsonl
 from ..models import Example, load
-from ..pipeline import atomic_dir, environment, prune_and_mask, seed_everything
+from ..pipeline import atomic_dir, environment, prune_and_mask, seed_everything, torch_threads
 from .evaluate import CHANCE, COLUMNS, answer_logprobs, evaluate, option_answer, split_files, table
 from .finetune import QUICK_BENCH, FinetuneConfig, cache_root, vanilla_model
 from .make_bench import VERSION, make_bench
@@ -73,18 +72,6 @@ class DemoConfig:
         bad = sorted(set(self.unlearn) - known)
         if bad:
             raise ValueError(f"--set {bad[0]}: not a setting of prune-and-mask (one of {', '.join(sorted(known))})")
-
-
-@contextmanager
-def torch_threads(n: int):
-    """Run the block on `n` torch CPU threads (0: leave as set). The small models here are sensitive to how float
-    reductions are split over threads, so the demo's numbers are reproducible only at a fixed count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n or before)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def benchmark(seed: int, params: dict, cache: Path) -> tuple[Path, bool]:
@@ -141,9 +128,8 @@ def summarize(per_seed: dict) -> tuple[dict, dict]:
         mean[name], spread[name] = {}, {}
         for key, xs in values.items():
             xs = [x for x in xs if x is not None]
-            mean[name][key] = sum(xs) / len(xs) if xs else None
-            spread[name][key] = math.sqrt(sum((x - mean[name][key]) ** 2 for x in xs) / (len(xs) - 1)) \
-                if len(xs) > 1 else None
+            mean[name][key] = statistics.fmean(xs) if xs else None
+            spread[name][key] = statistics.stdev(xs) if len(xs) > 1 else None
     return mean, spread
 
 

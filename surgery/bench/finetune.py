@@ -303,19 +303,16 @@ def finetune(bench, out, cfg: FinetuneConfig | None = None, overwrite: bool = Fa
     (bench, image_size), out = check_bench(bench, cfg), Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"--out {out} already exists (pass --overwrite to replace it)")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads or threads)
-    try:
-        return _finetune(bench, image_size, out, cfg, overwrite, cache)
-    finally:
-        torch.set_num_threads(threads)
+    from ..pipeline import torch_threads
+    with torch_threads(cfg.threads):
+        return _finetune(bench, image_size, out, cfg, overwrite, cache, stage_keys(bench, cfg))
 
 
-def _finetune(bench: Path, image_size: int, out: Path, cfg: FinetuneConfig, overwrite: bool, cache) -> dict:
+def _finetune(bench: Path, image_size: int, out: Path, cfg: FinetuneConfig, overwrite: bool, cache,
+              keys: dict[str, str]) -> dict:
     from ..pipeline import atomic_dir, seed_everything
     seed_everything(cfg.seed)
     t0 = time.perf_counter()
-    keys = stage_keys(bench, cfg)
     stages, cached = {}, {}
     llm, stages["llm"], cached["llm"] = _stage(cache, "llm", keys["llm"], lambda: _pretrain_llm(image_size, cfg))
 
@@ -368,12 +365,14 @@ def vanilla_model(bench, cfg: FinetuneConfig, cache: Path, reference: bool = Fal
     """The vanilla model for `bench` (or, with `reference`, the model that never saw the forget people's faces):
     from `cache` when built before, else built there stage by stage (stages shared with other models come from the
     cache too). Returns (model directory, whether the whole model was cached)."""
+    from ..pipeline import torch_threads
     cfg = replace(cfg, without_forget_images=reference)
-    check_bench(bench, cfg)
-    keys = stage_keys(Path(bench), cfg)
+    bench, image_size = check_bench(bench, cfg)
+    keys = stage_keys(bench, cfg)     # hashes every image the stages read: once, for the lookup and the build
     path = Path(cache) / f"{'reference' if reference else 'vanilla'}-{keys['align']}"
     if (path / "finetune.json").is_file():
         log.info("%s model from cache: %s", "reference" if reference else "vanilla", path)
         return path, True
-    finetune(bench, path, cfg, overwrite=True, cache=cache)
+    with torch_threads(cfg.threads):
+        _finetune(bench, image_size, path, cfg, True, cache, keys)
     return path, False

@@ -20,7 +20,6 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -70,13 +69,17 @@ def feature_layer_output(adapter: Adapter, pixels: torch.Tensor) -> torch.Tensor
     return h[:, 1:]
 
 
+def in_chunks(fn, pixels: torch.Tensor, size: int = 256) -> torch.Tensor:
+    """fn over `pixels` a chunk at a time, without gradients, concatenated."""
+    with torch.no_grad():
+        return torch.cat([fn(pixels[i:i + size]) for i in range(0, len(pixels), size)])
+
+
 def features(adapter: Adapter, bench, images: list[str]) -> dict[str, torch.Tensor]:
     """The (frozen) tower's feature-layer patch tokens of each photo (paths relative to `bench`, or absolute),
     computed once: {path: [P, H]}."""
-    pixels = pixel_values(adapter, bench, images)
-    with torch.no_grad():
-        out = torch.cat([feature_layer_output(adapter, pixels[i:i + 256]) for i in range(0, len(images), 256)])
-    return dict(zip(images, out))
+    tokens = in_chunks(lambda x: feature_layer_output(adapter, x), pixel_values(adapter, bench, images))
+    return dict(zip(images, tokens))
 
 
 class PretrainHead(nn.Module):
@@ -129,15 +132,17 @@ def pretrain(adapter: Adapter, bench, rows: list[dict], *, epochs: int, lr: floa
     tower.eval()
     for p in params:
         p.requires_grad_(False)
-    with torch.no_grad():
-        hits = [(head(feature_layer_output(adapter, pixels[i:i + 256]))[0].argmax(-1) == target[i:i + 256]).sum()
-                for i in range(0, len(rows), 256)]
-    accuracy = 100.0 * float(sum(hits)) / len(rows)
+    accuracy = 100.0 * int((predict(adapter, head, pixels) == target).sum()) / len(rows)
     log.info("%s: %d photos of %d identities, %d epochs: loss %.3f, identity accuracy on them %.1f %%",
              desc, len(rows), len(identities), epochs, losses[-1] if losses else float("nan"), accuracy)
     report = {"photos": len(rows), "identities": identities, "losses": losses,
               "train_identity_accuracy": accuracy, "seconds": time.perf_counter() - t0}
     return report, {k: v.detach().clone() for k, v in head.state_dict().items()}
+
+
+def predict(adapter: Adapter, head: PretrainHead, pixels: torch.Tensor) -> torch.Tensor:
+    """The head's identity (index) for each photo."""
+    return in_chunks(lambda x: head(feature_layer_output(adapter, x))[0].argmax(-1), pixels)
 
 
 def identity_accuracy(adapter: Adapter, bench, rows: list[dict], identities: list[str], weights: dict) -> float:
@@ -149,8 +154,5 @@ def identity_accuracy(adapter: Adapter, bench, rows: list[dict], identities: lis
     head = PretrainHead(adapter.model.config.vision_config.hidden_size, len(identities), attributes)
     head.load_state_dict(weights)
     pixels = pixel_values(adapter, bench, [r["image"] for r in rows])
-    target = np.array([index.get(r["entity"], -1) for r in rows])
-    with torch.no_grad():
-        pred = torch.cat([head(feature_layer_output(adapter, pixels[i:i + 256]))[0].argmax(-1)
-                          for i in range(0, len(rows), 256)]).numpy()
-    return 100.0 * float((pred == target).mean())
+    target = torch.tensor([index.get(r["entity"], -1) for r in rows])
+    return 100.0 * int((predict(adapter, head, pixels) == target).sum()) / len(rows)

@@ -114,3 +114,13 @@ def seeds_option(ctx, param, value):
     if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
         raise click.BadParameter(f"{value!r}: expected distinct non-negative seeds")
     return seeds
+
+
+def setting_value(raw: str):
+    """The VALUE of a --set FIELD=VALUE: JSON when it parses (numbers, true/false; a list becomes the tuple a Config
+    field holds), else the text itself."""
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return raw
+    return tuple(value) if isinstance(value, list) else value

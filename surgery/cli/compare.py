@@ -1,10 +1,9 @@
 """`surgery compare`: every method on the same vanilla model, data, seeds and relearning attack, in one table."""
-import json
 
 import click
 
 from ..methods import METHODS
-from .common import emit, friendly, main, seeds_option
+from .common import emit, friendly, main, seeds_option, setting_value
 
 
 def _names(ctx, param, value):
@@ -25,11 +24,7 @@ def _overrides(ctx, param, values):
         method, dot, name = target.partition(".")
         if not (sep and dot and method and name):
             raise click.BadParameter(f"{v!r}: expected METHOD.FIELD=VALUE, e.g. npo.npo_retain=true")
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            value = raw
-        out.setdefault(method, {})[name.replace("-", "_")] = tuple(value) if isinstance(value, list) else value
+        out.setdefault(method, {})[name.replace("-", "_")] = setting_value(raw)
     return out
 
 

@@ -1,9 +1,7 @@
 """`surgery demo`: the whole evaluation loop on the built-in benchmark, over one or more benchmark seeds."""
-import json
-
 import click
 
-from .common import emit, friendly, main, seeds_option
+from .common import emit, friendly, main, seeds_option, setting_value
 
 
 def _settings(ctx, param, values):
@@ -13,10 +11,7 @@ def _settings(ctx, param, values):
         name, sep, raw = v.partition("=")
         if not (sep and name):
             raise click.BadParameter(f"{v!r}: expected FIELD=VALUE, e.g. lr=1e-3")
-        try:
-            out[name.replace("-", "_")] = json.loads(raw)
-        except ValueError:
-            out[name.replace("-", "_")] = raw
+        out[name.replace("-", "_")] = setting_value(raw)
     return out
 
 
