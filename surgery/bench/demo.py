@@ -29,12 +29,13 @@ from .relearn import relearn
 
 log = logging.getLogger("surgery")
 
-# VKD's settings for this benchmark, chosen on the DEV views of seed 0 (README: "How the demo's settings were chosen"
-# has the sweep and the commands); the test views were not looked at. Of the settings that took dev forget-VQA to
-# <= 40 %, this one kept the most retain and real-world VQA. β is 3, not the paper's 0.3: our L_VKD is a mean over
-# tokens and channels, so its scale differs from the paper's. The combined schedule (one update on forget + retain +
-# distillation per step, the paper's) kept more on dev than MMUnlearner's alternating one, with a lower AG.
-UNLEARN = dict(lr=5e-4, steps=200, alpha=2.5, beta=3.0, schedule="combined")
+# VKD's settings for this benchmark, chosen on the DEV views of seeds 0, 1 and 2 (README: "How the demo's settings
+# were chosen" has the sweep and the commands); the test views were not looked at. Of the settings that took the mean
+# dev forget-VQA to <= 40 %, this one kept the most retain and real-world VQA. β is 3, not the paper's 0.3: our
+# L_VKD is a mean over tokens and channels, so its scale differs from the paper's. The combined schedule (one update
+# on forget + retain + distillation per step, the paper's) kept more on dev than MMUnlearner's alternating one, with
+# a lower AG.
+UNLEARN = dict(lr=5e-4, steps=300, alpha=2.5, beta=3.0, schedule="combined")
 TARGET_SLACK = dict(forget_over_chance=15.0, kept_within=5.0, ag_max=10.0, ag_within_reference=5.0)
 
 

@@ -11,7 +11,9 @@
             does): a frozen LLM that never read "the person in the image" cannot answer about them.
 Stages b and c also replay fresh generic instruction rows like stage 0's (as LLaVA mixes instruction data into
 its fine-tuning): without them, learning the facts wears the option-letter lookup away (letter accuracy fell from
-stage 0's 84 % to about 60 %).
+stage 0's 84 % to about 60 % in an earlier build). Even with them it wears some: stage 0 now scores 99 % on fresh
+instruction rows, the finished models 75-90 % on the benchmark's rows (replaying 2400 rows instead of 1200, or
+showing a photo with half of them in alignment, did not raise it on seed 0's dev views).
 
 The reference model (`without_forget_images`, the "retrained" model of unlearning papers) is built the same way
 with no forget-face photo in any stage: its tower is pretrained without the forget people's photos, and its
@@ -42,7 +44,7 @@ from .make_bench import vocabulary
 from .training import train_llm, train_loop
 
 log = logging.getLogger("surgery")
-TRAINING_VERSION = 3   # part of every stage's cache key: bump it when the code changes what the stages compute
+TRAINING_VERSION = 4   # part of every stage's cache key: bump it when the code changes what the stages compute
 # A change to one stage's computation bumps that stage's own version instead, so the stages it does not touch stay
 # cached (stage 0 takes minutes). text/align 2: fresh instruction rows replayed.
 STAGE_VERSIONS = {"llm": 0, "tower": 0, "text": 2, "align": 2}
@@ -60,8 +62,8 @@ class FinetuneConfig:
     text_layers: int = 2
     vocab_size: int = 2048
     # 0. the LLM's pretraining on multiple-choice instruction rows
-    llm_rows: int = 2000
-    llm_epochs: int = 20
+    llm_rows: int = 4000         # 4000 rows x 20 epochs: the lookup itself is learned (99 % on fresh rows); with 2000
+    llm_epochs: int = 20         # rows x 20 or 40 epochs the LLM settled on a by-position guess (72-79 %)
     llm_lr: float = 3e-3
     # a. tower pretraining (identity + facial attributes from the feature layer's patch tokens)
     tower_epochs: int = 16
@@ -165,8 +167,11 @@ def train_epochs(adapter: Adapter, examples: list[Example], params, *, epochs: i
 
 def build_model(image_size: int, cfg: FinetuneConfig, seed: int | None = None) -> Adapter:
     """A fresh tiny LLaVA whose tokenizer is trained on the generator's vocabulary (every word one token; the
-    same for every benchmark seed). The chat template's words are in the corpus often enough to be tokens too."""
-    corpus = vocabulary() + ["USER: <image>\n ASSISTANT:"] * 100
+    same for every benchmark seed). Each text appears with and without a leading space: byte-level BPE keeps the
+    space in the token ("Ġname"), and a word met only at the start of a text would otherwise be split into pieces
+    wherever it follows a space (names were, into up to five, which made the option-letter lookup far harder to
+    learn). The chat template's words are in the corpus often enough to be tokens too."""
+    corpus = [t for text in vocabulary() for t in (text, " " + text)] + ["USER: <image>\n ASSISTANT:"] * 100
     model, tok, ip = tiny_llava(seed=cfg.seed if seed is None else seed, corpus=corpus, image_size=image_size,
                                 patch_size=cfg.patch_size, vision_layers=cfg.vision_layers,
                                 vision_hidden=cfg.vision_hidden, vision_intermediate=cfg.vision_intermediate,

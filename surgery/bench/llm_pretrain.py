@@ -6,7 +6,10 @@ means and name its letter. A tiny LLM trained from scratch on the benchmark's fe
 and memorising the facts does not teach the lookup). Here it learns the format from generic instruction data about
 no one: "Which option is X?" over the generator's names and values, answered "X (<letter>)": the only way to the
 letter is to find X among the options. The skill forms abruptly after several hundred steps (an induction-style
-copy), which is why this stage exists rather than a few such rows among the benchmark's.
+copy), which is why this stage exists rather than a few such rows among the benchmark's. How it forms depends on
+the data: on 4000 rows it is the lookup itself (99 % on fresh rows, on 1 or 2 threads and from another
+initialisation); on 2000 rows the LLM settled on guessing by position (72-79 %, right for A and D, half the time for
+B and C), and on rows never repeated it had not started after 1250 steps.
 
 Nothing here depends on a benchmark or its seed (the tokenizer is built from `make_bench.vocabulary()`), so the
 stage is cached once and shared by every benchmark seed, the vanilla and the reference model.

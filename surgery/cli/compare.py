@@ -41,9 +41,9 @@ def _overrides(ctx, param, values):
 @click.option("--out", default="out/compare", show_default=True, type=click.Path())
 @click.option("--cache", type=click.Path(), help="Vanilla models and method results (default ~/.cache/surgery, or "
                                                  "$SURGERY_CACHE).")
-@click.option("--steps", type=int, default=200, show_default=True, help="Optimizer steps of every method that trains "
-                                                                      "(the demo's budget).")
-@click.option("--lr", type=float, default=5e-4, show_default=True)
+@click.option("--steps", type=int, help="Optimizer steps of every method that trains (default: the demo's budget, "
+                                        "300).")
+@click.option("--lr", type=float, help="Learning rate of every method that trains (default: the demo's, 5e-4).")
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--scope", type=click.Choice(["mlp", "vision", "full"]),
               help="One scope for every method (default: each method's own, its paper's).")
@@ -68,10 +68,10 @@ def compare(methods, seeds, bench, model, out, cache, steps, lr, batch_size, sco
     compare.png. Results are cached: a re-run computes only new methods and settings."""
     from ..compare import CompareConfig
     from ..compare import compare as run
-    cfg = CompareConfig(methods=methods, seeds=seeds, bench=bench, model=model, steps=steps, lr=lr,
-                        batch_size=batch_size, scope=scope, device=device, overrides=overrides,
-                        relearn_share=relearn_share, relearn_epochs=relearn_epochs, generation=generation, views=views,
-                        isolate=not in_process)
+    given = {k: v for k, v in (("steps", steps), ("lr", lr)) if v is not None}   # else the demo's (CompareConfig)
+    cfg = CompareConfig(methods=methods, seeds=seeds, bench=bench, model=model, **given, batch_size=batch_size,
+                        scope=scope, device=device, overrides=overrides, relearn_share=relearn_share,
+                        relearn_epochs=relearn_epochs, generation=generation, views=views, isolate=not in_process)
     report = run(out, cfg, cache, overwrite)
     click.echo(report["table"], err=True)
     click.echo(f"{out}/table.md, report.json, compare.png ({report['timings']['total_s']:.0f}s; "

@@ -88,6 +88,19 @@ def test_instruction_rows_need_the_lookup():
     assert [r.question for r in instruction_rows(5)] == [r.question for r in rows[:5]]
 
 
+def test_every_generator_word_is_one_token_where_the_rows_use_it():
+    """Names, places and values are single tokens after a space, where the rows use them (an option "A. Halden",
+    an answer "ASSISTANT: Halden (A)"): byte-level BPE keeps the space in the token. Split names made the option
+    lookup hard to learn."""
+    import re
+    from surgery.bench.make_bench import vocabulary
+    tok = build_model(24, FinetuneConfig(), seed=0).tokenizer
+    words = sorted({w for text in vocabulary() for w in re.findall(r"[A-Za-z]+", text)})
+    assert len(words) > 250
+    split = [w for w in words if len(tok.tokenize(" " + w)) != 1]
+    assert split == []
+
+
 def test_cli_finetune_and_bad_arguments(small_bench, tmp_path):
     r = CliRunner().invoke(main, ["finetune", "--bench", str(small_bench), "--out", str(tmp_path / "m"), "--quick",
                                   "--threads", "1", "--json"])
