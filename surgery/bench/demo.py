@@ -23,7 +23,7 @@ from ..data import load_jsonl
 from ..models import Example, load
 from ..pipeline import atomic_dir, environment, prune_and_mask, seed_everything, torch_threads
 from .evaluate import CHANCE, COLUMNS, answer_logprobs, evaluate, option_answer, split_files, table
-from .finetune import QUICK_BENCH, FinetuneConfig, cache_root, vanilla_model
+from .finetune import QUICK_BENCH, FinetuneConfig, build_models, cache_root
 from .make_bench import VERSION, make_bench
 from .relearn import relearn
 
@@ -200,10 +200,10 @@ def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict) 
     seed_everything(seed)
     bench, bench_cached = timed("make_bench", lambda: benchmark(seed, cfg.bench, cache))
     ft = replace(cfg.finetune, seed=seed, threads=cfg.threads or cfg.finetune.threads)
-    vanilla, vanilla_cached = timed("vanilla", lambda: vanilla_model(bench, ft, cache))
-    models = {"vanilla": vanilla}
-    if cfg.reference:
-        models["reference"], _ = timed("reference", lambda: vanilla_model(bench, ft, cache, reference=True))
+    # the vanilla and the reference model are built in two processes at once (the same models as one builds)
+    built = timed("models", lambda: build_models(bench, ft, cache, reference=cfg.reference))
+    vanilla, vanilla_cached = built["vanilla"]
+    models = {name: path for name, (path, _) in built.items()}
     runs = {"unlearned": cfg.unlearn}
     if cfg.ablation:
         runs["unlearned (beta=0)"] = {**cfg.unlearn, "beta": 0.0}

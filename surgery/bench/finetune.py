@@ -313,19 +313,25 @@ def finetune(bench, out, cfg: FinetuneConfig | None = None, overwrite: bool = Fa
         return _finetune(bench, image_size, out, cfg, overwrite, cache, stage_keys(bench, cfg))
 
 
-def _finetune(bench: Path, image_size: int, out: Path, cfg: FinetuneConfig, overwrite: bool, cache,
-              keys: dict[str, str]) -> dict:
+def _finetune(bench: Path, image_size: int, out: Path | None, cfg: FinetuneConfig, overwrite: bool, cache,
+              keys: dict[str, str], only: set[str] | None = None) -> dict | None:
+    """Every stage, then the model saved to `out`; or, with `only` (stage names among llm, tower, text), just those
+    stages, built or found in `cache`, and nothing saved. Each stage computes the same either way: every random
+    draw is seeded inside its stage."""
     from ..pipeline import atomic_dir, seed_everything
     seed_everything(cfg.seed)
     t0 = time.perf_counter()
     stages, cached = {}, {}
-    llm, stages["llm"], cached["llm"] = _stage(cache, "llm", keys["llm"], lambda: _pretrain_llm(image_size, cfg))
+    wanted = only or {"llm", "tower", "text"}
+    if wanted & {"llm", "text"}:
+        llm, stages["llm"], cached["llm"] = _stage(cache, "llm", keys["llm"], lambda: _pretrain_llm(image_size, cfg))
 
     adapter = build_model(image_size, cfg)
     model = adapter.model
-    weights, stages["tower"], cached["tower"] = _stage(cache, "tower", keys["tower"],
-                                                       lambda: _pretrain_tower(adapter, bench, cfg))
-    model.model.vision_tower.load_state_dict(_unprefixed(weights, "tower."))
+    if "tower" in wanted:
+        weights, stages["tower"], cached["tower"] = _stage(cache, "tower", keys["tower"],
+                                                           lambda: _pretrain_tower(adapter, bench, cfg))
+        model.model.vision_tower.load_state_dict(_unprefixed(weights, "tower."))
 
     rows = [r for r, _ in training_rows(bench, cfg.without_forget_images)]
     qa, vqa = [r for r in rows if not r.is_vqa], [r for r in rows if r.is_vqa]
@@ -343,8 +349,11 @@ def _finetune(bench: Path, image_size: int, out: Path, cfg: FinetuneConfig, over
         return _llm_state(adapter), {"rows": len(qa), "replay_rows": cfg.replay_rows, "losses": losses,
                                      "seconds": time.perf_counter() - t}
 
-    weights, stages["text"], cached["text"] = _stage(cache, "text", keys["text"], run_text)
-    _load_llm(adapter, weights)
+    if "text" in wanted:
+        weights, stages["text"], cached["text"] = _stage(cache, "text", keys["text"], run_text)
+        _load_llm(adapter, weights)
+    if only is not None:
+        return None
 
     t = time.perf_counter()
     features = tower.features(adapter, bench, sorted({str(r.image) for r in vqa}))
@@ -381,3 +390,47 @@ def vanilla_model(bench, cfg: FinetuneConfig, cache: Path, reference: bool = Fal
     with torch_threads(cfg.threads):
         _finetune(bench, image_size, path, cfg, True, cache, keys)
     return path, False
+
+
+def build_models(bench, cfg: FinetuneConfig, cache: Path, reference: bool = True) -> dict[str, tuple[Path, bool]]:
+    """The vanilla model (and, with `reference`, the reference model) as `vanilla_model` builds them, with the work
+    split over two processes: this one trains stage 0 and the text stage while a second pretrains the towers, then
+    each aligns one model. Both run at `cfg.threads` and every stage computes what it computes alone, so the models
+    (and their cache entries) are the same as one process builds. Returns {"vanilla": (path, cached),
+    "reference": ...}; when everything is cached, no process is started."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from ..pipeline import torch_threads
+    names = ["vanilla", "reference"] if reference else ["vanilla"]
+    cfgs = {name: replace(cfg, without_forget_images=name == "reference") for name in names}
+    bench, image_size = check_bench(bench, cfg)
+    keys = {name: stage_keys(bench, c) for name, c in cfgs.items()}
+    if not reference or all((Path(cache) / f"{n}-{keys[n]['align']}" / "finetune.json").is_file() for n in names):
+        return {name: vanilla_model(bench, c, cache, reference=name == "reference") for name, c in cfgs.items()}
+    context = multiprocessing.get_context("spawn")   # no fork of a process that holds torch threads
+    with ProcessPoolExecutor(1, mp_context=context, initializer=_child_logging,
+                             initargs=(log.getEffectiveLevel(),)) as other:
+        towers = other.submit(_stages_only, str(bench), [cfgs[n] for n in names], str(cache), {"tower"})
+        with torch_threads(cfg.threads):
+            _finetune(bench, image_size, None, cfg, False, cache, keys["vanilla"], only={"llm", "text"})
+        towers.result()
+        aligned = other.submit(vanilla_model, str(bench), cfgs["reference"], str(cache), True)
+        models = {"vanilla": vanilla_model(bench, cfgs["vanilla"], cache)}
+        path, was_cached = aligned.result()
+        models["reference"] = (Path(path), was_cached)
+    return models
+
+
+def _stages_only(bench: str, cfgs: list[FinetuneConfig], cache: str, only: set[str]) -> None:
+    """`only`'s stages of each of `cfgs`' models, built or found in `cache` (in a process of `build_models`)."""
+    from ..pipeline import torch_threads
+    for c in cfgs:
+        path, image_size = check_bench(bench, c)
+        with torch_threads(c.threads):
+            _finetune(path, image_size, None, c, False, Path(cache), stage_keys(path, c), only=only)
+
+
+def _child_logging(level: int) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    log.setLevel(level)

@@ -9,7 +9,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from surgery.bench import tower
-from surgery.bench.finetune import FinetuneConfig, build_model, finetune, forget_people, stage_keys, vanilla_model
+from surgery.bench.finetune import (FinetuneConfig, build_model, build_models, finetune, forget_people, stage_keys,
+                                    vanilla_model)
 from surgery.bench.llm_pretrain import instruction_rows
 from surgery.bench.training import Encoded, answer_loss_from_features
 from surgery.cli import main
@@ -68,6 +69,22 @@ def test_stages_are_cached_and_shared(small_bench, tmp_path):
     assert rep["rows"] == van["rows"] - len(forget_vqa) > 0
     assert vanilla_model(small_bench, cfg, cache) == (vanilla, True)
     assert vanilla_model(small_bench, FinetuneConfig.quick(seed=1), cache)[0] != vanilla   # the seed is in the key
+
+
+def test_two_process_build_gives_the_one_process_models(small_bench, tmp_path):
+    """build_models (stage 0 + text here, the towers in a second process, then one alignment each) writes the
+    same models, bit for bit, as vanilla_model building them one after the other; a second call starts nothing."""
+    cfg = FinetuneConfig.quick(seed=4)
+    built = build_models(small_bench, cfg, tmp_path / "two")
+    assert [n for n in built] == ["vanilla", "reference"] and not any(c for _, c in built.values())
+    for name in built:
+        one, _ = vanilla_model(small_bench, cfg, tmp_path / "one", reference=name == "reference")
+        assert one.name == built[name][0].name                           # the same stage keys
+        a = load_file(str(one / "model.safetensors"))
+        b = load_file(str(built[name][0] / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    again = build_models(small_bench, cfg, tmp_path / "two")
+    assert {n: c for n, (_, c) in again.items()} == {"vanilla": True, "reference": True}
 
 
 def test_finetune_is_deterministic(small_bench, tmp_path):
