@@ -41,9 +41,8 @@ def _overrides(ctx, param, values):
 @click.option("--out", default="out/compare", show_default=True, type=click.Path())
 @click.option("--cache", type=click.Path(), help="Vanilla models and method results (default ~/.cache/surgery, or "
                                                  "$SURGERY_CACHE).")
-@click.option("--steps", type=int, help="Optimizer steps of every method that trains (default: the demo's budget, "
-                                        "300).")
-@click.option("--lr", type=float, help="Learning rate of every method that trains (default: the demo's, 5e-4).")
+@click.option("--steps", type=int, help="Optimizer steps of every method that trains (default: the demo's budget).")
+@click.option("--lr", type=float, help="Learning rate of every method that trains (default: the demo's).")
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--scope", type=click.Choice(["mlp", "vision", "full"]),
               help="One scope for every method (default: each method's own, its paper's).")
