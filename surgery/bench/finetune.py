@@ -375,14 +375,16 @@ def _finetune(bench: Path, image_size: int, out: Path | None, cfg: FinetuneConfi
     return report
 
 
-def vanilla_model(bench, cfg: FinetuneConfig, cache: Path, reference: bool = False) -> tuple[Path, bool]:
+def vanilla_model(bench, cfg: FinetuneConfig, cache: Path, reference: bool = False,
+                  keys: dict[str, str] | None = None) -> tuple[Path, bool]:
     """The vanilla model for `bench` (or, with `reference`, the model that never saw the forget people's faces):
     from `cache` when built before, else built there stage by stage (stages shared with other models come from the
-    cache too). Returns (model directory, whether the whole model was cached)."""
+    cache too). `keys`: its `stage_keys`, when the caller has them. Returns (model directory, whether the whole
+    model was cached)."""
     from ..pipeline import torch_threads
     cfg = replace(cfg, without_forget_images=reference)
     bench, image_size = check_bench(bench, cfg)
-    keys = stage_keys(bench, cfg)     # hashes every image the stages read: once, for the lookup and the build
+    keys = keys or stage_keys(bench, cfg)   # hashes every image the stages read: once, for the lookup and the build
     path = Path(cache) / f"{'reference' if reference else 'vanilla'}-{keys['align']}"
     if (path / "finetune.json").is_file():
         log.info("%s model from cache: %s", "reference" if reference else "vanilla", path)
@@ -407,28 +409,29 @@ def build_models(bench, cfg: FinetuneConfig, cache: Path, reference: bool = True
     bench, image_size = check_bench(bench, cfg)
     keys = {name: stage_keys(bench, c) for name, c in cfgs.items()}
     if not reference or all((Path(cache) / f"{n}-{keys[n]['align']}" / "finetune.json").is_file() for n in names):
-        return {name: vanilla_model(bench, c, cache, reference=name == "reference") for name, c in cfgs.items()}
+        return {name: vanilla_model(bench, c, cache, name == "reference", keys[name]) for name, c in cfgs.items()}
     context = multiprocessing.get_context("spawn")   # no fork of a process that holds torch threads
     with ProcessPoolExecutor(1, mp_context=context, initializer=_child_logging,
                              initargs=(log.getEffectiveLevel(),)) as other:
-        towers = other.submit(_stages_only, str(bench), [cfgs[n] for n in names], str(cache), {"tower"})
+        towers = other.submit(_stages_only, str(bench), [(cfgs[n], keys[n]) for n in names], str(cache), {"tower"})
         with torch_threads(cfg.threads):
             _finetune(bench, image_size, None, cfg, False, cache, keys["vanilla"], only={"llm", "text"})
         towers.result()
-        aligned = other.submit(vanilla_model, str(bench), cfgs["reference"], str(cache), True)
-        models = {"vanilla": vanilla_model(bench, cfgs["vanilla"], cache)}
+        aligned = other.submit(vanilla_model, str(bench), cfgs["reference"], str(cache), True, keys["reference"])
+        models = {"vanilla": vanilla_model(bench, cfgs["vanilla"], cache, False, keys["vanilla"])}
         path, was_cached = aligned.result()
         models["reference"] = (Path(path), was_cached)
     return models
 
 
-def _stages_only(bench: str, cfgs: list[FinetuneConfig], cache: str, only: set[str]) -> None:
-    """`only`'s stages of each of `cfgs`' models, built or found in `cache` (in a process of `build_models`)."""
+def _stages_only(bench: str, models: list[tuple[FinetuneConfig, dict]], cache: str, only: set[str]) -> None:
+    """`only`'s stages of each (config, stage keys) model, built or found in `cache` (in a process of
+    `build_models`)."""
     from ..pipeline import torch_threads
-    for c in cfgs:
+    for c, keys in models:
         path, image_size = check_bench(bench, c)
         with torch_threads(c.threads):
-            _finetune(path, image_size, None, c, False, Path(cache), stage_keys(path, c), only=only)
+            _finetune(path, image_size, None, c, False, Path(cache), keys, only=only)
 
 
 def _child_logging(level: int) -> None:
