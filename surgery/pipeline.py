@@ -215,7 +215,7 @@ def scratch():
             shutil.rmtree(d, ignore_errors=True)
 
 
-def collect_saliency(cfg: Config, overwrite: bool = False) -> dict:
+def collect_saliency(cfg: Config, overwrite: bool = False, progress: bool = True) -> dict:
     """Activation statistics and Fisher diagonals per split into cfg.out/saliency.safetensors, with report.json
     (atomically). Under torchrun the batches are spread over the ranks and rank 0 writes. Returns the report."""
     out = Path(cfg.out)
@@ -227,7 +227,7 @@ def collect_saliency(cfg: Config, overwrite: bool = False) -> dict:
         timings = {}
         with atomic_dir(out, overwrite) if world.main else nullcontext() as tmp:
             sal = collect_or_load(adapter, splits, params, cfg.forget, cfg.retain, cfg.collect_batch_size,
-                                  timings=timings, world=world)
+                                  timings=timings, world=world, progress=progress)
             report = {"config": cfg.to_dict(), "world_size": world.size, "timings": timings, "splits": splits.counts()}
             if world.main:
                 sal.save(tmp / "saliency.safetensors")

@@ -171,7 +171,7 @@ def _all_reduce_split(world: World, current: dict, device) -> None:
 
 def collect_or_load(adapter: Adapter, splits: Splits, params: dict[str, torch.nn.Parameter], forget, retain,
                     batch_size: int, saliency=None, timings: dict | None = None, fisher: bool = True,
-                    world: World | None = None) -> Saliency:
+                    world: World | None = None, progress: bool = True) -> Saliency:
     """Collect saliency, or reuse the file `saliency` when it was collected from the same data, batch size and
     weights (refused otherwise)."""
     timings = {} if timings is None else timings
@@ -183,7 +183,7 @@ def collect_or_load(adapter: Adapter, splits: Splits, params: dict[str, torch.nn
         log.info("saliency reused from %s", saliency)
         timings["saliency_load_s"] = time.perf_counter() - t
         return sal
-    sal = collect(adapter, splits, params, batch_size=batch_size, fisher=fisher, world=world)
+    sal = collect(adapter, splits, params, batch_size=batch_size, progress=progress, fisher=fisher, world=world)
     sal.source = source
     timings["collect_s"] = time.perf_counter() - t
     return sal

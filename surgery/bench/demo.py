@@ -11,8 +11,11 @@ accuracy a relearning attack brings back) is the yardstick for the unlearned mod
 import hashlib
 import json
 import logging
+import multiprocessing
 import statistics
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -21,9 +24,9 @@ import torch
 from ..config import Config
 from ..data import load_jsonl
 from ..models import Example, load
-from ..pipeline import atomic_dir, environment, prune_and_mask, seed_everything, torch_threads
+from ..pipeline import atomic_dir, collect_saliency, environment, prune_and_mask, seed_everything, torch_threads
 from .evaluate import CHANCE, COLUMNS, answer_logprobs, evaluate, option_answer, split_files, table
-from .finetune import QUICK_BENCH, FinetuneConfig, build_models, cache_root
+from .finetune import QUICK_BENCH, FinetuneConfig, build_models, cache_root, child_logging
 from .make_bench import VERSION, make_bench
 from .relearn import relearn
 
@@ -35,7 +38,7 @@ log = logging.getLogger("surgery")
 # L_VKD is a mean over tokens and channels, so its scale differs from the paper's. The combined schedule (one update
 # on forget + retain + distillation per step, the paper's) kept more on dev than MMUnlearner's alternating one, with
 # a lower AG.
-UNLEARN = dict(lr=5e-4, steps=300, alpha=2.5, beta=3.0, schedule="combined")
+UNLEARN = dict(lr=1e-3, steps=300, alpha=2.5, beta=3.0, schedule="combined")
 TARGET_SLACK = dict(forget_over_chance=15.0, kept_within=5.0, ag_max=10.0, ag_within_reference=5.0)
 
 
@@ -49,6 +52,7 @@ class DemoConfig:
     relearn_share: float = 0.2
     relearn_epochs: int = 5
     threads: int = 1                   # torch CPU threads for every step: the same numbers on every machine (0: as set)
+    processes: int = 2                 # 2: a second process evaluates, attacks and runs β = 0 beside the main one
     unlearn: dict = field(default_factory=lambda: dict(UNLEARN))
     bench: dict = field(default_factory=dict)       # make_bench arguments beyond its defaults
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -67,6 +71,8 @@ class DemoConfig:
     def check(self) -> None:
         if not self.seeds or min(self.seeds) < 0 or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"--seeds: expected distinct non-negative seeds, got {list(self.seeds)}")
+        if self.processes not in (1, 2):
+            raise ValueError(f"--processes {self.processes}: choose 1 or 2")
         if self.views not in ("test", "dev"):
             raise ValueError(f"--views {self.views!r}: choose test or dev")
         known = set(Config.__dataclass_fields__) - {"model", "forget", "retain", "out", "seed", "method", "saliency"}
@@ -189,55 +195,114 @@ def qa_examples(bench: Path, views: str) -> list[Example]:
             for r in load_jsonl(path) if r.options and not r.is_vqa for letter in sorted(r.options)]
 
 
-def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict) -> dict:
-    """One benchmark seed: benchmark, vanilla (+ reference), VKD (+ β = 0), evaluation, attacks."""
-    def timed(name, fn):
-        t = time.perf_counter()
-        value = fn()
-        timings[f"{name}_s[{seed}]"] = time.perf_counter() - t
+def score(path, bench: Path, views: str, seed: int, examples: list[Example]) -> tuple[dict, torch.Tensor]:
+    """A model's evaluation and the log-likelihood of every QA option (`examples`)."""
+    adapter = load(str(path), seed=seed)
+    return (evaluate(adapter, bench, views=views, rouge=False),
+            torch.tensor(answer_logprobs(adapter, examples), dtype=torch.float64))
+
+
+def _timed(timings: dict, name: str, fn, *args, **kw):
+    t = time.perf_counter()
+    value = fn(*args, **kw)
+    timings[name] = time.perf_counter() - t
+    return value
+
+
+def _in_worker(threads: int, fn, *args, **kw) -> tuple:
+    """fn(*args, **kw) on `threads` torch threads in the demo's second process: (value, seconds)."""
+    timings = {}
+    with torch_threads(threads):
+        return _timed(timings, "s", fn, *args, **kw), timings["s"]
+
+
+class _Worker:
+    """Where a step runs: this process (`pool` None) or the demo's second process. Every step seeds itself and
+    runs at the demo's thread count, so its result does not depend on where it ran."""
+
+    def __init__(self, pool, threads: int, timings: dict, seed: int):
+        self.pool, self.threads, self.timings, self.seed, self.keys = pool, threads, timings, seed, {}
+
+    def __call__(self, name: str, fn, *args, **kw):
+        """Run now (here: the value) or queue (there: a Future); `result` gives the value of either."""
+        key = f"{name}_s[{self.seed}]"
+        if self.pool is None:
+            return _timed(self.timings, key, fn, *args, **kw)
+        future = self.pool.submit(_in_worker, self.threads, fn, *args, **kw)
+        self.keys[future] = key
+        return future
+
+    def result(self, handle):
+        if not isinstance(handle, Future):
+            return handle
+        value, self.timings[self.keys[handle]] = handle.result()
         return value
 
+
+def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict, pool=None) -> dict:
+    """One benchmark seed: benchmark, vanilla (+ reference), VKD (+ β = 0), evaluation, attacks. With `pool` (one
+    spawned process), the vanilla and reference model's evaluation and attack and the whole β = 0 run go there
+    while this process unlearns, evaluates and attacks at β = 0.3; the numbers are the same as in one process."""
+    here, there = _Worker(None, cfg.threads, timings, seed), _Worker(pool, cfg.threads, timings, seed)
     seed_everything(seed)
-    bench, bench_cached = timed("make_bench", lambda: benchmark(seed, cfg.bench, cache))
+    bench, bench_cached = here("make_bench", benchmark, seed, cfg.bench, cache)
     ft = replace(cfg.finetune, seed=seed, threads=cfg.threads or cfg.finetune.threads)
     # the vanilla and the reference model are built in two processes at once (the same models as one builds)
-    built = timed("models", lambda: build_models(bench, ft, cache, reference=cfg.reference))
+    built = here("models", build_models, bench, ft, cache, reference=cfg.reference)
     vanilla, vanilla_cached = built["vanilla"]
     models = {name: path for name, (path, _) in built.items()}
-    runs = {"unlearned": cfg.unlearn}
+    examples = qa_examples(bench, cfg.views)
+    attack = dict(bench=bench, share=cfg.relearn_share, epochs=cfg.relearn_epochs, seed=seed, views=cfg.views)
+    scores = {name: there(f"eval[{name}]", score, path, bench, cfg.views, seed, examples)
+              for name, path in models.items()}
+    if cfg.reference:
+        attack_reference = there("relearn_reference", relearn, models["reference"], **attack)
+
+    work = tmp / f"seed-{seed}"
+    base = Config(model=str(vanilla), forget=str(bench / "forget.jsonl"), retain=str(bench / "retain.jsonl"),
+                  out=str(work / "saliency"), seed=seed, **cfg.unlearn)
+    here("saliency", collect_saliency, base, progress=False)                 # β changes nothing before unlearning: collect once
+    runs = {"unlearned": (here, work / "unlearned", cfg.unlearn)}
     if cfg.ablation:
-        runs["unlearned (beta=0)"] = {**cfg.unlearn, "beta": 0.0}
-    work, saliency, reports = tmp / f"seed-{seed}", None, {}
-    for name, kw in runs.items():
-        dest = work / ("unlearned" if name == "unlearned" else "unlearned-beta0")
-        reports[name] = timed(f"unlearn[{name}]", lambda: prune_and_mask(Config(
-            model=str(vanilla), forget=str(bench / "forget.jsonl"), retain=str(bench / "retain.jsonl"), out=str(dest),
-            seed=seed, saliency=saliency, **kw), progress=False))
-        saliency = str(dest / "saliency.safetensors")       # β changes nothing before unlearning: collect once
-        models[name] = dest
+        runs["unlearned (beta=0)"] = (there, work / "unlearned-beta0", {**cfg.unlearn, "beta": 0.0})
+    reports = {}
+    for name in sorted(runs, key=lambda n: runs[n][0] is here):   # queue the other process's run before this one's
+        where, dest, kw = runs[name]
+        reports[name] = where(f"unlearn[{name}]", prune_and_mask, replace(
+            base, out=str(dest), saliency=str(work / "saliency" / "saliency.safetensors"), **kw), progress=False)
+        scores[name] = where(f"eval[{name}]", score, dest, bench, cfg.views, seed, examples)
+    models.update({name: dest for name, (_, dest, _) in runs.items()})
+    relearned = here("relearn", relearn, models["unlearned"], **attack)
 
     results, logprobs = {}, {}
-    examples = qa_examples(bench, cfg.views)
-    for name, path in models.items():
-        def score():
-            adapter = load(str(path), seed=seed)
-            results[name] = evaluate(adapter, bench, views=cfg.views, rouge=False)
-            logprobs[name] = torch.tensor(answer_logprobs(adapter, examples), dtype=torch.float64)
-        timed(f"eval[{name}]", score)
+    for name in models:
+        results[name], logprobs[name] = there.result(scores[name])
+    reports = {name: there.result(reports[name]) for name in runs}
     # text-only rows never reach the vision weights: every QA option's log-likelihood must be bit-identical
     shifts = {name: float((logprobs[name] - logprobs["vanilla"]).abs().max()) for name in runs}
-    attack = dict(bench=bench, share=cfg.relearn_share, epochs=cfg.relearn_epochs, seed=seed, views=cfg.views)
     out = {"bench": str(bench), "bench_cached": bench_cached, "bench_digest": bench_digest(bench),
            "vanilla_model": str(vanilla), "vanilla_cached": vanilla_cached, "results": results,
            "qa_logprob_max_abs_change": shifts,
            "unlearn": {name: {k: r[k] for k in ("pruned_neurons", "mask_density", "losses", "timings") if k in r}
                        for name, r in reports.items()},
-           "relearn": timed("relearn", lambda: relearn(models["unlearned"], **attack))}
+           "relearn": relearned}
     if cfg.reference:
         out["reference_model"] = str(models["reference"])
-        out["relearn_reference"] = timed("relearn_reference", lambda: relearn(models["reference"], **attack))
+        out["relearn_reference"] = there.result(attack_reference)
     log.info("seed %d:\n%s", seed, table(results))
     return out
+
+
+@contextmanager
+def second_process(processes: int):
+    """A spawned process for `run_seed` (None for `processes` 1), logging as this one does."""
+    if processes == 1:
+        yield None
+        return
+    context = multiprocessing.get_context("spawn")   # no fork of a process that holds torch threads
+    with ProcessPoolExecutor(1, mp_context=context, initializer=child_logging,
+                             initargs=(log.getEffectiveLevel(),)) as pool:
+        yield pool
 
 
 def demo(out, cfg: DemoConfig | None = None, cache: Path | None = None, overwrite: bool = False) -> dict:
@@ -251,8 +316,8 @@ def demo(out, cfg: DemoConfig | None = None, cache: Path | None = None, overwrit
         log.info("replacing the previous demo output in %s", out)
         overwrite = True
     t0, timings = time.perf_counter(), {}
-    with atomic_dir(out, overwrite) as tmp, torch_threads(cfg.threads):
-        per_seed = {seed: run_seed(seed, cfg, tmp, cache, timings) for seed in cfg.seeds}
+    with atomic_dir(out, overwrite) as tmp, torch_threads(cfg.threads), second_process(cfg.processes) as pool:
+        per_seed = {seed: run_seed(seed, cfg, tmp, cache, timings, pool) for seed in cfg.seeds}
         mean, spread = summarize(per_seed)
         shifts = [x for r in per_seed.values() for x in r["qa_logprob_max_abs_change"].values()]
         checks = {"quick run: not a measurement": True} if cfg.quick else \

@@ -54,9 +54,9 @@ STAGE_VERSIONS = {"llm": 0, "tower": 0, "text": 2, "align": 2}
 class FinetuneConfig:
     seed: int = 0
     # model sizes: the tower is the larger part of the vision pathway
-    vision_layers: int = 6
-    vision_hidden: int = 96
-    vision_intermediate: int = 384
+    vision_layers: int = 8
+    vision_hidden: int = 64
+    vision_intermediate: int = 1024  # MLP-heavy blocks (16 x the width): the MLPs, not attention, must recognise
     patch_size: int = 20         # 40-pixel portraits: a 2 x 2 grid of patches (the tower recognises faces best so)
     text_hidden: int = 64
     text_layers: int = 2
@@ -411,7 +411,7 @@ def build_models(bench, cfg: FinetuneConfig, cache: Path, reference: bool = True
     if not reference or all((Path(cache) / f"{n}-{keys[n]['align']}" / "finetune.json").is_file() for n in names):
         return {name: vanilla_model(bench, c, cache, name == "reference", keys[name]) for name, c in cfgs.items()}
     context = multiprocessing.get_context("spawn")   # no fork of a process that holds torch threads
-    with ProcessPoolExecutor(1, mp_context=context, initializer=_child_logging,
+    with ProcessPoolExecutor(1, mp_context=context, initializer=child_logging,
                              initargs=(log.getEffectiveLevel(),)) as other:
         towers = other.submit(_stages_only, str(bench), [(cfgs[n], keys[n]) for n in names], str(cache), {"tower"})
         with torch_threads(cfg.threads):
@@ -434,6 +434,6 @@ def _stages_only(bench: str, models: list[tuple[FinetuneConfig, dict]], cache: s
             _finetune(path, image_size, None, c, False, Path(cache), keys, only=only)
 
 
-def _child_logging(level: int) -> None:
+def child_logging(level: int) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     log.setLevel(level)

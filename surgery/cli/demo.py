@@ -29,16 +29,20 @@ def _settings(ctx, param, values):
 @click.option("--quick", is_flag=True, help="A tiny run of every stage (seconds): checks the wiring, measures nothing.")
 @click.option("--no-ablation", is_flag=True, help="Skip the beta=0 run.")
 @click.option("--no-reference", is_flag=True, help="Skip the model that never saw the forget people's faces.")
+@click.option("--processes", type=click.IntRange(1, 2), default=2, show_default=True,
+              help="2: a second process evaluates, attacks and runs beta=0 beside the main one (the same numbers "
+                   "as 1).")
 @click.option("--overwrite", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("-v", "--verbose", is_flag=True)
 @friendly
-def demo(out, seeds, views, settings, cache, quick, no_ablation, no_reference, overwrite, as_json, verbose):
+def demo(out, seeds, views, settings, cache, quick, no_ablation, no_reference, processes, overwrite, as_json,
+         verbose):
     """make-bench -> vanilla + reference model (cached) -> prune-and-mask -> eval -> relearn, per seed; table,
     report.json and demo.png."""
     from ..bench.demo import DemoConfig, demo as run
     cfg = DemoConfig.make(seeds=seeds, quick=quick, unlearn=settings, views=views, ablation=not no_ablation,
-                          reference=not no_reference)
+                          reference=not no_reference, processes=processes)
     report = run(out, cfg, cache, overwrite)
     click.echo(report["table"], err=True)
     for seed, r in report["per_seed"].items():

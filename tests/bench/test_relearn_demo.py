@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file
 
-from surgery.bench.demo import UNLEARN
+from surgery.bench.demo import UNLEARN, DemoConfig
 from surgery.bench.relearn import attack_rows, relearn
 from surgery.cli import main
 from surgery.data import load_jsonl
@@ -68,12 +68,21 @@ def test_demo_quick_end_to_end(tmp_path):
     b = load_file(str(out / "seed-0" / "unlearned-beta0" / "model.safetensors"))
     assert any(not a[k].equal(b[k]) for k in a)
     assert Image.open(out / "demo.png").size[0] > 100
-    # second run: benchmark and models come from the cache, and the run is reproducible
-    r = CliRunner().invoke(main, args)                 # a previous demo output is replaced without --overwrite
+    models = {d: load_file(str(out / "seed-0" / d / "model.safetensors")) for d in ("unlearned", "unlearned-beta0")}
+    # second run, all in one process: benchmark and models come from the cache, and the numbers are the two-process
+    # run's (a previous demo output is replaced without --overwrite)
+    r = CliRunner().invoke(main, [*args, "--processes", "1"])
     assert r.exit_code == 0, r.output
-    seed2 = json.loads(r.stdout)["per_seed"]["0"]
+    rep2 = json.loads(r.stdout)
+    seed2 = rep2["per_seed"]["0"]
+    assert rep["config"]["processes"] == 2 and rep2["config"]["processes"] == 1
     assert seed2["vanilla_cached"] and seed2["bench_cached"] and seed2["results"] == seed["results"]
-    assert seed2["relearn"]["forget_vqa"] == seed["relearn"]["forget_vqa"]
+    assert seed2["relearn"] == {**seed["relearn"], "seconds": seed2["relearn"]["seconds"]}
+    assert seed2["relearn_reference"]["forget_vqa"] == seed["relearn_reference"]["forget_vqa"]
+    assert seed2["unlearn"]["unlearned"]["losses"] == seed["unlearn"]["unlearned"]["losses"]
+    for d, weights in models.items():
+        again = load_file(str(out / "seed-0" / d / "model.safetensors"))
+        assert all(again[k].equal(w) for k, w in weights.items())
     other = tmp_path / "mine"
     other.mkdir()
     (other / "keep.txt").write_text("x")
@@ -98,3 +107,7 @@ def test_demo_seeds_dev_views_and_settings(tmp_path):
     r = CliRunner().invoke(main, ["demo", "--quick", "--set", "nope=1", "--out", str(tmp_path / "x"),
                                   "--cache", str(cache)])
     assert r.exit_code != 0 and "--set nope" in r.output and not (tmp_path / "x").exists()
+    r = CliRunner().invoke(main, ["demo", "--quick", "--processes", "3", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "--processes" in r.output and not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match="--processes 0"):
+        DemoConfig.make(processes=0)
