@@ -11,11 +11,10 @@ accuracy a relearning attack brings back) is the yardstick for the unlearned mod
 import hashlib
 import json
 import logging
-import multiprocessing
 import statistics
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
-from contextlib import contextmanager
+from concurrent.futures import Future
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from ..data import load_jsonl
 from ..models import Example, load
 from ..pipeline import atomic_dir, collect_saliency, environment, prune_and_mask, seed_everything, torch_threads
 from .evaluate import CHANCE, COLUMNS, answer_logprobs, evaluate, option_answer, split_files, table
-from .finetune import QUICK_BENCH, FinetuneConfig, build_models, cache_root, child_logging
+from .finetune import QUICK_BENCH, FinetuneConfig, build_models, cache_root, spawned_process
 from .make_bench import VERSION, make_bench
 from .relearn import relearn
 
@@ -242,7 +241,7 @@ class _Worker:
 def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict, pool=None) -> dict:
     """One benchmark seed: benchmark, vanilla (+ reference), VKD (+ β = 0), evaluation, attacks. With `pool` (one
     spawned process), the vanilla and reference model's evaluation and attack and the whole β = 0 run go there
-    while this process unlearns, evaluates and attacks at β = 0.3; the numbers are the same as in one process."""
+    while this process unlearns, evaluates and attacks at the demo's β; the numbers are the same as in one process."""
     here, there = _Worker(None, cfg.threads, timings, seed), _Worker(pool, cfg.threads, timings, seed)
     seed_everything(seed)
     bench, bench_cached = here("make_bench", benchmark, seed, cfg.bench, cache)
@@ -261,21 +260,24 @@ def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict, 
     work = tmp / f"seed-{seed}"
     base = Config(model=str(vanilla), forget=str(bench / "forget.jsonl"), retain=str(bench / "retain.jsonl"),
                   out=str(work / "saliency"), seed=seed, **cfg.unlearn)
-    here("saliency", collect_saliency, base, progress=False)                 # β changes nothing before unlearning: collect once
-    runs = {"unlearned": (here, work / "unlearned", cfg.unlearn)}
-    if cfg.ablation:
-        runs["unlearned (beta=0)"] = (there, work / "unlearned-beta0", {**cfg.unlearn, "beta": 0.0})
+    here("saliency", collect_saliency, base, progress=False)     # β changes nothing before unlearning: collect once
+    saliency = str(work / "saliency" / "saliency.safetensors")
+    runs = {"unlearned": "unlearned", **({"unlearned (beta=0)": "unlearned-beta0"} if cfg.ablation else {})}
     reports = {}
-    for name in sorted(runs, key=lambda n: runs[n][0] is here):   # queue the other process's run before this one's
-        where, dest, kw = runs[name]
+
+    def unlearn(where: _Worker, name: str, kw: dict) -> None:
+        models[name] = work / runs[name]
         reports[name] = where(f"unlearn[{name}]", prune_and_mask, replace(
-            base, out=str(dest), saliency=str(work / "saliency" / "saliency.safetensors"), **kw), progress=False)
-        scores[name] = where(f"eval[{name}]", score, dest, bench, cfg.views, seed, examples)
-    models.update({name: dest for name, (_, dest, _) in runs.items()})
+            base, out=str(models[name]), saliency=saliency, **kw), progress=False)
+        scores[name] = where(f"eval[{name}]", score, models[name], bench, cfg.views, seed, examples)
+
+    if cfg.ablation:            # queued first: the other process runs β = 0 while this one runs the demo's β
+        unlearn(there, "unlearned (beta=0)", {**cfg.unlearn, "beta": 0.0})
+    unlearn(here, "unlearned", cfg.unlearn)
     relearned = here("relearn", relearn, models["unlearned"], **attack)
 
     results, logprobs = {}, {}
-    for name in models:
+    for name in [*built, *runs]:                               # the table's order, whatever ran first
         results[name], logprobs[name] = there.result(scores[name])
     reports = {name: there.result(reports[name]) for name in runs}
     # text-only rows never reach the vision weights: every QA option's log-likelihood must be bit-identical
@@ -293,18 +295,6 @@ def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict, 
     return out
 
 
-@contextmanager
-def second_process(processes: int):
-    """A spawned process for `run_seed` (None for `processes` 1), logging as this one does."""
-    if processes == 1:
-        yield None
-        return
-    context = multiprocessing.get_context("spawn")   # no fork of a process that holds torch threads
-    with ProcessPoolExecutor(1, mp_context=context, initializer=child_logging,
-                             initargs=(log.getEffectiveLevel(),)) as pool:
-        yield pool
-
-
 def demo(out, cfg: DemoConfig | None = None, cache: Path | None = None, overwrite: bool = False) -> dict:
     """Run the demo into `out` (atomically). Returns the report (also written to OUT/report.json)."""
     cfg = cfg or DemoConfig.make()
@@ -316,7 +306,8 @@ def demo(out, cfg: DemoConfig | None = None, cache: Path | None = None, overwrit
         log.info("replacing the previous demo output in %s", out)
         overwrite = True
     t0, timings = time.perf_counter(), {}
-    with atomic_dir(out, overwrite) as tmp, torch_threads(cfg.threads), second_process(cfg.processes) as pool:
+    with atomic_dir(out, overwrite) as tmp, torch_threads(cfg.threads), \
+            (spawned_process() if cfg.processes == 2 else nullcontext()) as pool:
         per_seed = {seed: run_seed(seed, cfg, tmp, cache, timings, pool) for seed in cfg.seeds}
         mean, spread = summarize(per_seed)
         shifts = [x for r in per_seed.values() for x in r["qa_logprob_max_abs_change"].values()]

@@ -27,8 +27,11 @@ shares stage 0, and nothing retrains when nothing changed. Stage c's hash names 
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -400,9 +403,6 @@ def build_models(bench, cfg: FinetuneConfig, cache: Path, reference: bool = True
     each aligns one model. Both run at `cfg.threads` and every stage computes what it computes alone, so the models
     (and their cache entries) are the same as one process builds. Returns {"vanilla": (path, cached),
     "reference": ...}; when everything is cached, no process is started."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     from ..pipeline import torch_threads
     names = ["vanilla", "reference"] if reference else ["vanilla"]
     cfgs = {name: replace(cfg, without_forget_images=name == "reference") for name in names}
@@ -410,9 +410,7 @@ def build_models(bench, cfg: FinetuneConfig, cache: Path, reference: bool = True
     keys = {name: stage_keys(bench, c) for name, c in cfgs.items()}
     if not reference or all((Path(cache) / f"{n}-{keys[n]['align']}" / "finetune.json").is_file() for n in names):
         return {name: vanilla_model(bench, c, cache, name == "reference", keys[name]) for name, c in cfgs.items()}
-    context = multiprocessing.get_context("spawn")   # no fork of a process that holds torch threads
-    with ProcessPoolExecutor(1, mp_context=context, initializer=child_logging,
-                             initargs=(log.getEffectiveLevel(),)) as other:
+    with spawned_process() as other:
         towers = other.submit(_stages_only, str(bench), [(cfgs[n], keys[n]) for n in names], str(cache), {"tower"})
         with torch_threads(cfg.threads):
             _finetune(bench, image_size, None, cfg, False, cache, keys["vanilla"], only={"llm", "text"})
@@ -434,6 +432,14 @@ def _stages_only(bench: str, models: list[tuple[FinetuneConfig, dict]], cache: s
             _finetune(path, image_size, None, c, False, Path(cache), keys, only=only)
 
 
-def child_logging(level: int) -> None:
+@contextmanager
+def spawned_process():
+    """A pool of one spawned process (never a fork of a process that holds torch threads) that logs as this one."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_child_logging,
+                             initargs=(log.getEffectiveLevel(),)) as pool:
+        yield pool
+
+
+def _child_logging(level: int) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     log.setLevel(level)
