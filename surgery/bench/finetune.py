@@ -226,8 +226,11 @@ def stage_keys(bench: Path, cfg: FinetuneConfig) -> dict[str, str]:
     bench = Path(bench)
     llm_train = ("batch_size", "weight_decay", "warmup_steps")
     n = cfg.threads or torch.get_num_threads()
-    keys = {"llm": _digest("llm", _versions("llm", n), vocabulary(), _settings(cfg, *TEXT_SIZES, "llm_rows", "llm_epochs",
-                                                                       "llm_lr", *llm_train))}
+    # stage 0 trains only the LLM, but its initial weights come after the tower's from one seeded generator, so the
+    # tower's sizes and the image size are part of what it computes
+    _, image_size = check_bench(bench, cfg)
+    keys = {"llm": _digest("llm", _versions("llm", n), vocabulary(), {"image_size": image_size},
+                           _settings(cfg, *VISION_SIZES, *TEXT_SIZES, "llm_rows", "llm_epochs", "llm_lr", *llm_train))}
     without = forget_people(bench) if cfg.without_forget_images else set()
     photos = tower.pretrain_rows(bench, without)
     keys["tower"] = _digest("tower", _versions("tower", n), photos,

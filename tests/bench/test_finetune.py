@@ -151,3 +151,15 @@ def test_thread_count_is_part_of_every_stage_key(small_bench, monkeypatch):
     assert all(one[s] != two[s] for s in one)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert stage_keys(small_bench, FinetuneConfig.quick(threads=0)) == one     # 0: as set, here one thread
+
+
+def test_stage_zero_key_covers_the_tower_sizes_its_initial_weights_depend_on(small_bench):
+    """Stage 0 trains only the LLM, but the LLM's initial weights are drawn after the tower's from one seeded
+    generator: another tower gives another stage 0, so it must not be served the cached one."""
+    import surgery.bench.finetune as ft
+    _, image_size = ft.check_bench(small_bench, FinetuneConfig.quick())
+    a, b = FinetuneConfig.quick(), FinetuneConfig.quick(vision_intermediate=96)
+    first = ft._llm_state(build_model(image_size, a, seed=1))
+    other = ft._llm_state(build_model(image_size, b, seed=1))
+    assert any(not first[k].equal(other[k]) for k in first)             # the premise: the LLM starts elsewhere
+    assert stage_keys(small_bench, a)["llm"] != stage_keys(small_bench, b)["llm"]
