@@ -49,8 +49,9 @@ from .training import train_llm, train_loop
 log = logging.getLogger("surgery")
 TRAINING_VERSION = 4   # part of every stage's cache key: bump it when the code changes what the stages compute
 # A change to one stage's computation bumps that stage's own version instead, so the stages it does not touch stay
-# cached (stage 0 takes minutes). text/align 2: fresh instruction rows replayed.
-STAGE_VERSIONS = {"llm": 0, "tower": 0, "text": 2, "align": 2}
+# cached (stage 0 takes minutes). text/align 2: fresh instruction rows replayed. llm 1: the LLM's initial weights
+# from a generator of their own.
+STAGE_VERSIONS = {"llm": 1, "tower": 0, "text": 2, "align": 2}
 
 
 @dataclass
@@ -68,6 +69,9 @@ class FinetuneConfig:
     llm_rows: int = 4000         # 4000 rows x 20 epochs: the lookup itself is learned (99 % on fresh rows); with 2000
     llm_epochs: int = 20         # rows x 20 or 40 epochs the LLM settled on a by-position guess (72-79 %)
     llm_lr: float = 3e-3
+    llm_weight_decay: float = 0.1
+    llm_inits: int = 4           # the lookup forms from some initialisations and not from others: stage 0 tries
+    llm_target: float = 95.0     # init 0, 1, ... until one reaches this letter accuracy on fresh rows, keeps the best
     # a. tower pretraining (identity + facial attributes from the feature layer's patch tokens)
     tower_epochs: int = 16
     tower_lr: float = 2e-3
@@ -96,7 +100,7 @@ class FinetuneConfig:
     def quick(cls, seed: int = 0, **kw) -> "FinetuneConfig":
         """Toy sizes and one short epoch per stage, for QUICK_BENCH: a wiring check in seconds, not a model."""
         return cls(**{**dict(seed=seed, vision_layers=2, vision_hidden=32, vision_intermediate=64, patch_size=8,
-                              text_hidden=32, text_layers=1, vocab_size=512, llm_rows=64, llm_epochs=1,
+                              text_hidden=32, text_layers=1, vocab_size=512, llm_rows=64, llm_epochs=1, llm_inits=1,
                               tower_epochs=1, text_epochs=1, align_epochs=1, warmup_steps=1, tower_warmup_steps=1,
                               replay_rows=16, threads=1), **kw})
 
@@ -226,11 +230,10 @@ def stage_keys(bench: Path, cfg: FinetuneConfig) -> dict[str, str]:
     bench = Path(bench)
     llm_train = ("batch_size", "weight_decay", "warmup_steps")
     n = cfg.threads or torch.get_num_threads()
-    # stage 0 trains only the LLM, but its initial weights come after the tower's from one seeded generator, so the
-    # tower's sizes and the image size are part of what it computes
-    _, image_size = check_bench(bench, cfg)
-    keys = {"llm": _digest("llm", _versions("llm", n), vocabulary(), {"image_size": image_size},
-                           _settings(cfg, *VISION_SIZES, *TEXT_SIZES, "llm_rows", "llm_epochs", "llm_lr", *llm_train))}
+    # stage 0 draws the LLM's initial weights from a generator of its own: nothing of the tower is in it
+    keys = {"llm": _digest("llm", _versions("llm", n), vocabulary(),
+                           _settings(cfg, *TEXT_SIZES, "llm_rows", "llm_epochs", "llm_lr", "llm_weight_decay",
+                                     "llm_inits", "llm_target", "batch_size", "warmup_steps"))}
     without = forget_people(bench) if cfg.without_forget_images else set()
     photos = tower.pretrain_rows(bench, without)
     keys["tower"] = _digest("tower", _versions("tower", n), photos,
@@ -282,11 +285,12 @@ def _unprefixed(weights: dict, prefix: str) -> dict:
 
 
 def _pretrain_llm(image_size: int, cfg: FinetuneConfig):
-    """Stage 0, on a model of its own seed (the pretrained LLM is the same whatever the benchmark seed)."""
+    """Stage 0, on LLM weights drawn from a generator of their own (the pretrained LLM is the same whatever the
+    benchmark seed and the tower)."""
     adapter = build_model(image_size, cfg, seed=llm_pretrain.LLM_SEED)
     report = llm_pretrain.pretrain_llm(adapter, rows=cfg.llm_rows, epochs=cfg.llm_epochs, lr=cfg.llm_lr,
-                                       batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
-                                       warmup_steps=cfg.warmup_steps)
+                                       batch_size=cfg.batch_size, weight_decay=cfg.llm_weight_decay,
+                                       warmup_steps=cfg.warmup_steps, inits=cfg.llm_inits, target=cfg.llm_target)
     return _llm_state(adapter), report
 
 
@@ -402,8 +406,9 @@ def vanilla_model(bench, cfg: FinetuneConfig, cache: Path, reference: bool = Fal
 
 def build_models(bench, cfg: FinetuneConfig, cache: Path, reference: bool = True) -> dict[str, tuple[Path, bool]]:
     """The vanilla model (and, with `reference`, the reference model) as `vanilla_model` builds them, with the work
-    split over two processes: this one trains stage 0 and the text stage while a second pretrains the towers, then
-    each aligns one model. Both run at `cfg.threads` and every stage computes what it computes alone, so the models
+    split over two processes: this one trains stage 0 and the text stage while a second pretrains the towers (the
+    vanilla model's only, when stage 0 is cached: then this one pretrains the reference's), then each aligns one
+    model. Both run at `cfg.threads` and every stage computes what it computes alone, so the models
     (and their cache entries) are the same as one process builds. Returns {"vanilla": (path, cached),
     "reference": ...}; when everything is cached, no process is started."""
     from ..pipeline import torch_threads
@@ -413,10 +418,15 @@ def build_models(bench, cfg: FinetuneConfig, cache: Path, reference: bool = True
     keys = {name: stage_keys(bench, c) for name, c in cfgs.items()}
     if not reference or all((Path(cache) / f"{n}-{keys[n]['align']}" / "finetune.json").is_file() for n in names):
         return {name: vanilla_model(bench, c, cache, name == "reference", keys[name]) for name, c in cfgs.items()}
+    # stage 0 is shared by every benchmark seed: once it is cached, this process has time for the reference's tower
+    llm_cached = (Path(cache) / f"llm-{keys['vanilla']['llm']}" / "stage.json").is_file()
+    theirs = names[:1] if llm_cached else names
     with spawned_process() as other:
-        towers = other.submit(_stages_only, str(bench), [(cfgs[n], keys[n]) for n in names], str(cache), {"tower"})
+        towers = other.submit(_stages_only, str(bench), [(cfgs[n], keys[n]) for n in theirs], str(cache), {"tower"})
         with torch_threads(cfg.threads):
             _finetune(bench, image_size, None, cfg, False, cache, keys["vanilla"], only={"llm", "text"})
+            for n in names[len(theirs):]:
+                _finetune(bench, image_size, None, cfgs[n], False, cache, keys[n], only={"tower"})
         towers.result()
         aligned = other.submit(vanilla_model, str(bench), cfgs["reference"], str(cache), True, keys["reference"])
         models = {"vanilla": vanilla_model(bench, cfgs["vanilla"], cache, False, keys["vanilla"])}

@@ -9,8 +9,15 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from surgery.bench import tower
-from surgery.bench.finetune import (FinetuneConfig, build_model, build_models, finetune, forget_people, stage_keys,
-                                    vanilla_model)
+from surgery.bench.finetune import (
+    FinetuneConfig,
+    build_model,
+    build_models,
+    finetune,
+    forget_people,
+    stage_keys,
+    vanilla_model,
+)
 from surgery.bench.llm_pretrain import instruction_rows
 from surgery.bench.training import Encoded, answer_loss_from_features
 from surgery.cli import main
@@ -72,19 +79,21 @@ def test_stages_are_cached_and_shared(small_bench, tmp_path):
 
 
 def test_two_process_build_gives_the_one_process_models(small_bench, tmp_path):
-    """build_models (stage 0 + text here, the towers in a second process, then one alignment each) writes the
-    same models, bit for bit, as vanilla_model building them one after the other; a second call starts nothing."""
-    cfg = FinetuneConfig.quick(seed=4)
-    built = build_models(small_bench, cfg, tmp_path / "two")
-    assert [n for n in built] == ["vanilla", "reference"] and not any(c for _, c in built.values())
-    for name in built:
-        one, _ = vanilla_model(small_bench, cfg, tmp_path / "one", reference=name == "reference")
-        assert one.name == built[name][0].name                           # the same stage keys
-        a = load_file(str(one / "model.safetensors"))
-        b = load_file(str(built[name][0] / "model.safetensors"))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    again = build_models(small_bench, cfg, tmp_path / "two")
-    assert {n: c for n, (_, c) in again.items()} == {"vanilla": True, "reference": True}
+    """build_models (stage 0 + text here, the towers in a second process, then one alignment each; with stage 0
+    cached, the reference's tower here) writes the same models, bit for bit, as vanilla_model building them one after
+    the other; a second call starts nothing."""
+    for seed in (4, 5):   # seed 5 finds seed 4's stage 0 in the cache
+        cfg = FinetuneConfig.quick(seed=seed)
+        built = build_models(small_bench, cfg, tmp_path / "two")
+        assert [n for n in built] == ["vanilla", "reference"] and not any(c for _, c in built.values())
+        for name in built:
+            one, _ = vanilla_model(small_bench, cfg, tmp_path / "one", reference=name == "reference")
+            assert one.name == built[name][0].name                       # the same stage keys
+            a = load_file(str(one / "model.safetensors"))
+            b = load_file(str(built[name][0] / "model.safetensors"))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        again = build_models(small_bench, cfg, tmp_path / "two")
+        assert {n: c for n, (_, c) in again.items()} == {"vanilla": True, "reference": True}
 
 
 def test_finetune_is_deterministic(small_bench, tmp_path):
@@ -110,6 +119,7 @@ def test_every_generator_word_is_one_token_where_the_rows_use_it():
     an answer "ASSISTANT: Halden (A)"): byte-level BPE keeps the space in the token. Split names made the option
     lookup hard to learn."""
     import re
+
     from surgery.bench.make_bench import vocabulary
     tok = build_model(24, FinetuneConfig(), seed=0).tokenizer
     words = sorted({w for text in vocabulary() for w in re.findall(r"[A-Za-z]+", text)})
@@ -153,13 +163,57 @@ def test_thread_count_is_part_of_every_stage_key(small_bench, monkeypatch):
     assert stage_keys(small_bench, FinetuneConfig.quick(threads=0)) == one     # 0: as set, here one thread
 
 
-def test_stage_zero_key_covers_the_tower_sizes_its_initial_weights_depend_on(small_bench):
-    """Stage 0 trains only the LLM, but the LLM's initial weights are drawn after the tower's from one seeded
-    generator: another tower gives another stage 0, so it must not be served the cached one."""
+def test_stage_zero_starts_from_the_same_llm_whatever_the_tower(small_bench):
+    """Stage 0 trains only the LLM. Built as one model, the LLM's initial weights would be drawn after the tower's
+    from one seeded generator (another tower, another stage 0: a cache built with one tower once served a stage 0
+    that the other tower's build never computes). `fresh_llm` draws them from a generator of their own, so the key
+    rightly leaves the tower out."""
     import surgery.bench.finetune as ft
+    from surgery.bench import llm_pretrain
     _, image_size = ft.check_bench(small_bench, FinetuneConfig.quick())
-    a, b = FinetuneConfig.quick(), FinetuneConfig.quick(vision_intermediate=96)
-    first = ft._llm_state(build_model(image_size, a, seed=1))
-    other = ft._llm_state(build_model(image_size, b, seed=1))
-    assert any(not first[k].equal(other[k]) for k in first)             # the premise: the LLM starts elsewhere
-    assert stage_keys(small_bench, a)["llm"] != stage_keys(small_bench, b)["llm"]
+    a, b = FinetuneConfig.quick(), FinetuneConfig.quick(vision_intermediate=96, vision_layers=3)
+    built = [build_model(image_size, c, seed=1) for c in (a, b)]
+    first, other = (ft._llm_state(m) for m in built)
+    assert any(not first[k].equal(other[k]) for k in first)             # the premise: as built, the LLM differs
+    for m in built:
+        llm_pretrain.fresh_llm(m, 7)
+    first, other = (ft._llm_state(m) for m in built)
+    assert all(first[k].equal(other[k]) for k in first)
+    assert stage_keys(small_bench, a)["llm"] == stage_keys(small_bench, b)["llm"]
+    decayed = FinetuneConfig.quick(llm_weight_decay=0.2)
+    assert stage_keys(small_bench, a)["llm"] != stage_keys(small_bench, decayed)["llm"]
+    # drawn as transformers draws a Llama: matrices N(0, 0.02), norms one, the padding row zero
+    model = built[0].model
+    embed = model.model.language_model.embed_tokens
+    assert embed.weight[embed.padding_idx].abs().sum() == 0
+    weights = torch.cat([p.flatten() for p in model.model.language_model.parameters() if p.dim() > 1])
+    assert abs(weights.std().item() - model.config.text_config.initializer_range) < 1e-3
+    norms = [p for p in model.model.language_model.parameters() if p.dim() == 1]
+    assert norms and all(bool((p == 1).all()) for p in norms)
+    again = build_model(image_size, a, seed=3)
+    llm_pretrain.fresh_llm(again, 8)
+    assert not ft._llm_state(again)["head.weight"].equal(first["head.weight"])   # another seed, another draw
+
+
+def test_stage_zero_tries_initialisations_until_one_reaches_the_target_and_keeps_the_best():
+    import surgery.bench.finetune as ft
+    from surgery.bench import llm_pretrain
+    from surgery.bench.training import train_llm
+    cfg = FinetuneConfig.quick()
+    train = {"epochs": 1, "lr": 3e-3, "batch_size": 8, "weight_decay": 0.1, "warmup_steps": 1}
+    adapter = build_model(24, cfg)
+    report = llm_pretrain.pretrain_llm(adapter, rows=32, inits=3, target=101.0, **train)   # out of reach: all three
+    assert [a["init"] for a in report["attempts"]] == [0, 1, 2]
+    best = max(report["attempts"], key=lambda a: a["letter_accuracy"])
+    assert report["init"] == best["init"]
+    # the adapter holds what that initialisation trains to, trained alone
+    alone = build_model(24, cfg)
+    llm_pretrain.fresh_llm(alone, best["init"])
+    model = alone.model
+    train_llm(alone, llm_pretrain.instruction_rows(32), [p for m in (model.model.language_model, model.lm_head)
+                                                         for p in m.parameters()], seed=llm_pretrain.LLM_SEED,
+              desc="alone", **train)
+    kept, reference = ft._llm_state(adapter), ft._llm_state(alone)
+    assert all(kept[k].equal(reference[k]) for k in kept)
+    first = llm_pretrain.pretrain_llm(build_model(24, cfg), rows=32, inits=3, target=0.0, **train)  # reached at once
+    assert [a["init"] for a in first["attempts"]] == [0] and first["init"] == 0
