@@ -37,7 +37,7 @@ log = logging.getLogger("surgery")
 # L_VKD is a mean over tokens and channels, so its scale differs from the paper's. The combined schedule (one update
 # on forget + retain + distillation per step, the paper's) kept more on dev than MMUnlearner's alternating one, with
 # a lower AG.
-UNLEARN = dict(lr=1e-3, steps=300, alpha=2.5, beta=3.0, schedule="combined")
+UNLEARN = dict(lr=2e-4, steps=300, alpha=2.5, beta=3.0, schedule="combined")
 TARGET_SLACK = dict(forget_over_chance=15.0, kept_within=5.0, ag_max=10.0, ag_within_reference=5.0)
 
 
