@@ -7,9 +7,11 @@ and memorising the facts does not teach the lookup). Here it learns the format f
 no one: "Which option is X?" over the generator's names and values, answered "X (<letter>)": the only way to the
 letter is to find X among the options. The skill forms abruptly after several hundred steps (an induction-style
 copy), which is why this stage exists rather than a few such rows among the benchmark's. How it forms depends on
-the data: on 4000 rows it is the lookup itself (99 % on fresh rows, on 1 or 2 threads and from another
-initialisation); on 2000 rows the LLM settled on guessing by position (72-79 %, right for A and D, half the time for
-B and C), and on rows never repeated it reached only 32 % after 1250 steps.
+the data: on 2000 rows the LLM settled on guessing by position (72-79 %, right for A and D, half the time for B and
+C), and on rows never repeated it reached only 32 % after 1250 steps. On 4000 rows it also depends on the
+initialisation: 99 % on fresh rows from some, 50-75 % from others (a by-position guess, or the rows' letters
+memorised; more rows, more heads or a third layer did not change that). So `pretrain_llm` tries initialisations in
+turn until one learns the lookup.
 
 Nothing here depends on a benchmark or its seed (the tokenizer is built from `make_bench.vocabulary()`), so the
 stage is cached once and shared by every benchmark seed, the vanilla and the reference model.
@@ -98,6 +100,7 @@ def pretrain_llm(adapter: Adapter, *, rows: int, epochs: int, lr: float, batch_s
         log.warning("llm pretraining: no initialisation of %d reached %.0f %% letter accuracy; kept init %d (%.1f %%)",
                     inits, target, init, accuracy)
     held = 100.0 * float(np.mean(score_mc(adapter, held_out, letter=True)[1]))
+    log.info("llm pretraining: kept init %d, letter accuracy on 400 other fresh rows %.1f %%", init, held)
     return {"rows": rows, "init": init, "attempts": attempts, "letter_accuracy": held,
             "seconds": time.perf_counter() - t0}
 
