@@ -252,11 +252,24 @@ def stage_keys(bench: Path, cfg: FinetuneConfig) -> dict[str, str]:
     return keys
 
 
+def _cache_dir(cache: Path, name: str, key: str) -> Path:
+    """Where a stage (llm, tower, text) or a finished model (vanilla, reference: keyed by its align stage) lives."""
+    return Path(cache) / f"{name}-{key}"
+
+
+def _stage_cached(cache: Path, name: str, key: str) -> bool:
+    return (_cache_dir(cache, name, key) / "stage.json").is_file()
+
+
+def _model_cached(cache: Path, name: str, keys: dict[str, str]) -> bool:
+    return (_cache_dir(cache, name, keys["align"]) / "finetune.json").is_file()
+
+
 def _stage(cache: Path | None, name: str, key: str, run) -> tuple[dict, dict, bool]:
     """(weights, report, was_cached) of a stage: from `cache`/<name>-<key>/ when there, else `run()`'s, written
     there atomically."""
-    path = None if cache is None else Path(cache) / f"{name}-{key}"
-    if path is not None and (path / "stage.json").is_file():
+    path = None if cache is None else _cache_dir(cache, name, key)
+    if path is not None and _stage_cached(cache, name, key):
         log.info("%s stage from cache: %s", name, path)
         return load_file(str(path / "weights.safetensors")), json.loads((path / "stage.json").read_text()), True
     weights, report = run()
@@ -397,9 +410,10 @@ def vanilla_model(bench, cfg: FinetuneConfig, cache: Path, reference: bool = Fal
     cfg = replace(cfg, without_forget_images=reference)
     bench, image_size = check_bench(bench, cfg)
     keys = keys or stage_keys(bench, cfg)   # hashes every image the stages read: once, for the lookup and the build
-    path = Path(cache) / f"{'reference' if reference else 'vanilla'}-{keys['align']}"
-    if (path / "finetune.json").is_file():
-        log.info("%s model from cache: %s", "reference" if reference else "vanilla", path)
+    name = "reference" if reference else "vanilla"
+    path = _cache_dir(cache, name, keys["align"])
+    if _model_cached(cache, name, keys):
+        log.info("%s model from cache: %s", name, path)
         return path, True
     with torch_threads(cfg.threads):
         _finetune(bench, image_size, path, cfg, True, cache, keys)
@@ -418,11 +432,10 @@ def build_models(bench, cfg: FinetuneConfig, cache: Path, reference: bool = True
     cfgs = {name: replace(cfg, without_forget_images=name == "reference") for name in names}
     bench, image_size = check_bench(bench, cfg)
     keys = {name: stage_keys(bench, c) for name, c in cfgs.items()}
-    if not reference or all((Path(cache) / f"{n}-{keys[n]['align']}" / "finetune.json").is_file() for n in names):
+    if not reference or all(_model_cached(cache, n, keys[n]) for n in names):
         return {name: vanilla_model(bench, c, cache, name == "reference", keys[name]) for name, c in cfgs.items()}
     # stage 0 is shared by every benchmark seed: once it is cached, this process has time for the reference's tower
-    llm_cached = (Path(cache) / f"llm-{keys['vanilla']['llm']}" / "stage.json").is_file()
-    theirs = names[:1] if llm_cached else names
+    theirs = names[:1] if _stage_cached(cache, "llm", keys["vanilla"]["llm"]) else names
     with spawned_process() as other:
         towers = other.submit(_stages_only, str(bench), [(cfgs[n], keys[n]) for n in theirs], str(cache), {"tower"})
         with torch_threads(cfg.threads):

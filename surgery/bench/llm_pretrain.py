@@ -76,7 +76,8 @@ def pretrain_llm(adapter: Adapter, *, rows: int, epochs: int, lr: float, batch_s
     from .evaluate import score_mc
     t0 = time.perf_counter()
     model = adapter.model
-    params = [p for m in (model.model.language_model, model.lm_head) for p in m.parameters()]
+    modules = (model.model.language_model, model.lm_head)
+    params = [p for m in modules for p in m.parameters()]
     check, held_out = instruction_rows(200, seed=LLM_SEED + 1), instruction_rows(400, seed=LLM_SEED + 5)
     train_rows = instruction_rows(rows)
     attempts, best = [], None
@@ -89,13 +90,12 @@ def pretrain_llm(adapter: Adapter, *, rows: int, epochs: int, lr: float, batch_s
         log.info("llm pretraining from init %d: letter accuracy on fresh instruction rows %.1f %%", init, accuracy)
         attempts.append({"init": init, "letter_accuracy": accuracy, "losses": losses})
         if best is None or accuracy > best[0]:
-            best = (accuracy, init, {k: v.detach().clone() for k, v in _llm_weights(adapter).items()})
+            best = (accuracy, init, [{k: v.clone() for k, v in m.state_dict().items()} for m in modules])
         if accuracy >= target:
             break
-    accuracy, init, weights = best
-    with torch.no_grad():
-        for name, value in _llm_weights(adapter).items():
-            value.copy_(weights[name])
+    accuracy, init, states = best
+    for m, state in zip(modules, states):
+        m.load_state_dict(state)
     if accuracy < target:
         log.warning("llm pretraining: no initialisation of %d reached %.0f %% letter accuracy; kept init %d (%.1f %%)",
                     inits, target, init, accuracy)
@@ -103,9 +103,3 @@ def pretrain_llm(adapter: Adapter, *, rows: int, epochs: int, lr: float, batch_s
     log.info("llm pretraining: kept init %d, letter accuracy on 400 other fresh rows %.1f %%", init, held)
     return {"rows": rows, "init": init, "attempts": attempts, "letter_accuracy": held,
             "seconds": time.perf_counter() - t0}
-
-
-def _llm_weights(adapter: Adapter) -> dict:
-    model = adapter.model
-    return {**{f"lm.{k}": v for k, v in model.model.language_model.state_dict().items()},
-            **{f"head.{k}": v for k, v in model.lm_head.state_dict().items()}}
