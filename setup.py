@@ -11,6 +11,19 @@ from setuptools import setup
 PACKAGES = ["surgery", "surgery.models", "surgery.data", "surgery.ops", "surgery.bench", "surgery.cli", "surgery.methods", "surgery.kernels"]
 
 
+def shared_cxx_runtime() -> list[str]:
+    """The libstdc++.so this process runs with (loaded by torch), to name first on the link line. A toolchain that
+    ships only libstdc++.a (the lent GPU image's CXX, /opt/gcc/bin/g++) links a private copy of the C++ runtime into
+    _C: its own __cxa_throw and personality routine beside libc10's, and every failing TORCH_CHECK then crashed the
+    process (SIGSEGV) instead of raising. Named first, the shared library satisfies every C++ runtime symbol, so the
+    compiler's own -lstdc++ adds nothing."""
+    try:
+        with open("/proc/self/maps") as f:
+            return sorted({line.split()[-1] for line in f if "/libstdc++.so" in line})[:1]
+    except OSError:  # not Linux
+        return []
+
+
 def extensions():
     try:
         import torch
@@ -25,12 +38,15 @@ def extensions():
     flag = os.environ.get("SURGERY_CUDA")
     cuda = flag == "1" or (flag != "0" and torch.version.cuda is not None and CUDA_HOME is not None)
     cxx = ["-O3"]  # the C++ standard is left to BuildExtension (torch's own default)
+    link = shared_cxx_runtime()  # one C++ runtime in the process
     if cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.9;9.0")
+        # -fmad=false: no contraction into FMA, so the dense and the compact AdamW kernels round alike, bit for bit
+        # (they contracted differently); the kernels are bound by memory, not arithmetic.
         ext = CUDAExtension("surgery._C", cpu + sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu")),
-                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]})
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-fmad=false"]}, extra_link_args=link)
     else:
-        ext = CppExtension("surgery._C", cpu, extra_compile_args={"cxx": cxx})
+        ext = CppExtension("surgery._C", cpu, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     return [ext], {"build_ext": BuildExtension}
 
 

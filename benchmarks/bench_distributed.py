@@ -1,19 +1,23 @@
-"""Peak memory and step time of VKD unlearning on a random-weight LLaVA-1.5 built from its config (nothing is
-downloaded): the plain path, --checkpoint-llm, and, under torchrun on >= 2 GPUs, --shard-llm; side by side in one run.
+"""Peak memory and step time of VKD unlearning on a random-weight LLaVA-1.5 or Qwen2-VL built from its config (nothing
+is downloaded): the plain path, --checkpoint-llm, under torchrun on >= 2 GPUs --shard-llm, and full-model GA_Diff as
+the baseline; side by side in one run.
 
-    python benchmarks/bench_distributed.py --size 7b --device cuda --json gpu_out/distributed.json
+    python benchmarks/bench_distributed.py --size 7b --device cuda --modes plain,checkpoint-llm,ga_diff
+    python benchmarks/bench_distributed.py --arch qwen2-vl --size 7b --device cuda --modes plain,ga_diff
     torchrun --nproc-per-node 2 benchmarks/bench_distributed.py --size 7b --device cuda \
         --modes plain,checkpoint-llm,shard-llm,shard-llm+checkpoint-llm
     python benchmarks/bench_distributed.py --size tiny     # a wiring check on the CPU, in seconds
 
 Each mode rebuilds the model, runs VKD's prepare step (saliency, teacher features, pruning, Fisher mask) and the shared
 training loop exactly as `surgery prune-and-mask` does (pipeline.prepare, VKD.prepare, methods.train; nothing is
-saved), then times --steps training steps after one warm-up step. Reported per mode: the peak memory of the training
+saved); `ga_diff` does the same with GA_Diff on every weight (its default scope). Then it times --steps training steps after one warm-up step. Reported per mode: the peak memory of the training
 steps (CUDA: max_memory_allocated on rank 0; CPU: peak RSS, which never goes down, so only the first mode's is the
 mode's own), the mean step time, and both as ratios against the first mode. Rows: --rows image rows and half as
 many text rows per side (forget, retain); global batch --batch-size.
 """
 import argparse
+import contextlib
+import gc
 import json
 import os
 import sys
@@ -26,15 +30,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-import surgery.pipeline as pipeline
-from surgery import distributed, methods
+from surgery import distributed, methods, pipeline
 from surgery.config import Config
 from surgery.data import load_splits
 from surgery.models import Adapter
-from surgery.models.tiny import _image_processor
-from surgery.models.tokenizer import LLAVA_TEMPLATE, build_tokenizer
+from surgery.models.tiny import QWEN_SPECIAL, _image_processor
+from surgery.models.tokenizer import LLAVA_TEMPLATE, QWEN_TEMPLATE, build_tokenizer
 
-MODES = ("plain", "checkpoint-llm", "shard-llm", "shard-llm+checkpoint-llm")
+MODES = ("plain", "checkpoint-llm", "shard-llm", "shard-llm+checkpoint-llm", "ga_diff")
+ARCHS = ("llava", "qwen2-vl")
 
 
 def llava_config(size: str, image_token: int):
@@ -58,21 +62,57 @@ def llava_config(size: str, image_token: int):
                        image_seq_length=patches)
 
 
-def build(size: str, device: str, dtype: torch.dtype, seed: int) -> Adapter:
-    """A random-weight LLaVA-1.5 with an offline tokenizer and a CLIP image processor (seeded: the same on every
-    rank)."""
-    from transformers import LlavaForConditionalGeneration
-    tokenizer = build_tokenizer(None, 1024, extra_special=["<image>"], chat_template=LLAVA_TEMPLATE)
-    config = llava_config(size, tokenizer.convert_tokens_to_ids("<image>"))
-    side = config.vision_config.image_size
-    processor = _image_processor("CLIPImageProcessor", size={"shortest_edge": side},
-                                 crop_size={"height": side, "width": side})
+def qwen2_vl_config(size: str, tokenizer):
+    """Qwen2-VL-7B's architecture (Qwen/Qwen2-VL-7B-Instruct config.json: a 32-block 1280-wide ViT with 2x2 patch
+    merging, a 28-layer 3584-wide Qwen2 with grouped-query attention), or the same at toy size."""
+    from transformers import Qwen2VLConfig
+    if size == "7b":
+        vision = {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "hidden_size": 3584}
+        text = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+                "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}}
+    else:
+        vision = {"depth": 4, "embed_dim": 64, "mlp_ratio": 4, "num_heads": 4, "hidden_size": 64}
+        text = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 4, "vocab_size": 1024, "max_position_embeddings": 512,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]}}
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
+    return Qwen2VLConfig(vision_config={"in_channels": 3, "patch_size": 14, "spatial_merge_size": 2,
+                                        "temporal_patch_size": 2, "hidden_act": "quick_gelu", **vision},
+                         text_config={"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+                                      "eos_token_id": tokenizer.eos_token_id, **text},
+                         image_token_id=ids["<|image_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                         vision_end_token_id=ids["<|vision_end|>"], video_token_id=tokenizer.unk_token_id)
+
+
+def image_side(arch: str, size: str) -> int:
+    return 336 if size == "7b" else (32 if arch == "llava" else 56)
+
+
+def build(arch: str, size: str, device: str, dtype: torch.dtype, seed: int) -> Adapter:
+    """A random-weight LLaVA-1.5 or Qwen2-VL with an offline tokenizer and the family's image processor (seeded: the
+    same on every rank)."""
+    from transformers import (
+        LlavaForConditionalGeneration,
+        Qwen2VLForConditionalGeneration,
+    )
+    side = image_side(arch, size)
+    if arch == "llava":
+        tokenizer = build_tokenizer(None, 1024, extra_special=["<image>"], chat_template=LLAVA_TEMPLATE)
+        config, cls = llava_config(size, tokenizer.convert_tokens_to_ids("<image>")), LlavaForConditionalGeneration
+        processor = _image_processor("CLIPImageProcessor", size={"shortest_edge": side},
+                                     crop_size={"height": side, "width": side})
+    else:
+        tokenizer = build_tokenizer(None, 1024, extra_special=QWEN_SPECIAL, chat_template=QWEN_TEMPLATE)
+        config, cls = qwen2_vl_config(size, tokenizer), Qwen2VLForConditionalGeneration
+        processor = _image_processor("Qwen2VLImageProcessor", patch_size=14, merge_size=2, temporal_patch_size=2,
+                                     min_pixels=side * side, max_pixels=side * side)
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlavaForConditionalGeneration(config).eval()
+            model = cls(config).eval()
     finally:
         torch.set_default_dtype(default)
     return Adapter(model, tokenizer, processor, None)
@@ -97,24 +137,24 @@ def write_rows(folder: Path, n_image: int, side: int, seed: int) -> tuple[Path, 
 
 def measure(mode: str, args, world: distributed.World, device: str, folder: Path) -> dict:
     """One mode: build, prepare as the pipeline does, then time the training steps."""
-    side = 336 if args.size == "7b" else 32
-    forget, retain = write_rows(folder, args.rows, side, seed=0)
-    cfg = Config(model=f"random LLaVA-1.5 ({args.size})", forget=str(forget), retain=str(retain),
+    forget, retain = write_rows(folder, args.rows, image_side(args.arch, args.size), seed=0)
+    cfg = Config(model=f"random {args.arch} ({args.size})", forget=str(forget), retain=str(retain),
                  out=str(folder / "out"), device=device, seed=0, dtype=args.dtype, batch_size=args.batch_size,
                  collect_batch_size=args.batch_size, lr=1e-4, shard_llm="shard-llm" in mode,
-                 checkpoint_llm="checkpoint-llm" in mode, method="vkd")
+                 checkpoint_llm="checkpoint-llm" in mode, method="ga_diff" if mode == "ga_diff" else "vkd")
     cfg, method = pipeline.resolve(cfg)
     splits = load_splits(cfg.forget, cfg.retain)
     shard = cfg.shard_llm and world.size > 1
-    adapter = build(args.size, "cpu" if shard else device, pipeline.resolve_dtype(cfg), cfg.seed)
-    params = adapter.scope_params("mlp", adapter.select_layers(None))
+    adapter = build(args.arch, args.size, "cpu" if shard else device, pipeline.resolve_dtype(cfg), cfg.seed)
+    mlps = adapter.select_layers(None)
+    params = adapter.scope_params(cfg.scope, mlps)
     adapter.train_only(params)
     if shard:
         distributed.shard_llm(adapter, world, device)
     if cfg.checkpoint_llm:
         distributed.checkpoint_llm(adapter)
     cuda = device.startswith("cuda")
-    ctx = methods.Context(cfg, adapter, splits, params, [m.layer for m in adapter.select_layers(None)], world=world)
+    ctx = methods.Context(cfg, adapter, splits, params, [m.layer for m in mlps], world=world)
     method.prepare(ctx)
     ctx.cfg = replace(cfg, steps=1)
     methods.train(ctx, method, progress=False)        # warm-up: one step (DDP is built here under torchrun)
@@ -122,20 +162,28 @@ def measure(mode: str, args, world: distributed.World, device: str, folder: Path
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     ctx.cfg = replace(cfg, steps=args.steps)
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if cuda else [])) if args.profile else contextlib.nullcontext()
     t = time.perf_counter()
-    history = methods.train(ctx, method, progress=False)
-    if cuda:
-        torch.cuda.synchronize(device)
+    with profiler:
+        history = methods.train(ctx, method, progress=False)
+        if cuda:
+            torch.cuda.synchronize(device)
     step_s = (time.perf_counter() - t) / args.steps
+    if args.profile and world.main:  # where a step's time goes (the profiler's own overhead is in step_s)
+        sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+        print(f"{mode}: top ops by {sort}, {args.steps} steps\n"
+              + profiler.key_averages().table(sort_by=sort, row_limit=args.profile), file=sys.stderr)
     peak = torch.cuda.max_memory_allocated(device) if cuda else pipeline.peak_memory(device)["rss_bytes"]
-    return {"mode": mode, "world_size": world.size, "peak_bytes": peak, "peak_kind":
-            "cuda_max_allocated" if cuda else "rss (monotonic: only the first mode's is its own)",
+    return {"mode": mode, "method": cfg.method, "scope": cfg.scope, "world_size": world.size, "peak_bytes": peak,
+            "peak_kind": "cuda_max_allocated" if cuda else "rss (monotonic: only the first mode's is its own)",
             "step_s": step_s, "trainable_weights": sum(p.numel() for p in params.values()),
-            "loss_fvqa_last": history[-1].get("loss_fvqa")}
+            "loss_last": {k: v for k, v in history[-1].items() if k.startswith("loss")}}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", choices=ARCHS, default="llava")
     parser.add_argument("--size", choices=["7b", "tiny"], default="tiny")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK per rank)")
     parser.add_argument("--dtype", default="auto", help="auto: bf16 on CUDA, fp32 on the CPU")
@@ -144,6 +192,8 @@ def main():
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="profile the timed steps and print the top N ops (step times then include its overhead)")
     args = parser.parse_args()
     modes = args.modes.split(",")
     bad = [m for m in modes if m not in MODES]
@@ -151,31 +201,38 @@ def main():
         parser.error(f"--modes {','.join(bad)}: choose from {', '.join(MODES)}")
     results = []
     with distributed.launch(args.device) as (world, device):
+        env = pipeline.environment(device)
         for mode in modes:
             if "shard-llm" in mode and world.size == 1:
                 print(f"{mode}: skipped (sharding needs torchrun with >= 2 processes)", file=sys.stderr)
                 continue
             with tempfile.TemporaryDirectory() as folder:
-                results.append(measure(mode, args, world, device, Path(folder)))
+                try:
+                    results.append(measure(mode, args, world, device, Path(folder)))
+                except torch.OutOfMemoryError as e:  # a mode that does not fit is a result too
+                    results.append({"mode": mode, "world_size": world.size, "error": str(e).splitlines()[0]})
+            print(f"{mode}: {results[-1]}", file=sys.stderr, flush=True)
+            gc.collect()
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
+            if args.json and world.main:  # after every mode: a run cut short keeps what it measured
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                 "environment": env, "results": results}, indent=2))
     if not world.main:
         return
-    env = pipeline.environment(device)
-    base = results[0] if results else None
-    print(f"| mode | ranks | peak memory (GiB) | step (s) | memory vs {base['mode'] if base else '-'} | "
-          f"step vs {base['mode'] if base else '-'} |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    base = next((r for r in results if "error" not in r), None)
+    name = base["mode"] if base else "-"
+    print(f"| mode | method (scope) | ranks | peak memory (GiB) | step (s) | memory vs {name} | step vs {name} |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
-        print(f"| {r['mode']} | {r['world_size']} | {r['peak_bytes'] / 2**30:.2f} | {r['step_s']:.3f} | "
-              f"{r['peak_bytes'] / base['peak_bytes']:.2f} | {r['step_s'] / base['step_s']:.2f} |")
-    print(f"size {args.size}, batch {args.batch_size}, {args.steps} steps, {env.get('gpu', env['cpu'])}, "
+        if "error" in r:
+            print(f"| {r['mode']} | | {r['world_size']} | {r['error'][:60]} | | | |")
+            continue
+        print(f"| {r['mode']} | {r['method']} ({r['scope']}) | {r['world_size']} | {r['peak_bytes'] / 2**30:.2f} | "
+              f"{r['step_s']:.3f} | {r['peak_bytes'] / base['peak_bytes']:.2f} | {r['step_s'] / base['step_s']:.2f} |")
+    print(f"{args.arch} {args.size}, batch {args.batch_size}, {args.steps} steps, {env.get('gpu', env['cpu'])}, "
           f"torch {env['torch']}, transformers {env['transformers']}", file=sys.stderr)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "environment": env,
-                                         "results": results}, indent=2))
-
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

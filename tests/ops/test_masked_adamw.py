@@ -166,16 +166,17 @@ def test_bad_calls_raise(device):
         with pytest.raises(RuntimeError, match="beta1 and beta2 must lie in \\[0, 1\\)"):
             ops.reference.masked_adamw_(params, grads[0], m, v, masks, step=1, lr=1e-3, beta1=betas[0],
                                         beta2=betas[1], eps=1e-8, weight_decay=0.0)
-    zeros = [torch.zeros(2 if i == 2 else 1, device=device) for i in range(len(params))]
+    # separate moment lists: one list for both would alias them, an error that CUDA's op reports first
+    zm, zv = ([torch.zeros(2 if i == 2 else 1, device=device) for i in range(len(params))] for _ in range(2))
     before = [p.clone() for p in params]
     # out of range above and below; a duplicate (two updates of one entry would race); descending order
     for bad in ([0, params[2].numel()], [-1, 3], [5, 5], [5, 4]):
         idx = [torch.tensor([0], dtype=torch.int32, device=device) for _ in params]
         idx[2] = torch.tensor(bad, dtype=torch.int32, device=device)
         with pytest.raises(RuntimeError, match="indices\\[2\\] must be strictly increasing and in range"):
-            ops.sparse_adamw_(params, grads[0], zeros, zeros, idx, step=1, weight_decay=0.0, **HP)
+            ops.sparse_adamw_(params, grads[0], zm, zv, idx, step=1, weight_decay=0.0, **HP)
         with pytest.raises(RuntimeError, match="indices\\[2\\] must be strictly increasing and in range"):
-            ops.reference.sparse_adamw_(params, grads[0], zeros, zeros, idx, step=1, weight_decay=0.0, **HP)
+            ops.reference.sparse_adamw_(params, grads[0], zm, zv, idx, step=1, weight_decay=0.0, **HP)
         assert all(torch.equal(p, b) for p, b in zip(params, before))  # nothing written
 
 
