@@ -1,4 +1,5 @@
 """Resolve --model (a local HF directory, an alias in the local HF cache, or a tiny-* builder) and load it."""
+import json
 import logging
 import os
 from pathlib import Path
@@ -32,13 +33,30 @@ def resolve(model: str) -> str:
             "or pass --model /path/to/checkpoint_dir") from None
 
 
+def _named_image_processor(path: str):
+    """The image processor class that preprocessor_config.json names, PIL-backed where transformers has one. Some
+    transformers 5.x releases' AutoImageProcessor needs torchvision even for a processor that has a PIL twin."""
+    config = Path(path) / "preprocessor_config.json"
+    name = json.loads(config.read_text()).get("image_processor_type", "") if config.is_file() else ""
+    base = name.removesuffix("Fast").removesuffix("Pil")
+    cls = (getattr(transformers, base + "Pil", None) or getattr(transformers, base, None)) if base else None
+    if cls is None:
+        raise ValueError(f"{config}: no image_processor_type that this transformers knows ({name!r})")
+    return cls.from_pretrained(path)
+
+
 def _load_aux(path: str, trust_remote_code: bool):
     tok = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     image_processor = processor = None
     try:
         image_processor = transformers.AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception as e:
-        log.warning("no image processor loaded from %s: %s", path, e)
+    except Exception as auto:
+        try:
+            image_processor = _named_image_processor(path)
+            log.info("image processor %s from %s (AutoImageProcessor: %s)", type(image_processor).__name__, path,
+                     str(auto).splitlines()[0])
+        except Exception as e:
+            log.warning("no image processor loaded from %s: %s; %s", path, auto, e)
     try:
         processor = transformers.AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # e.g. Qwen2VLProcessor without torchvision: the image processor + tokenizer suffice

@@ -91,3 +91,21 @@ def test_alias_resolves_through_local_cache_only(tmp_path, monkeypatch, tiny_dir
     path = resolve("llava")
     assert path.rstrip("/").endswith("0" * 40)
     assert load(path).model_type == "llava"
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2-vl"])
+def test_image_processor_loads_without_auto_class(name, tiny_dirs, monkeypatch):
+    """Where AutoImageProcessor fails (transformers 5.17 without torchvision), the class that
+    preprocessor_config.json names is loaded instead, and it prepares an image exactly as the auto class does."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 50, 3), dtype=np.uint8))
+    expected = load(str(tiny_dirs[name])).image_processor(images=[image], return_tensors="pt")["pixel_values"]
+
+    class NoTorchvision:
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):
+            raise ImportError("AutoImageProcessor requires the Torchvision library but it was not found")
+    monkeypatch.setattr(T, "AutoImageProcessor", NoTorchvision)
+    processor = load(str(tiny_dirs[name])).image_processor
+    assert processor is not None
+    torch.testing.assert_close(processor(images=[image], return_tensors="pt")["pixel_values"], expected,
+                               rtol=0, atol=1e-6)
