@@ -251,8 +251,24 @@ class Adapter:
 
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-row mean token cross-entropy over the answer tokens: [B, L, V], [B, L] -> [B]."""
+    """Per-row mean token cross-entropy over the answer tokens: [B, L, V], [B, L] -> [B].
+
+    On CUDA only the answer positions are scored (`answer_loss_gathered`): the [B, V, L] layout below runs ATen's
+    spatial softmax over every position, a quarter of a 7B VKD step's GPU time (benchmarks/RESULTS.md). The CPU keeps
+    this layout, whose rounding the benchmark's recorded numbers were computed with; the two agree to float rounding."""
+    if logits.is_cuda:
+        return answer_loss_gathered(logits, labels)
     logits, labels = logits[:, :-1].float(), labels[:, 1:]
     tok = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
     n = (labels != -100).sum(1).clamp(min=1)
     return tok.sum(1) / n
+
+
+def answer_loss_gathered(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`answer_loss` computed on the answer positions alone, softmax over the last dimension."""
+    labels = labels[:, 1:]
+    keep = labels != -100
+    tok = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
+    tok = tok.masked_scatter(keep, nn.functional.cross_entropy(logits[:, :-1][keep].float(), labels[keep],
+                                                                reduction="none"))
+    return tok.sum(1) / keep.sum(1).clamp(min=1)

@@ -6,7 +6,7 @@ import torch
 import transformers as T
 from PIL import Image
 
-from surgery.models import Adapter, Example, family_of, load
+from surgery.models import Adapter, Example, answer_loss, family_of, load
 from surgery.models.tokenizer import build_tokenizer
 
 TEXT = dict(vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -109,3 +109,33 @@ def test_image_processor_loads_without_auto_class(name, tiny_dirs, monkeypatch):
     assert processor is not None
     torch.testing.assert_close(processor(images=[image], return_tensors="pt")["pixel_values"], expected,
                                rtol=0, atol=1e-6)
+
+
+def test_gathered_answer_loss_matches_the_full_layout():
+    """The CUDA path scores the answer positions alone; on fresh random logits it gives the CPU path's losses and
+    gradients to float rounding, rows without an answer token included (loss 0)."""
+    from surgery.models.adapters import answer_loss_gathered
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    for b, length, v in [(4, 40, 1024), (3, 17, 500), (6, 9, 33)]:
+        logits = torch.randn(b, length, v, generator=g, dtype=torch.float64).requires_grad_()
+        labels = torch.randint(0, v, (b, length), generator=g)
+        labels[torch.rand(b, length, generator=g) < 0.6] = -100
+        labels[0] = -100  # a row with nothing to score
+        full = answer_loss(logits, labels)
+        grad_full, = torch.autograd.grad(full.sum(), logits)
+        gathered = answer_loss_gathered(logits, labels)
+        grad_gathered, = torch.autograd.grad(gathered.sum(), logits)
+        assert full[0] == gathered[0] == 0
+        torch.testing.assert_close(gathered, full.float(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grad_gathered, grad_full, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_answer_loss_on_cuda_matches_cpu():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 30, 700, generator=g)
+    labels = torch.randint(0, 700, (4, 30), generator=g)
+    labels[torch.rand(4, 30, generator=g) < 0.5] = -100
+    torch.testing.assert_close(answer_loss(logits.cuda(), labels.cuda()).cpu(), answer_loss(logits, labels),
+                               rtol=1e-5, atol=1e-5)
