@@ -12,11 +12,11 @@ PACKAGES = ["surgery", "surgery.models", "surgery.data", "surgery.ops", "surgery
 
 
 def shared_cxx_runtime() -> list[str]:
-    """The libstdc++.so this process runs with (loaded by torch), to name first on the link line. A toolchain that
-    ships only libstdc++.a (the lent GPU image's CXX, /opt/gcc/bin/g++) links a private copy of the C++ runtime into
-    _C: its own __cxa_throw and personality routine beside libc10's, and every failing TORCH_CHECK then crashed the
-    process (SIGSEGV) instead of raising. Named first, the shared library satisfies every C++ runtime symbol, so the
-    compiler's own -lstdc++ adds nothing."""
+    """The libstdc++.so this process runs with (loaded by torch), as a link input. A toolchain that ships only
+    libstdc++.a (the lent GPU image's CXX, /opt/gcc/bin/g++) links a private copy of the C++ runtime into _C: its own
+    __cxa_throw and personality routine beside libc10's, and every failing TORCH_CHECK then crashed the process
+    (SIGSEGV) instead of raising. setuptools puts it after the objects, but before the -lstdc++ that g++ appends after
+    every user argument, so the shared library satisfies the C++ runtime symbols and the archive adds none."""
     try:
         with open("/proc/self/maps") as f:
             return sorted({line.split()[-1] for line in f if "/libstdc++.so" in line})[:1]

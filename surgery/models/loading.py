@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from .adapters import Adapter, family_of
-from .tiny import TINY, build_tiny
+from .tiny import TINY, build_tiny, image_processor_class
 
 log = logging.getLogger("surgery")
 ALIASES = {"llava": "llava-hf/llava-1.5-7b-hf", "qwen2-vl": "Qwen/Qwen2-VL-7B-Instruct",
@@ -38,8 +38,7 @@ def _named_image_processor(path: str):
     transformers 5.x releases' AutoImageProcessor needs torchvision even for a processor that has a PIL twin."""
     config = Path(path) / "preprocessor_config.json"
     name = json.loads(config.read_text()).get("image_processor_type", "") if config.is_file() else ""
-    base = name.removesuffix("Fast").removesuffix("Pil")
-    cls = (getattr(transformers, base + "Pil", None) or getattr(transformers, base, None)) if base else None
+    cls = image_processor_class(name)
     if cls is None:
         raise ValueError(f"{config}: no image_processor_type that this transformers knows ({name!r})")
     return cls.from_pretrained(path)

@@ -11,10 +11,16 @@ QWEN_SPECIAL = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|
 TINY = ("tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl")
 
 
+def image_processor_class(name: str):
+    """The class for image processor `name` (…Fast and …Pil accepted), PIL-backed where this transformers has one (no
+    torchvision needed); None when transformers has no such class."""
+    base = name.removesuffix("Fast").removesuffix("Pil")
+    return (getattr(transformers, base + "Pil", None) or getattr(transformers, base, None)) if base else None
+
+
 def _image_processor(name: str, **kw):
     """The PIL-backed image processor where this transformers has one (no torchvision needed)."""
-    cls = getattr(transformers, name + "Pil", None) or getattr(transformers, name)
-    return cls(**kw)
+    return image_processor_class(name)(**kw)
 
 
 def tiny_llava(seed: int = 0, corpus: list[str] | None = None, image_size: int = 32, patch_size: int = 8,
