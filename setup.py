@@ -19,7 +19,10 @@ def shared_cxx_runtime() -> list[str]:
     every user argument, so the shared library satisfies the C++ runtime symbols and the archive adds none."""
     try:
         with open("/proc/self/maps") as f:
-            return sorted({line.split()[-1] for line in f if "/libstdc++.so" in line})[:1]
+            # fields: address perms offset dev inode path (a path may hold spaces; a replaced file ends "(deleted)")
+            paths = {fields[5] for fields in (line.rstrip("\n").split(maxsplit=5) for line in f)
+                     if len(fields) == 6 and "/libstdc++.so" in fields[5] and not fields[5].endswith("(deleted)")}
+            return sorted(paths)[:1]
     except OSError:  # not Linux
         return []
 

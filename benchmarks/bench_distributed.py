@@ -209,7 +209,9 @@ def main():
             with tempfile.TemporaryDirectory() as folder:
                 try:
                     results.append(measure(mode, args, world, device, Path(folder)))
-                except torch.OutOfMemoryError as e:  # a mode that does not fit is a result too
+                except torch.OutOfMemoryError as e:  # a mode that does not fit is a result too ...
+                    if world.size > 1:  # ... in one process: other ranks would wait in its collectives forever
+                        raise
                     results.append({"mode": mode, "world_size": world.size, "error": str(e).splitlines()[0]})
             print(f"{mode}: {results[-1]}", file=sys.stderr, flush=True)
             gc.collect()
