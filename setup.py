@@ -53,5 +53,6 @@ def extensions():
     return [ext], {"build_ext": BuildExtension}
 
 
-ext_modules, cmdclass = extensions()
-setup(packages=PACKAGES, package_dir={"surgery.kernels": "kernels"}, ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # as pip's build backend and `python setup.py` run it (tests import the helpers above)
+    ext_modules, cmdclass = extensions()
+    setup(packages=PACKAGES, package_dir={"surgery.kernels": "kernels"}, ext_modules=ext_modules, cmdclass=cmdclass)

@@ -2,7 +2,8 @@
 
 Which path a call takes: CUDA tensors run the Triton kernels; CPU tensors run the PyTorch reference twin
 (`surgery.kernels.reference`), except under TRITON_INTERPRET=1, where they run the Triton kernels through
-Triton's interpreter (tests without a GPU). Triton decides at `import triton` whether its functions are
+Triton's interpreter (tests without a GPU; on a triton whose interpreter cannot run them, `INTERPRETER_PROBLEM`
+says why and CPU tensors take the reference path, with one warning). Triton decides at `import triton` whether its functions are
 compiled or interpreted, so the variable must be set before triton is first imported; `INTERPRET` says
 whether it was. Without triton everything takes the reference path (one warning when a CUDA tensor
 arrives). `calls` counts the calls taken per path."""
@@ -31,7 +32,26 @@ def _triton_interpreted() -> bool:
     return not any(isinstance(v, JITFunction) for v in vars(std).values())
 
 
+def interpreter_problem(triton_version: str | None = None, numpy_version: str | None = None) -> str | None:
+    """Why triton's interpreter cannot run our kernels (at these versions; default: the installed ones), or None.
+    Before 3.7 it turns a 1-element array into a Python int (`range` over a runtime bound), which NumPy 2.4
+    refuses (triton-lang/triton#9171)."""
+    import numpy
+    triton_version = triton_version or triton.__version__
+    numpy_version = numpy_version or numpy.__version__
+
+    def minor(text: str) -> tuple[int, int]:
+        major, minor = text.split("+")[0].split(".")[:2]
+        return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+    if minor(triton_version) < (3, 7) and minor(numpy_version) >= (2, 4):
+        return (f"triton {triton_version}'s interpreter fails with numpy {numpy_version} (triton-lang/triton#9171): "
+                "install triton>=3.7 or numpy<2.4 to run the kernels on CPU tensors")
+    return None
+
+
 INTERPRET = False
+INTERPRETER_PROBLEM = None  # set when INTERPRET: why the interpreter cannot run the kernels (None: it can)
 if HAS_TRITON:
     from . import activation_stats as _stats  # binds the name to the module; the def below rebinds it
     from . import fisher as _fisher
@@ -40,6 +60,8 @@ if HAS_TRITON:
         if not INTERPRET:
             warnings.warn("TRITON_INTERPRET=1 was set after triton was imported: CPU tensors take the "
                           "PyTorch reference path of surgery.kernels", stacklevel=2)
+        else:
+            INTERPRETER_PROBLEM = interpreter_problem()
 
 
 def use_triton(t) -> bool:
@@ -52,7 +74,17 @@ def use_triton(t) -> bool:
             warnings.warn("triton is not installed: surgery.kernels runs its PyTorch reference path", stacklevel=3)
             _warned = True
         return False
-    return t.is_cuda or (INTERPRET and t.device.type == "cpu")
+    if t.is_cuda:
+        return True
+    if not (INTERPRET and t.device.type == "cpu"):
+        return False
+    if INTERPRETER_PROBLEM:
+        if not _warned:
+            warnings.warn(f"{INTERPRETER_PROBLEM}; CPU tensors take the PyTorch reference path of surgery.kernels",
+                          stacklevel=3)
+            _warned = True
+        return False
+    return True
 
 
 def activation_stats(z, out=None, row_mask=None):
@@ -103,4 +135,4 @@ def fisher_accumulate_flat_(fisher, grad, scale=1.0):
 
 
 __all__ = ["activation_stats", "fisher_accumulate_", "fisher_accumulate_flat_", "reference", "calls",
-           "use_triton", "HAS_TRITON", "INTERPRET"]
+           "use_triton", "HAS_TRITON", "INTERPRET", "INTERPRETER_PROBLEM", "interpreter_problem"]

@@ -34,14 +34,15 @@ def resolve(model: str) -> str:
 
 
 def _named_image_processor(path: str):
-    """The image processor class that preprocessor_config.json names, PIL-backed where transformers has one. Some
-    transformers 5.x releases' AutoImageProcessor needs torchvision even for a processor that has a PIL twin."""
+    """(processor, the class name preprocessor_config.json gives): that class, PIL-backed where transformers has
+    one. Some transformers 5.x releases' AutoImageProcessor needs torchvision even for a processor that has a PIL
+    twin."""
     config = Path(path) / "preprocessor_config.json"
     name = json.loads(config.read_text()).get("image_processor_type", "") if config.is_file() else ""
     cls = image_processor_class(name)
     if cls is None:
         raise ValueError(f"{config}: no image_processor_type that this transformers knows ({name!r})")
-    return cls.from_pretrained(path)
+    return cls.from_pretrained(path), name
 
 
 def _load_aux(path: str, trust_remote_code: bool):
@@ -51,9 +52,11 @@ def _load_aux(path: str, trust_remote_code: bool):
         image_processor = transformers.AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as auto:
         try:
-            image_processor = _named_image_processor(path)
-            log.info("image processor %s from %s (AutoImageProcessor: %s)", type(image_processor).__name__, path,
-                     str(auto).splitlines()[0])
+            image_processor, named = _named_image_processor(path)
+            # another class than the one named (a PIL twin of a …Fast one) may resize slightly differently
+            (log.info if type(image_processor).__name__ == named else log.warning)(
+                "image processor %s from %s, which names %s (AutoImageProcessor: %s)", type(image_processor).__name__,
+                path, named, str(auto).splitlines()[0])
         except Exception as e:
             log.warning("no image processor loaded from %s: %s; %s", path, auto, e)
     try:

@@ -9,8 +9,9 @@ from surgery.kernels import reference
 
 kernel_module = sys.modules["surgery.kernels.fisher"] if K.HAS_TRITON else None
 NO_CUDA = not torch.cuda.is_available()
-interp = pytest.mark.skipif(not (K.HAS_TRITON and NO_CUDA),
-                            reason="CPU tensors run the Triton interpreter only on machines without CUDA")
+interp = pytest.mark.skipif(not (K.HAS_TRITON and NO_CUDA) or bool(K.INTERPRETER_PROBLEM),
+                            reason=K.INTERPRETER_PROBLEM
+                            or "CPU tensors run the Triton interpreter only on machines without CUDA")
 
 
 def tensors(shapes, dtype=torch.float32, device="cpu"):
@@ -177,3 +178,12 @@ def test_more_tensors_than_one_table_block():
     torch.manual_seed(5)
     fisher, grads = tensors([(int(n),) for n in torch.randint(0, 40, (300,))])
     check_against_reference(fisher[::-1], grads[::-1], 0.3)
+
+
+@pytest.mark.skipif(not K.HAS_TRITON, reason="needs triton")
+def test_interpreter_problem_names_the_broken_pairs():
+    """Triton < 3.7's interpreter with NumPy >= 2.4 is refused with the way out; other pairs are fine."""
+    assert "install triton>=3.7 or numpy<2.4" in K.interpreter_problem("3.6.0", "2.4.6")
+    assert "triton 3.0.0's interpreter fails with numpy 2.5.0rc1" in K.interpreter_problem("3.0.0", "2.5.0rc1")
+    for ok in (("3.7.0", "2.4.6"), ("3.6.0", "2.3.5"), ("3.9.0+git1a2b", "2.4.0"), ("4.0.0", "1.26.4")):
+        assert K.interpreter_problem(*ok) is None, ok

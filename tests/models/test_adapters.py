@@ -111,6 +111,33 @@ def test_image_processor_loads_without_auto_class(name, tiny_dirs, monkeypatch):
                                rtol=0, atol=1e-6)
 
 
+
+def test_image_processor_fallback_warns_when_it_swaps_the_class(tiny_dirs, tmp_path, monkeypatch, caplog):
+    """Where AutoImageProcessor fails, a checkpoint that names a …Fast (torchvision) processor gets the PIL twin and
+    a warning that says so (the two may resize slightly differently); one that names the PIL class gets it, at INFO."""
+    import json
+    import logging
+    import shutil
+
+    class NoTorchvision:
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):
+            raise ImportError("AutoImageProcessor requires the Torchvision library but it was not found")
+    monkeypatch.setattr(T, "AutoImageProcessor", NoTorchvision)
+    base = json.loads((tiny_dirs["tiny-llava"] / "preprocessor_config.json").read_text())["image_processor_type"]
+    base = base.removesuffix("Fast").removesuffix("Pil")
+    for named, level in ((base + "Fast", logging.WARNING), (base + "Pil", logging.INFO)):
+        path = tmp_path / named
+        shutil.copytree(tiny_dirs["tiny-llava"], path)
+        config = path / "preprocessor_config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "image_processor_type": named}))
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="surgery"):
+            processor = load(str(path)).image_processor
+        assert type(processor).__name__ == base + "Pil"
+        said = [r for r in caplog.records if "which names" in r.getMessage()]
+        assert [r.levelno for r in said] == [level] and named in said[0].getMessage()
+
 def test_gathered_answer_loss_matches_the_full_layout():
     """The CUDA path scores the answer positions alone; on fresh random logits it gives the CPU path's losses and
     gradients to float rounding, rows without an answer token included (loss 0)."""
