@@ -2,10 +2,10 @@
 
 Which path a call takes: CUDA tensors run the Triton kernels; CPU tensors run the PyTorch reference twin
 (`surgery.kernels.reference`), except under TRITON_INTERPRET=1, where they run the Triton kernels through
-Triton's interpreter (tests without a GPU; on a triton whose interpreter cannot run them, `INTERPRETER_PROBLEM`
-says why and CPU tensors take the reference path, with one warning). Triton decides at `import triton` whether its functions are
-compiled or interpreted, so the variable must be set before triton is first imported; `INTERPRET` says
-whether it was. Without triton everything takes the reference path (one warning when a CUDA tensor
+Triton's interpreter (tests without a GPU; where that triton's interpreter cannot run them, `INTERPRETER_PROBLEM`
+says why and CPU tensors take the reference path, with one warning). Triton decides at `import triton` whether
+its functions are compiled or interpreted, so the variable must be set before triton is first imported;
+`INTERPRET` says whether it was. Without triton everything takes the reference path (one warning when a CUDA tensor
 arrives). `calls` counts the calls taken per path."""
 import os
 import warnings
@@ -40,11 +40,11 @@ def interpreter_problem(triton_version: str | None = None, numpy_version: str | 
     triton_version = triton_version or triton.__version__
     numpy_version = numpy_version or numpy.__version__
 
-    def minor(text: str) -> tuple[int, int]:
-        major, minor = text.split("+")[0].split(".")[:2]
-        return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+    def major_minor(text: str) -> tuple[int, int]:
+        first, second = text.split("+")[0].split(".")[:2]
+        return int(first), int("".join(c for c in second if c.isdigit()) or 0)
 
-    if minor(triton_version) < (3, 7) and minor(numpy_version) >= (2, 4):
+    if major_minor(triton_version) < (3, 7) and major_minor(numpy_version) >= (2, 4):
         return (f"triton {triton_version}'s interpreter fails with numpy {numpy_version} (triton-lang/triton#9171): "
                 "install triton>=3.7 or numpy<2.4 to run the kernels on CPU tensors")
     return None
