@@ -7,6 +7,7 @@ import transformers as T
 from PIL import Image
 
 from surgery.models import Adapter, Example, answer_loss, family_of, load
+from surgery.models import loading
 from surgery.models.tokenizer import build_tokenizer
 
 TEXT = dict(vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -104,9 +105,9 @@ def test_image_processor_loads_without_auto_class(name, tiny_dirs, monkeypatch):
         @classmethod
         def from_pretrained(cls, *args, **kwargs):
             raise ImportError("AutoImageProcessor requires the Torchvision library but it was not found")
-    monkeypatch.setattr(T, "AutoImageProcessor", NoTorchvision)
+    monkeypatch.setattr(loading.transformers, "AutoImageProcessor", NoTorchvision)  # the module it calls
     processor = load(str(tiny_dirs[name])).image_processor
-    assert processor is not None
+    assert processor is not None and type(processor).__name__.endswith("Pil")   # the fallback ran
     torch.testing.assert_close(processor(images=[image], return_tensors="pt")["pixel_values"], expected,
                                rtol=0, atol=1e-6)
 
@@ -123,7 +124,7 @@ def test_image_processor_fallback_warns_when_it_swaps_the_class(tiny_dirs, tmp_p
         @classmethod
         def from_pretrained(cls, *args, **kwargs):
             raise ImportError("AutoImageProcessor requires the Torchvision library but it was not found")
-    monkeypatch.setattr(T, "AutoImageProcessor", NoTorchvision)
+    monkeypatch.setattr(loading.transformers, "AutoImageProcessor", NoTorchvision)  # the module it calls
     base = json.loads((tiny_dirs["tiny-llava"] / "preprocessor_config.json").read_text())["image_processor_type"]
     base = base.removesuffix("Fast").removesuffix("Pil")
     for named, level in ((base + "Fast", logging.WARNING), (base + "Pil", logging.INFO)):
