@@ -37,7 +37,8 @@ def own_runtime(lib) -> set[str]:
 
 
 def test_extension_links_the_shared_cxx_runtime():
-    assert any(n.startswith("libstdc++.so") for n in needed(library())), needed(library())
+    libraries = needed(library())
+    assert any(n.startswith("libstdc++.so") for n in libraries), libraries
 
 
 def test_extension_defines_no_cxx_runtime_of_its_own():
