@@ -4,6 +4,11 @@ import os
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The command line's portable CPU numerics in this process too (the processes the tests start inherit them), set
+# before torch computes anything, as `surgery` sets them.
+from surgery.numerics import pin_cpu_numerics  # noqa: E402
+
+pin_cpu_numerics()
 # Without a GPU, run the Triton kernels on CPU tensors through the interpreter (must precede their import).
 import torch  # noqa: E402
 from rowdata import write_split  # noqa: E402

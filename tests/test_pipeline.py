@@ -1,5 +1,6 @@
 """End to end: `surgery prune-and-mask` on tiny models saved to local directories."""
 import json
+import os
 import subprocess
 import sys
 
@@ -201,3 +202,22 @@ def test_saliency_reuse_refuses_another_source(tiny_dirs, data, tmp_path):
         res = CliRunner().invoke(main, [str(a) for a in ["prune-and-mask", *args, "--retain", data[1], "--steps", 2,
                                                          "--out", tmp_path / "c", "--saliency", saliency]])
         assert res.exit_code == 1 and message in res.output and not (tmp_path / "c").exists(), (args, res.output)
+
+
+def test_the_cli_computes_with_portable_cpu_numerics():
+    """`surgery` pins torch's CPU kernels to their AVX2 level and MKL to its AVX2 path before torch computes anything
+    (the benchmark's models differ between AVX2 and AVX-512 kernels); a level the user set is kept."""
+    from surgery.numerics import CPU_NUMERICS
+    code = ("import os, sys, torch; import surgery.cli; "
+            "print(torch.backends.cpu.get_cpu_capability(), os.environ['MKL_CBWR'])")
+    bare = {k: v for k, v in os.environ.items() if k not in CPU_NUMERICS}
+
+    def run(env, code=code):
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              check=True).stdout.split()
+
+    unpinned = run(bare, "import torch; print(torch.backends.cpu.get_cpu_capability())")[0]
+    capability, cbwr = run(bare)
+    assert cbwr == "AVX2"
+    assert capability == ("AVX2" if unpinned in ("AVX2", "AVX512") else unpinned)   # never above AVX2
+    assert run({**bare, "ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}) == ["DEFAULT", "COMPATIBLE"]

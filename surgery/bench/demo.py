@@ -13,7 +13,6 @@ import json
 import logging
 import statistics
 import time
-from concurrent.futures import Future
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -25,7 +24,8 @@ from ..data import load_jsonl
 from ..models import Example, load
 from ..pipeline import atomic_dir, collect_saliency, environment, prune_and_mask, seed_everything, torch_threads
 from .evaluate import CHANCE, COLUMNS, answer_logprobs, evaluate, option_answer, split_files, table
-from .finetune import QUICK_BENCH, FinetuneConfig, build_models, cache_root, spawned_process
+from .finetune import QUICK_BENCH, FinetuneConfig, cache_root, model_plan
+from .lanes import Step, run_plan, spawned_process
 from .make_bench import VERSION, make_bench
 from .relearn import relearn
 
@@ -201,96 +201,74 @@ def score(path, bench: Path, views: str, seed: int, examples: list[Example]) -> 
             torch.tensor(answer_logprobs(adapter, examples), dtype=torch.float64))
 
 
-def _timed(timings: dict, name: str, fn, *args, **kw):
-    t = time.perf_counter()
-    value = fn(*args, **kw)
-    timings[name] = time.perf_counter() - t
-    return value
-
-
-def _in_worker(threads: int, fn, *args, **kw) -> tuple:
-    """fn(*args, **kw) on `threads` torch threads in the demo's second process: (value, seconds)."""
-    with torch_threads(threads):
-        t = time.perf_counter()
-        return fn(*args, **kw), time.perf_counter() - t
-
-
-class _Worker:
-    """Where a step runs: this process (`pool` None) or the demo's second process. Every step seeds itself and
-    runs at the demo's thread count, so its result does not depend on where it ran."""
-
-    def __init__(self, pool, threads: int, timings: dict, seed: int):
-        self.pool, self.threads, self.timings, self.seed, self.keys = pool, threads, timings, seed, {}
-
-    def __call__(self, name: str, fn, *args, **kw):
-        """Run now (here: the value) or queue (there: a Future); `result` gives the value of either."""
-        key = f"{name}_s[{self.seed}]"
-        if self.pool is None:
-            return _timed(self.timings, key, fn, *args, **kw)
-        future = self.pool.submit(_in_worker, self.threads, fn, *args, **kw)
-        self.keys[future] = key
-        return future
-
-    def result(self, handle):
-        if not isinstance(handle, Future):
-            return handle
-        value, self.timings[self.keys[handle]] = handle.result()
-        return value
-
-
 def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict, pool=None) -> dict:
-    """One benchmark seed: benchmark, vanilla (+ reference), VKD (+ β = 0), evaluation, attacks. With `pool` (one
-    spawned process), the vanilla and reference model's evaluation and attack and the whole β = 0 run go there
-    while this process unlearns, evaluates and attacks at the demo's β; the numbers are the same as in one process."""
-    here, there = _Worker(None, cfg.threads, timings, seed), _Worker(pool, cfg.threads, timings, seed)
+    """One benchmark seed: benchmark, vanilla (+ reference), VKD (+ β = 0), evaluation, attacks, as one plan of steps
+    over this process and `pool`'s (lanes.py). The models are built as `finetune.model_plan` lays them out; the
+    saliency, the demo's β and its evaluation and attack run on the vanilla model's lane, β = 0 on the other, and the
+    vanilla and reference model's evaluation and the reference's attack where that lane has time. Every step seeds
+    itself: the numbers are those of one process."""
     seed_everything(seed)
-    bench, bench_cached = here("make_bench", benchmark, seed, cfg.bench, cache)
+    t = time.perf_counter()
+    bench, bench_cached = benchmark(seed, cfg.bench, cache)
+    timings[f"make_bench_s[{seed}]"] = time.perf_counter() - t
     ft = replace(cfg.finetune, seed=seed, threads=cfg.threads or cfg.finetune.threads)
-    # the vanilla and the reference model are built in two processes at once (the same models as one builds)
-    built = here("models", build_models, bench, ft, cache, reference=cfg.reference)
-    vanilla, vanilla_cached = built["vanilla"]
-    models = {name: path for name, (path, _) in built.items()}
+    steps, models, lane = model_plan(bench, ft, cache, reference=cfg.reference)
+    other = {"here": "there", "there": "here"}[lane]
+    built = [s.name for s in steps if not s.name.startswith("model[")]
+    # where the vanilla model's evaluation and the reference's evaluation and attack go (lane seconds, 2 cores):
+    # with the models cached, beside β = 0 (75 and 76); with stage 0 cached, the vanilla one's after the demo's β
+    # and the reference's on its own lane (about 300 and 320 from the start); with stage 0 to train, both after
+    # the demo's β (about 360 and 370), the reference model is aligned last, there
+    vanilla_eval = lane if built else other
+    reference_work = lane if "llm+text[vanilla]" in built else other
     examples = qa_examples(bench, cfg.views)
     attack = dict(bench=bench, share=cfg.relearn_share, epochs=cfg.relearn_epochs, seed=seed, views=cfg.views)
-    scores = {name: there(f"eval[{name}]", score, path, bench, cfg.views, seed, examples)
-              for name, path in models.items()}
-    if cfg.reference:
-        attack_reference = there("relearn_reference", relearn, models["reference"], **attack)
-
     work = tmp / f"seed-{seed}"
-    base = Config(model=str(vanilla), forget=str(bench / "forget.jsonl"), retain=str(bench / "retain.jsonl"),
-                  out=str(work / "saliency"), seed=seed, **cfg.unlearn)
-    here("saliency", collect_saliency, base, progress=False)     # β changes nothing before unlearning: collect once
+    base = Config(model=str(models["vanilla"]), forget=str(bench / "forget.jsonl"),
+                  retain=str(bench / "retain.jsonl"), out=str(work / "saliency"), seed=seed, **cfg.unlearn)
     saliency = str(work / "saliency" / "saliency.safetensors")
     runs = {"unlearned": "unlearned", **({"unlearned (beta=0)": "unlearned-beta0"} if cfg.ablation else {})}
-    reports = {}
+    models.update({name: work / d for name, d in runs.items()})
 
-    def unlearn(where: _Worker, name: str, kw: dict) -> None:
-        models[name] = work / runs[name]
-        reports[name] = where(f"unlearn[{name}]", prune_and_mask, replace(
-            base, out=str(models[name]), saliency=saliency, **kw), progress=False)
-        scores[name] = where(f"eval[{name}]", score, models[name], bench, cfg.views, seed, examples)
+    def evaluated(name, where, after):
+        return Step(f"eval[{name}]", where, score, (models[name], bench, cfg.views, seed, examples), after=(after,))
 
-    if cfg.ablation:            # queued first: the other process runs β = 0 while this one runs the demo's β
-        unlearn(there, "unlearned (beta=0)", {**cfg.unlearn, "beta": 0.0})
-    unlearn(here, "unlearned", cfg.unlearn)
-    relearned = here("relearn", relearn, models["unlearned"], **attack)
+    def unlearned(name, where, kw):
+        run = replace(base, out=str(models[name]), saliency=saliency, **kw)
+        return [Step(f"unlearn[{name}]", where, prune_and_mask, (run,), {"progress": False}, after=("saliency",)),
+                evaluated(name, where, f"unlearn[{name}]")]
 
+    reference = [evaluated("reference", reference_work, "model[reference]"),
+                 Step("relearn_reference", reference_work, relearn, (models["reference"],), attack,
+                      after=("model[reference]",))] if cfg.reference else []
+    # β changes nothing before unlearning: the saliency is collected once
+    steps.append(Step("saliency", lane, collect_saliency, (base,), {"progress": False}, after=("model[vanilla]",)))
+    steps += reference if reference_work == other else []
+    steps += unlearned("unlearned (beta=0)", other, {**cfg.unlearn, "beta": 0.0}) if cfg.ablation else []
+    steps += [*unlearned("unlearned", lane, cfg.unlearn),
+              Step("relearn", lane, relearn, (models["unlearned"],), attack, after=("unlearn[unlearned]",)),
+              evaluated("vanilla", vanilla_eval, "model[vanilla]")]
+    steps += reference if reference_work == lane else []
+    values = run_plan(steps, pool, cfg.threads, timings, seed)
+
+    vanilla_cached = values["model[vanilla]"][1]
+    scores = {name: values[f"eval[{name}]"] for name in ("vanilla", "reference") if f"eval[{name}]" in values}
+    scores.update({name: values[f"eval[{name}]"] for name in runs})
+    reports = {name: values[f"unlearn[{name}]"] for name in runs}
     results, logprobs = {}, {}
-    for name in [*built, *runs]:                               # the table's order, whatever ran first
-        results[name], logprobs[name] = there.result(scores[name])
-    reports = {name: there.result(reports[name]) for name in runs}
+    for name in ["vanilla", *(["reference"] if cfg.reference else []), *runs]:   # the table's order
+        results[name], logprobs[name] = scores[name]
     # text-only rows never reach the vision weights: every QA option's log-likelihood must be bit-identical
     shifts = {name: float((logprobs[name] - logprobs["vanilla"]).abs().max()) for name in runs}
     out = {"bench": str(bench), "bench_cached": bench_cached, "bench_digest": bench_digest(bench),
-           "vanilla_model": str(vanilla), "vanilla_cached": vanilla_cached, "results": results,
+           "vanilla_model": str(models["vanilla"]), "vanilla_cached": vanilla_cached, "results": results,
            "qa_logprob_max_abs_change": shifts,
            "unlearn": {name: {k: r[k] for k in ("pruned_neurons", "mask_density", "losses", "timings") if k in r}
                        for name, r in reports.items()},
-           "relearn": relearned}
+           "relearn": values["relearn"]}
     if cfg.reference:
         out["reference_model"] = str(models["reference"])
-        out["relearn_reference"] = there.result(attack_reference)
+        out["relearn_reference"] = values["relearn_reference"]
     log.info("seed %d:\n%s", seed, table(results))
     return out
 

@@ -68,11 +68,12 @@ def fresh_llm(adapter: Adapter, seed: int) -> None:
 
 
 def pretrain_llm(adapter: Adapter, *, rows: int, epochs: int, lr: float, batch_size: int, weight_decay: float,
-                 warmup_steps: int, inits: int, target: float) -> dict:
-    """Train the LLM (embeddings, layers, head) on `rows` instruction rows for `epochs` epochs, from initialisation
-    LLM_SEED, then LLM_SEED + 1, ... until its letter-generation accuracy on 200 fresh instruction rows reaches
-    `target` %, at most `inits` of them; the adapter keeps the best. Returns a report with every attempt and the
-    kept LLM's accuracy on 400 other fresh rows."""
+                 warmup_steps: int, inits, target: float) -> dict:
+    """Train the LLM (embeddings, layers, head) on `rows` instruction rows for `epochs` epochs, from each
+    initialisation of `inits` in turn (`fresh_llm`'s seeds) until its letter-generation accuracy on 200 fresh
+    instruction rows reaches `target` %; the adapter keeps the best. An initialisation trains to the same weights
+    whichever came before it. Returns a report with every attempt and the kept LLM's accuracy on 400 other fresh
+    rows."""
     from .evaluate import score_mc
     t0 = time.perf_counter()
     model = adapter.model
@@ -81,7 +82,9 @@ def pretrain_llm(adapter: Adapter, *, rows: int, epochs: int, lr: float, batch_s
     check, held_out = instruction_rows(200, seed=LLM_SEED + 1), instruction_rows(400, seed=LLM_SEED + 5)
     train_rows = instruction_rows(rows)
     attempts, best = [], None
-    for init in range(LLM_SEED, LLM_SEED + inits):
+    if not inits:
+        raise ValueError("pretrain_llm: no initialisation to try (inits is empty)")
+    for init in inits:
         fresh_llm(adapter, init)
         losses = train_llm(adapter, train_rows, params, epochs=epochs, lr=lr, batch_size=batch_size,
                            weight_decay=weight_decay, warmup_steps=warmup_steps, seed=LLM_SEED,
@@ -97,8 +100,8 @@ def pretrain_llm(adapter: Adapter, *, rows: int, epochs: int, lr: float, batch_s
     for m, state in zip(modules, states):
         m.load_state_dict(state)
     if accuracy < target:
-        log.warning("llm pretraining: no initialisation of %d reached %.0f %% letter accuracy; kept init %d (%.1f %%)",
-                    inits, target, init, accuracy)
+        log.warning("llm pretraining: no initialisation of %s reached %.0f %% letter accuracy; kept init %d (%.1f %%)",
+                    list(inits), target, init, accuracy)
     held = 100.0 * float(np.mean(score_mc(adapter, held_out, letter=True)[1]))
     log.info("llm pretraining: kept init %d, letter accuracy on 400 other fresh rows %.1f %%", init, held)
     return {"rows": rows, "init": init, "attempts": attempts, "letter_accuracy": held,

@@ -2,6 +2,7 @@
 answer positions only) against the whole model's own forward, the stage cache, and the reference model's data."""
 import json
 from collections import Counter
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from surgery.bench import tower
 from surgery.bench.finetune import (
     FinetuneConfig,
     build_model,
-    build_models,
+    model_plan,
     finetune,
     forget_people,
     stage_keys,
@@ -78,22 +79,30 @@ def test_stages_are_cached_and_shared(small_bench, tmp_path):
     assert vanilla_model(small_bench, FinetuneConfig.quick(seed=1), cache)[0] != vanilla   # the seed is in the key
 
 
-def test_two_process_build_gives_the_one_process_models(small_bench, tmp_path):
-    """build_models (stage 0 + text here, the towers in a second process, then one alignment each; with stage 0
-    cached, the reference's tower here) writes the same models, bit for bit, as vanilla_model building them one after
-    the other; a second call starts nothing."""
-    for seed in (4, 5):   # seed 5 finds seed 4's stage 0 in the cache
-        cfg = FinetuneConfig.quick(seed=seed)
-        built = build_models(small_bench, cfg, tmp_path / "two")
-        assert [n for n in built] == ["vanilla", "reference"] and not any(c for _, c in built.values())
-        for name in built:
-            one, _ = vanilla_model(small_bench, cfg, tmp_path / "one", reference=name == "reference")
-            assert one.name == built[name][0].name                       # the same stage keys
-            a = load_file(str(one / "model.safetensors"))
-            b = load_file(str(built[name][0] / "model.safetensors"))
-            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-        again = build_models(small_bench, cfg, tmp_path / "two")
-        assert {n: c for n, (_, c) in again.items()} == {"vanilla": True, "reference": True}
+@pytest.mark.parametrize("processes", [2, 1])
+def test_model_plan_builds_the_one_process_models(small_bench, tmp_path, processes):
+    """model_plan's steps (with stage 0 to train: stage 0 + text here, both towers there, then one alignment each;
+    with stage 0 cached: the vanilla tower and alignment there, the rest here) write the same models, bit for bit,
+    as vanilla_model building them one after the other; with everything cached, the plan only looks them up."""
+    from surgery.bench.lanes import run_plan, spawned_process
+    with spawned_process() if processes == 2 else nullcontext() as pool:
+        for seed, lane in ((4, "here"), (5, "there")):   # seed 5 finds seed 4's stage 0 in the cache
+            cfg = FinetuneConfig.quick(seed=seed)
+            steps, paths, vanilla_lane = model_plan(small_bench, cfg, tmp_path / "two")
+            assert vanilla_lane == lane and {s.lane for s in steps} == {"here", "there"}
+            timings = {}
+            values = run_plan(steps, pool, 1, timings, seed)
+            assert {n: values[f"model[{n}]"] for n in paths} == {n: (p, False) for n, p in paths.items()}
+            assert set(timings) == {f"{s.name}_s[{seed}]" for s in steps}
+            for name, path in paths.items():
+                one, _ = vanilla_model(small_bench, cfg, tmp_path / "one", reference=name == "reference")
+                assert one.name == path.name                                 # the same stage keys
+                a = load_file(str(one / "model.safetensors"))
+                b = load_file(str(path / "model.safetensors"))
+                assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+            again, _, lane = model_plan(small_bench, cfg, tmp_path / "two")
+            assert [s.name for s in again] == ["model[vanilla]", "model[reference]"] and lane == "here"
+            assert [v[1] for v in run_plan(again, pool, 1, {}, seed).values()] == [True, True]
 
 
 def test_finetune_is_deterministic(small_bench, tmp_path):
@@ -202,8 +211,8 @@ def test_stage_zero_tries_initialisations_until_one_reaches_the_target_and_keeps
     cfg = FinetuneConfig.quick()
     train = {"epochs": 1, "lr": 3e-3, "batch_size": 8, "weight_decay": 0.1, "warmup_steps": 1}
     adapter = build_model(24, cfg)
-    report = llm_pretrain.pretrain_llm(adapter, rows=32, inits=3, target=101.0, **train)   # out of reach: all three
-    assert [a["init"] for a in report["attempts"]] == [0, 1, 2]
+    report = llm_pretrain.pretrain_llm(adapter, rows=32, inits=(2, 0, 1), target=101.0, **train)  # out of reach
+    assert [a["init"] for a in report["attempts"]] == [2, 0, 1]                                     # all, in order
     best = max(report["attempts"], key=lambda a: a["letter_accuracy"])
     assert report["init"] == best["init"]
     # the adapter holds what that initialisation trains to, trained alone
@@ -215,5 +224,28 @@ def test_stage_zero_tries_initialisations_until_one_reaches_the_target_and_keeps
               desc="alone", **train)
     kept, reference = ft._llm_state(adapter), ft._llm_state(alone)
     assert all(kept[k].equal(reference[k]) for k in kept)
-    first = llm_pretrain.pretrain_llm(build_model(24, cfg), rows=32, inits=3, target=0.0, **train)  # reached at once
-    assert [a["init"] for a in first["attempts"]] == [0] and first["init"] == 0
+    first = llm_pretrain.pretrain_llm(build_model(24, cfg), rows=32, inits=(1, 0), target=0.0, **train)  # at once
+    assert [a["init"] for a in first["attempts"]] == [1] and first["init"] == 1
+    with pytest.raises(ValueError, match="no initialisation"):
+        llm_pretrain.pretrain_llm(build_model(24, cfg), rows=32, inits=(), target=0.0, **train)
+
+
+def test_train_loop_foreach_update_is_the_per_tensor_one(monkeypatch):
+    """train_loop's foreach AdamW leaves the weights the per-tensor loop (torch's CPU default) leaves, bit for bit."""
+    import surgery.bench.training as training
+
+    def run():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16),
+                                    torch.nn.LayerNorm(16))
+        x, start = torch.randn(40, 16), [p.detach().clone() for p in model.parameters()]
+        training.train_loop(list(model.parameters()), 40, lambda b: model(x[b]).square().mean(), epochs=3, lr=1e-2,
+                            batch_size=8, seed=0, weight_decay=0.1, warmup_steps=2)
+        return start, [p.detach().clone() for p in model.parameters()]
+
+    start, fast = run()
+    per_tensor = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **kw: per_tensor(*a, **{**kw, "foreach": False}))
+    _, slow = run()
+    assert not any(torch.equal(a, b) for a, b in zip(start, fast))        # it trained
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow))

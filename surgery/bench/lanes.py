@@ -1,0 +1,89 @@
+"""Two lanes of work for the demo: this process and one spawned beside it, and a plan of steps run over them.
+
+A step is a top-level function with its arguments, a lane ("here" or "there") and the steps it must come `after`.
+`run_plan` runs a step here as soon as what it comes after has finished, and queues a step there as soon as what it
+comes after has finished or is queued there before it (the spawned process runs its queue in order). Every step
+seeds itself and runs at the demo's thread count, so its result does not depend on its lane or on what ran beside
+it: with one process (`pool` None) the same plan runs in its own order, with the same results."""
+import logging
+import multiprocessing
+import time
+from concurrent.futures import Future, ProcessPoolExecutor, wait, FIRST_COMPLETED
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+log = logging.getLogger("surgery")
+
+
+@contextmanager
+def spawned_process():
+    """A pool of one spawned process (never a fork of a process that holds torch threads) that logs as this one."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_child_logging,
+                             initargs=(log.getEffectiveLevel(),)) as pool:
+        yield pool
+
+
+def _child_logging(level: int) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    log.setLevel(level)
+
+
+def _in_lane(threads: int, fn, *args, **kw) -> tuple:
+    """fn(*args, **kw) on `threads` torch threads: (value, seconds)."""
+    from ..pipeline import torch_threads
+    with torch_threads(threads):
+        t = time.perf_counter()
+        return fn(*args, **kw), time.perf_counter() - t
+
+
+@dataclass
+class Step:
+    name: str
+    lane: str                       # "here" (this process) or "there" (the spawned one)
+    fn: Callable
+    args: tuple = ()
+    kw: dict = field(default_factory=dict)
+    after: tuple[str, ...] = ()
+
+
+def run_plan(steps: list[Step], pool, threads: int, timings: dict, seed: int) -> dict:
+    """Run `steps` (in an order where each comes after the steps it needs) over this process and `pool`'s (None:
+    all here, in order). Returns {step name: value}; each step's seconds go into `timings` as NAME_s[SEED]."""
+    names = [s.name for s in steps]
+    for k, s in enumerate(steps):
+        if s.lane not in ("here", "there") or len(set(names)) != len(names):
+            raise ValueError(f"plan: step {s.name!r}: lane must be here or there, and names unique")
+        if missing := [d for d in s.after if d not in names[:k]]:
+            raise ValueError(f"plan: step {s.name!r} comes after {missing}, which do not come before it")
+
+    def key(name):
+        return f"{name}_s[{seed}]"
+
+    values, futures, lane = {}, {}, {s.name: ("here" if pool is None else s.lane) for s in steps}
+    queue = [s for s in steps if lane[s.name] == "there"]
+    local = [s for s in steps if lane[s.name] == "here"]
+
+    def collect(name):
+        values[name], timings[key(name)] = futures.pop(name).result()
+
+    def finished(name):
+        if name in futures and futures[name].done():
+            collect(name)
+        return name in values
+
+    while queue or local:
+        while queue and all(finished(d) or (d in futures) for d in queue[0].after):   # queue there, in order
+            s = queue.pop(0)
+            futures[s.name] = pool.submit(_in_lane, threads, s.fn, *s.args, **s.kw)
+        if local and all(finished(d) for d in local[0].after):
+            s = local.pop(0)
+            values[s.name], timings[key(s.name)] = _in_lane(threads, s.fn, *s.args, **s.kw)
+            continue
+        if not futures:
+            raise RuntimeError(f"plan: nothing runs and {(local or queue)[0].name!r} waits (a step here comes "
+                               "before a step there that it needs)")
+        wait(list(futures.values()), return_when=FIRST_COMPLETED)
+    for name in list(futures):
+        collect(name)
+    return values
