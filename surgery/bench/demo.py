@@ -33,11 +33,11 @@ log = logging.getLogger("surgery")
 
 # VKD's settings for this benchmark, chosen on the DEV views of seeds 0, 1 and 2 (README: "How the demo's settings
 # were chosen" has the sweep and the commands); the test views were not looked at. Of the settings that took the mean
-# dev forget-VQA to <= 40 %, this one kept the most retain and real-world VQA. β is 3, not the paper's 0.3: our
-# L_VKD is a mean over tokens and channels, so its scale differs from the paper's. The combined schedule (one update
-# on forget + retain + distillation per step, the paper's) kept more on dev than MMUnlearner's alternating one, with
-# a lower AG.
-UNLEARN = dict(lr=2e-4, steps=300, alpha=2.5, beta=3.0, schedule="combined")
+# dev forget-VQA to <= 40 %, those within 2 points of the most retain + real-world VQA kept, and of them the one with
+# the fewest optimizer steps. β is 3, not the paper's 0.3: our L_VKD is a mean over tokens and channels, so its scale
+# differs from the paper's. The combined schedule (one update on forget + retain + distillation per step, the
+# paper's) kept more on dev than MMUnlearner's alternating one, with a lower AG.
+UNLEARN = dict(lr=5e-4, steps=150, alpha=2.5, beta=3.0, schedule="combined")
 TARGET_SLACK = dict(forget_over_chance=15.0, kept_within=5.0, ag_max=10.0, ag_within_reference=5.0)
 
 
@@ -286,7 +286,11 @@ def demo(out, cfg: DemoConfig | None = None, cache: Path | None = None, overwrit
     t0, timings = time.perf_counter(), {}
     with atomic_dir(out, overwrite) as tmp, torch_threads(cfg.threads), \
             (spawned_process() if cfg.processes == 2 else nullcontext()) as pool:
-        per_seed = {seed: run_seed(seed, cfg, tmp, cache, timings, pool) for seed in cfg.seeds}
+        per_seed = {}
+        for seed in cfg.seeds:
+            t = time.perf_counter()
+            per_seed[seed] = run_seed(seed, cfg, tmp, cache, timings, pool)
+            timings[f"seed_s[{seed}]"] = time.perf_counter() - t    # the seed's wall time, from its benchmark on
         mean, spread = summarize(per_seed)
         shifts = [x for r in per_seed.values() for x in r["qa_logprob_max_abs_change"].values()]
         checks = {"quick run: not a measurement": True} if cfg.quick else \

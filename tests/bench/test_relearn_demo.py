@@ -57,6 +57,10 @@ def test_demo_quick_end_to_end(tmp_path):
     assert {"torch", "transformers", "surgery"} <= set(rep["environment"]) and rep["seeds"] == [0]
     assert rep["threads"] == 1 and torch.get_num_threads() == threads      # pinned for the run, then restored
     assert rep["config"]["unlearn"]["beta"] == UNLEARN["beta"] and "total_s" in rep["timings"] and rep["views"] == "test"
+    # from nothing, one plan: stage 0 + text here while both towers train there, every step timed, and the seed
+    assert {"llm+text[vanilla]_s[0]", "tower[vanilla]_s[0]", "tower[reference]_s[0]", "model[reference]_s[0]",
+            "saliency_s[0]", "unlearn[unlearned (beta=0)]_s[0]", "eval[vanilla]_s[0]", "seed_s[0]"} <= set(rep["timings"])
+    assert rep["environment"]["cpu_capability"] in ("AVX2", "DEFAULT")   # never above AVX2 (surgery/numerics.py)
     assert seed["qa_logprob_max_abs_change"] == {"unlearned": 0.0, "unlearned (beta=0)": 0.0}
     van, unl = seed["results"]["vanilla"], seed["results"]["unlearned"]
     for split in ("forget", "retain", "realworld"):   # the LLM is frozen: text-only rows score the same
