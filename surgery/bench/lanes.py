@@ -8,7 +8,7 @@ it: with one process (`pool` None) the same plan runs in its own order, with the
 import logging
 import multiprocessing
 import time
-from concurrent.futures import Future, ProcessPoolExecutor, wait, FIRST_COMPLETED
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
@@ -80,9 +80,8 @@ def run_plan(steps: list[Step], pool, threads: int, timings: dict, seed: int) ->
             s = local.pop(0)
             values[s.name], timings[key(s.name)] = _in_lane(threads, s.fn, *s.args, **s.kw)
             continue
-        if not futures:
-            raise RuntimeError(f"plan: nothing runs and {(local or queue)[0].name!r} waits (a step here comes "
-                               "before a step there that it needs)")
+        if not futures:   # cannot happen for a plan in the order checked above; never spin
+            raise RuntimeError(f"plan: nothing runs and {(local or queue)[0].name!r} waits")
         wait(list(futures.values()), return_when=FIRST_COMPLETED)
     for name in list(futures):
         collect(name)

@@ -1,0 +1,39 @@
+"""The demo's plan of steps over two lanes: order, timings, and plans that cannot run."""
+import pytest
+
+from surgery.bench.lanes import Step, run_plan, spawned_process
+
+
+def _square(x):
+    return x * x
+
+
+def _add(*xs):
+    return sum(xs)
+
+
+def test_one_process_runs_the_steps_in_order_and_times_each():
+    order = []
+    steps = [Step("a", "there", order.append, ("a",)), Step("b", "here", order.append, ("b",), after=("a",)),
+             Step("c", "there", _square, (3,))]
+    timings = {}
+    values = run_plan(steps, None, 1, timings, seed=7)
+    assert order == ["a", "b"] and values["c"] == 9 and set(timings) == {"a_s[7]", "b_s[7]", "c_s[7]"}
+
+
+def test_two_processes_give_every_value_and_wait_where_a_step_needs_the_other_lane():
+    steps = [Step("x", "there", _square, (4,)), Step("y", "here", _add, (1, 2)),
+             Step("z", "here", _add, (5,), after=("x",)), Step("w", "there", _square, (2,), after=("y", "x"))]
+    with spawned_process() as pool:
+        values = run_plan(steps, pool, 1, {}, seed=0)
+    assert values == {"x": 16, "y": 3, "z": 5, "w": 4}
+
+
+@pytest.mark.parametrize("steps, message", [
+    ([Step("a", "here", _square, (1,), after=("b",)), Step("b", "here", _square, (1,))], "do not come before it"),
+    ([Step("a", "elsewhere", _square, (1,))], "lane must be here or there"),
+    ([Step("a", "here", _square, (1,)), Step("a", "there", _square, (1,))], "names unique"),
+])
+def test_a_plan_that_cannot_run_is_refused_before_anything_runs(steps, message):
+    with pytest.raises(ValueError, match=message):
+        run_plan(steps, None, 1, {}, seed=0)
