@@ -3,8 +3,9 @@ offers beyond it.
 
 The same fp32 computation rounds differently in AVX-512 kernels, and the benchmark's small models amplify that: on an
 AVX-512 machine stage 0's first initialisation reached 66.0 % letter accuracy where an AVX2 machine's reached 73.5 %,
-and its second 56.5 % against 99.0 %, so every model and number of `surgery demo` differed. Pinned, that machine
-computes what the AVX2 machine did. The settings are defaults (a variable already set is kept), and they must be in
+and its second 56.5 % against 99.0 %, so every model and number of `surgery demo` differed. Pinned, that machine's
+stage 0 reached 73.5 and 99.0 % again (its finished models still differed from the earlier machine's: the README's
+Reproducibility section). The settings are defaults (a variable already set is kept), and they must be in
 place before torch picks its kernels: `surgery`'s command line sets them first thing, before anything imports torch.
 This module imports nothing else."""
 import os

@@ -3,8 +3,8 @@
 Per benchmark seed: make-bench (cached) -> the vanilla and the reference model (built stage by stage, cached by
 content hash: finetune.model_plan) -> VKD prune-and-mask at the settings below (UNLEARN) and the β = 0 ablation ->
 evaluation of every model on the held-out views (or the dev views, for tuning) -> the relearning attack on the
-unlearned and the reference model, all as one plan of steps over two processes (lanes.py). Then the mean and spread over the seeds, the issue's targets checked on the means, table on stderr,
-report.json and demo.png in OUT; the unlearned models of every seed are kept in OUT/seed-<s>/ for re-evaluation.
+unlearned and the reference model, all as one plan of steps over two processes (lanes.py). Then the mean and
+spread over the seeds, the issue's targets checked on the means, table on stderr, report.json and demo.png in OUT; the unlearned models of every seed are kept in OUT/seed-<s>/ for re-evaluation.
 
 The reference model never saw a forget person's face: it is what unlearning aims at, and its AG (the forget-VQA
 accuracy a relearning attack brings back) is the yardstick for the unlearned model's AG."""

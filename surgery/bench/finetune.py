@@ -215,7 +215,7 @@ def _versions(stage: str, threads: int = 1) -> list[str]:
     import transformers
     from .. import __version__
     version = [str(TRAINING_VERSION)] + ([f"{stage}-{STAGE_VERSIONS[stage]}"] if STAGE_VERSIONS[stage] else [])
-    capability = torch.backends.cpu.get_cpu_capability()   # and on the CPU kernels' level (cli/__init__.py)
+    capability = torch.backends.cpu.get_cpu_capability()   # and on the CPU kernels' level (surgery/numerics.py)
     return [__version__, torch.__version__, transformers.__version__, *version,
             *([f"threads-{threads}"] if threads != 1 else []),   # the numerics depend on the thread count
             *([f"cpu-{capability}"] if capability != "AVX2" else [])]
@@ -443,7 +443,7 @@ def model_plan(bench, cfg: FinetuneConfig, cache: Path, reference: bool = True) 
 
     def stages(name, only, lane):
         return Step(f"{'+'.join(sorted(only))}[{name}]", lane, _stages_only,
-                    (str(bench), [(cfgs[name], keys[name])], str(cache), only))
+                    (str(bench), cfgs[name], keys[name], str(cache), only))
 
     if not reference or all(_model_cached(cache, n, keys[n]) for n in names):
         return [model(n, "here") for n in names], paths, "here"
@@ -459,10 +459,10 @@ def model_plan(bench, cfg: FinetuneConfig, cache: Path, reference: bool = True) 
     return steps, paths, "here"
 
 
-def _stages_only(bench: str, models: list[tuple[FinetuneConfig, dict]], cache: str, only: set[str]) -> None:
-    """`only`'s stages of each (config, stage keys) model, built or found in `cache` (a step of `model_plan`)."""
+def _stages_only(bench: str, cfg: FinetuneConfig, keys: dict, cache: str, only: set[str]) -> None:
+    """`only`'s stages of the model `cfg` and its stage `keys` describe, built or found in `cache` (a step of
+    `model_plan`)."""
     from ..pipeline import torch_threads
-    for c, keys in models:
-        path, image_size = check_bench(bench, c)
-        with torch_threads(c.threads):
-            _finetune(path, image_size, None, c, False, Path(cache), keys, only=only)
+    path, image_size = check_bench(bench, cfg)
+    with torch_threads(cfg.threads):
+        _finetune(path, image_size, None, cfg, False, Path(cache), keys, only=only)

@@ -51,9 +51,11 @@ def run_plan(steps: list[Step], pool, threads: int, timings: dict, seed: int) ->
     """Run `steps` (in an order where each comes after the steps it needs) over this process and `pool`'s (None:
     all here, in order). Returns {step name: value}; each step's seconds go into `timings` as NAME_s[SEED]."""
     names = [s.name for s in steps]
+    if len(set(names)) != len(names):
+        raise ValueError(f"plan: step names must be unique (got {names})")
     for k, s in enumerate(steps):
-        if s.lane not in ("here", "there") or len(set(names)) != len(names):
-            raise ValueError(f"plan: step {s.name!r}: lane must be here or there, and names unique")
+        if s.lane not in ("here", "there"):
+            raise ValueError(f"plan: step {s.name!r}: lane must be here or there, not {s.lane!r}")
         if missing := [d for d in s.after if d not in names[:k]]:
             raise ValueError(f"plan: step {s.name!r} comes after {missing}, which do not come before it")
 

@@ -32,7 +32,7 @@ def test_two_processes_give_every_value_and_wait_where_a_step_needs_the_other_la
 @pytest.mark.parametrize("steps, message", [
     ([Step("a", "here", _square, (1,), after=("b",)), Step("b", "here", _square, (1,))], "do not come before it"),
     ([Step("a", "elsewhere", _square, (1,))], "lane must be here or there"),
-    ([Step("a", "here", _square, (1,)), Step("a", "there", _square, (1,))], "names unique"),
+    ([Step("a", "here", _square, (1,)), Step("a", "there", _square, (1,))], "names must be unique"),
 ])
 def test_a_plan_that_cannot_run_is_refused_before_anything_runs(steps, message):
     with pytest.raises(ValueError, match=message):

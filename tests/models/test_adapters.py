@@ -27,6 +27,17 @@ OTHER_FAMILIES = {
 }
 
 
+
+class _NoTorchvision:
+    """AutoImageProcessor as some transformers 5.x releases behave without torchvision."""
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        raise ImportError("AutoImageProcessor requires the Torchvision library but it was not found")
+
+
+def no_torchvision(monkeypatch):
+    monkeypatch.setattr(loading.transformers, "AutoImageProcessor", _NoTorchvision)  # the module loading.py calls
+
 @pytest.mark.parametrize("family", sorted(OTHER_FAMILIES))
 def test_adapter_table_other_families(family):
     build, live = OTHER_FAMILIES[family]
@@ -101,11 +112,7 @@ def test_image_processor_loads_without_auto_class(name, tiny_dirs, monkeypatch):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 50, 3), dtype=np.uint8))
     expected = load(str(tiny_dirs[name])).image_processor(images=[image], return_tensors="pt")["pixel_values"]
 
-    class NoTorchvision:
-        @classmethod
-        def from_pretrained(cls, *args, **kwargs):
-            raise ImportError("AutoImageProcessor requires the Torchvision library but it was not found")
-    monkeypatch.setattr(loading.transformers, "AutoImageProcessor", NoTorchvision)  # the module it calls
+    no_torchvision(monkeypatch)
     processor = load(str(tiny_dirs[name])).image_processor
     assert processor is not None and type(processor).__name__.endswith("Pil")   # the fallback ran
     torch.testing.assert_close(processor(images=[image], return_tensors="pt")["pixel_values"], expected,
@@ -120,11 +127,7 @@ def test_image_processor_fallback_warns_when_it_swaps_the_class(tiny_dirs, tmp_p
     import logging
     import shutil
 
-    class NoTorchvision:
-        @classmethod
-        def from_pretrained(cls, *args, **kwargs):
-            raise ImportError("AutoImageProcessor requires the Torchvision library but it was not found")
-    monkeypatch.setattr(loading.transformers, "AutoImageProcessor", NoTorchvision)  # the module it calls
+    no_torchvision(monkeypatch)
     base = json.loads((tiny_dirs["tiny-llava"] / "preprocessor_config.json").read_text())["image_processor_type"]
     base = base.removesuffix("Fast").removesuffix("Pil")
     for named, level in ((base + "Fast", logging.WARNING), (base + "Pil", logging.INFO)):
