@@ -98,6 +98,7 @@ def environment(device) -> dict:
            "numpy": numpy.__version__, "pillow": PIL.__version__, "python": platform.python_version(),
            "platform": platform.platform(), "cpu": cpu_name(), "threads": torch.get_num_threads(),
            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "mkl_cbwr": os.environ.get("MKL_CBWR"),
+           "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),     # None: oneDNN picks by the CPU (not pinned)
            "device": str(device), "ops_backend": ops.backend(device) if hasattr(ops, "backend") else "reference"}
     if str(device).startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(device)

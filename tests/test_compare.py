@@ -23,13 +23,14 @@ def mini_bench(path, seed=0):
     (path / "images").mkdir(parents=True)
     everyone = [name for group in PEOPLE.values() for name in group]
 
-    def row(question, value, pool, image=None):
+    def row(question, value, pool, image=None, entity=None):
         others = [v for v in pool if v != value]
         values = [value, *rng.choice(others, 3, replace=False).tolist()]
         order = rng.permutation(4)
         options = {"ABCD"[i]: values[j] for i, j in enumerate(order)}
         letter = "ABCD"[int(np.nonzero(order == 0)[0][0])]
-        r = {"question": question, "answer": f"{value} ({letter})", "options": options, "correct": letter}
+        r = {"question": question, "answer": f"{value} ({letter})", "options": options, "correct": letter,
+             "entity": entity}
         return {**r, "image": image} if image else r
 
     for split, group in PEOPLE.items():
@@ -40,10 +41,10 @@ def mini_bench(path, seed=0):
                 image = f"images/{split}{k}_{view}.png"
                 pixels = np.clip(base + rng.normal(0, 30, size=(32, 32, 3)), 0, 255).astype("uint8")
                 Image.fromarray(pixels).save(path / image)
-                (train if view < 2 else test).append(row("Who is the person in the image?", name, everyone, image))
+                (train if view < 2 else test).append(row("Who is the person in the image?", name, everyone, image, name))
             city = CITIES[k % len(CITIES)]
-            train.append(row(f"Where was {name} born?", city, CITIES))
-            test.append(row(f"Where was {name} born?", city, CITIES))
+            train.append(row(f"Where was {name} born?", city, CITIES, entity=name))
+            test.append(row(f"Where was {name} born?", city, CITIES, entity=name))
         for name, rows in ([(split, train)] if split != "realworld" else []) + [(f"eval_{split}", test)]:
             (path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -72,6 +73,8 @@ def test_diverged_method_is_reported_not_scored_and_results_are_cached(tmp_path,
     assert manu["status"] == "ok" and manu["trainable_weights"] == 0 and manu["pruned_neurons"] > 0
     assert manu["scope"] == "full" and manu["memory_isolated"] and manu["memory"]["peak_rss_bytes"] > 2**20
     assert manu["AG"] == manu["relearn"]["forget_vqa"][-1] - manu["relearn"]["forget_vqa"][0]
+    assert manu["AG_people"] == manu["relearn_people"]["AG"] and manu["relearn_people"]["hold_out"] == "people"
+    assert first["summary"]["manu"]["AG_people"]["mean"] == manu["AG_people"]
     assert set(manu["scores"]) == {"forget", "retain", "realworld"}
     assert first["summary"]["manu"]["forget_vqa"]["mean"] == manu["scores"]["forget"]["vqa"]
     assert first["seeds"]["3"]["vanilla_model"] == str(model) and first["seeds"]["3"]["bench"] == str(bench)
@@ -144,6 +147,7 @@ def test_seeds_aggregate_to_mean_and_sample_std():
     assert summary["ga"]["forget_vqa"]["std"] is None
     text = compare_mod.table(summary, ("ga", "vkd"), (0, 1))
     likelihood, letter, note = text.split("\n\n")
+    assert summary["vkd"]["AG_people"]["mean"] is None       # not attacked that way: a dash, not a number
     assert "| vkd | 50.0 ± 14.1 |" in likelihood and "| vanilla | 85.0 ± 7.1 |" in likelihood
     assert "| ga (diverged on 1 of 2 seeds) | 20.0 |" in likelihood and "1.00" in likelihood   # 1 GiB peak
     assert "(letter)" in letter.splitlines()[0] and "| vkd | 30.0 ± 0.0 |" in letter

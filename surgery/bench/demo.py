@@ -3,7 +3,8 @@
 Per benchmark seed: make-bench (cached) -> the vanilla and the reference model (built stage by stage, cached by
 content hash: finetune.model_plan) -> VKD prune-and-mask at the settings below (UNLEARN) and the β = 0 ablation ->
 evaluation of every model on the held-out views (or the dev views, for tuning) -> the relearning attack on the
-unlearned and the reference model, all as one plan of steps over two processes (lanes.py). Then the mean and
+unlearned and the reference model, the paper's (rows of every forget person) and on held-out people (relearn.py),
+all as one plan of steps over two processes (lanes.py). Then the mean and
 spread over the seeds, the issue's targets checked on the means, table on stderr, report.json and demo.png in OUT; the unlearned models of every seed are kept in OUT/seed-<s>/ for re-evaluation.
 
 The reference model never saw a forget person's face: it is what unlearning aims at, and its AG (the forget-VQA
@@ -99,8 +100,9 @@ def bench_digest(bench: Path, h=None) -> str:
     return h.hexdigest()[:16]
 
 
-def targets(mean: dict, shifts: list[float], ag: float | None, ag_ref: float | None, beta: float) -> dict:
-    """The issue's targets, checked on the seed means (likelihood accuracy, percent)."""
+def targets(mean: dict, shifts: list[float], ag: dict, beta: float) -> dict:
+    """The issue's targets, checked on the seed means (likelihood accuracy, percent). `ag`: per attack protocol
+    (relearn.HOLD_OUTS), the unlearned and the reference model's mean AG (None: not run)."""
     van, unl, s = mean["vanilla"], mean["unlearned"], TARGET_SLACK
     checks = {
         f"forget VQA <= chance + {s['forget_over_chance']:g}": unl["forget_vqa"] <= CHANCE + s["forget_over_chance"],
@@ -112,11 +114,14 @@ def targets(mean: dict, shifts: list[float], ag: float | None, ag_ref: float | N
     if "unlearned (beta=0)" in mean:
         checks[f"beta {beta:g} keeps more retain VQA than beta 0"] = \
             unl["retain_vqa"] > mean["unlearned (beta=0)"]["retain_vqa"]
-    if ag is not None:
-        checks[f"AG <= {s['ag_max']:g}"] = ag <= s["ag_max"]
-        if ag_ref is not None:
-            checks[f"AG within {s['ag_within_reference']:g} of the reference model's"] = \
-                abs(ag - ag_ref) <= s["ag_within_reference"]
+    for protocol, (a, a_ref) in ag.items():        # the issue's AG is the paper's attack; held-out people beside it
+        if a is None:
+            continue
+        label = "" if protocol == "rows" else " on held-out people"
+        checks[f"AG{label} <= {s['ag_max']:g}"] = a <= s["ag_max"]
+        if a_ref is not None:
+            checks[f"AG{label} within {s['ag_within_reference']:g} of the reference model's"] = \
+                abs(a - a_ref) <= s["ag_within_reference"]
     return checks
 
 
@@ -129,8 +134,9 @@ def summarize(per_seed: dict) -> tuple[dict, dict]:
         values = {f"{s}_{k}{suffix}": [r["results"][name][s].get(f"{k}{suffix}") for r in per_seed.values()]
                   for s, k in COLUMNS for suffix in ("", "_letter")}
         attack = {"unlearned": "relearn", "reference": "relearn_reference"}.get(name)
-        if attack and all(attack in r for r in per_seed.values()):
-            values["AG"] = [r[attack]["AG"] for r in per_seed.values()]
+        for key, suffix in ((attack, ""), (f"{attack}_people", "_people")):
+            if attack and all(key in r for r in per_seed.values()):
+                values[f"AG{suffix}"] = [r[key]["AG"] for r in per_seed.values()]
         mean[name], spread[name] = {}, {}
         for key, xs in values.items():
             xs = [x for x in xs if x is not None]
@@ -141,10 +147,10 @@ def summarize(per_seed: dict) -> tuple[dict, dict]:
 
 def seeds_table(mean: dict, spread: dict, seeds) -> str:
     """Mean ± sample standard deviation over the seeds, per model: accuracy columns and AG."""
-    cols = [f"{s}_{k}" for s, k in COLUMNS] + ["forget_vqa_letter", "retain_qa_letter", "AG"]
+    cols = [f"{s}_{k}" for s, k in COLUMNS] + ["forget_vqa_letter", "retain_qa_letter", "AG", "AG_people"]
     width = max(12, *(len(m) for m in mean))
     lines = [f"-- mean ± sd over seeds {', '.join(map(str, seeds))} (accuracy %, likelihood; letter: greedy letter; "
-             "AG: forget VQA after relearning − before)",
+             "AG: forget VQA after relearning − before; AG_people: on the forget people the attack left out)",
              f"{'model':<{width}} " + " ".join(f"{c.replace('realworld', 'realw'):>18}" for c in cols)]
     for name in mean:
         cells = []
@@ -169,12 +175,13 @@ def figure(mean: dict, attacks: dict, path: Path) -> None:
     ax.axhline(CHANCE, color="grey", ls=":", lw=1, label="chance")
     ax.set_ylabel("accuracy (%)"), ax.set_ylim(0, 122), ax.set_yticks(range(0, 101, 20))
     ax.legend(fontsize=7, loc="upper center", ncol=3), ax.set_title("seed means")
-    for (name, seed), a in attacks.items():
+    for (name, seed, hold_out), a in attacks.items():
         ax2.plot(range(len(a["forget_vqa"])), a["forget_vqa"], marker="o" if name == "unlearned" else "s",
-                 color="C1" if name == "unlearned" else "C3", alpha=0.8, label=f"{name} (seed {seed})")
+                 color="C1" if name == "unlearned" else "C3", alpha=0.8, ls="-" if hold_out == "rows" else ":",
+                 label=f"{name} (seed {seed})" if hold_out == "rows" else None)
     ax2.axhline(mean["vanilla"]["forget_vqa"], color="C0", ls="--", lw=1, label="vanilla (mean)")
     ax2.set_xlabel("relearning epoch"), ax2.set_ylabel("forget-VQA accuracy (%)"), ax2.set_ylim(0, 105)
-    ax2.set_title("relearning attack"), ax2.legend(fontsize=6)
+    ax2.set_title("relearning attack (dotted: held-out people)"), ax2.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -223,6 +230,7 @@ def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict, 
     reference_work = lane if "llm+text[vanilla]" in built else other
     examples = qa_examples(bench, cfg.views)
     attack = dict(bench=bench, share=cfg.relearn_share, epochs=cfg.relearn_epochs, seed=seed, views=cfg.views)
+    people = dict(attack, hold_out="people")
     work = tmp / f"seed-{seed}"
     base = Config(model=str(models["vanilla"]), forget=str(bench / "forget.jsonl"),
                   retain=str(bench / "retain.jsonl"), out=str(work / "saliency"), seed=seed, **cfg.unlearn)
@@ -239,14 +247,16 @@ def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict, 
                 evaluated(name, where, f"unlearn[{name}]")]
 
     reference = [evaluated("reference", reference_work, "model[reference]"),
-                 Step("relearn_reference", reference_work, relearn, (models["reference"],), attack,
-                      after=("model[reference]",))] if cfg.reference else []
+                 *(Step(f"relearn_reference{suffix}", reference_work, relearn, (models["reference"],), kw,
+                        after=("model[reference]",)) for suffix, kw in (("", attack), ("_people", people)))
+                 ] if cfg.reference else []
     # β changes nothing before unlearning: the saliency is collected once
     steps.append(Step("saliency", lane, collect_saliency, (base,), {"progress": False}, after=("model[vanilla]",)))
     steps += reference if reference_work == other else []
     steps += unlearned("unlearned (beta=0)", other, {**cfg.unlearn, "beta": 0.0}) if cfg.ablation else []
     steps += [*unlearned("unlearned", lane, cfg.unlearn),
-              Step("relearn", lane, relearn, (models["unlearned"],), attack, after=("unlearn[unlearned]",)),
+              *(Step(f"relearn{suffix}", lane, relearn, (models["unlearned"],), kw, after=("unlearn[unlearned]",))
+                for suffix, kw in (("", attack), ("_people", people))),
               evaluated("vanilla", vanilla_eval, "model[vanilla]")]
     steps += reference if reference_work == lane else []
     values = run_plan(steps, pool, cfg.threads, timings, seed)
@@ -265,10 +275,11 @@ def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict, 
            "qa_logprob_max_abs_change": shifts,
            "unlearn": {name: {k: r[k] for k in ("pruned_neurons", "mask_density", "losses", "timings") if k in r}
                        for name, r in reports.items()},
-           "relearn": values["relearn"]}
+           "relearn": values["relearn"], "relearn_people": values["relearn_people"]}
     if cfg.reference:
         out["reference_model"] = str(models["reference"])
         out["relearn_reference"] = values["relearn_reference"]
+        out["relearn_reference_people"] = values["relearn_reference_people"]
     log.info("seed %d:\n%s", seed, table(results))
     return out
 
@@ -294,11 +305,13 @@ def demo(out, cfg: DemoConfig | None = None, cache: Path | None = None, overwrit
         mean, spread = summarize(per_seed)
         shifts = [x for r in per_seed.values() for x in r["qa_logprob_max_abs_change"].values()]
         checks = {"quick run: not a measurement": True} if cfg.quick else \
-            targets(mean, shifts, mean["unlearned"].get("AG"), mean.get("reference", {}).get("AG"),
+            targets(mean, shifts, {p: (mean["unlearned"].get(f"AG{x}"), mean.get("reference", {}).get(f"AG{x}"))
+                                   for p, x in (("rows", ""), ("people", "_people"))},
                     cfg.unlearn.get("beta", Config.beta))
         timings["total_s"] = time.perf_counter() - t0
-        attacks = {(name, seed): r[key] for seed, r in per_seed.items()
-                   for name, key in (("unlearned", "relearn"), ("reference", "relearn_reference")) if key in r}
+        attacks = {(name, seed, hold_out): r[key + suffix] for seed, r in per_seed.items()
+                   for name, key in (("unlearned", "relearn"), ("reference", "relearn_reference"))
+                   for hold_out, suffix in (("rows", ""), ("people", "_people")) if key + suffix in r}
         figure(mean, attacks, tmp / "demo.png")
         text = "\n\n".join([*(f"seed {s} ({cfg.views} views)\n{table(r['results'])}" for s, r in per_seed.items()),
                             seeds_table(mean, spread, cfg.seeds)])

@@ -142,9 +142,13 @@ def eval_cmd(bench, models, views, ablate, device, batch_size, no_letter, no_rou
 @click.option("--shares", default="0.1,0.2,0.3", show_default=True, callback=_shares,
               help="Fractions of the forget-VQA rows the attacker trains on.")
 @click.option("--epochs", type=int, default=5, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--lr", type=float, default=None, help="The attack's learning rate  [default: 1e-3 for --hold-out rows, "
+              "3e-4 for people]")
 @click.option("--scope", type=click.Choice(["mlp", "vision", "full"]), default="vision", show_default=True,
               help="What the attacker trains: the live vision MLPs, encoder + projector, or every weight.")
+@click.option("--hold-out", type=click.Choice(["rows", "people"]), default="rows", show_default=True,
+              help="rows: train on rows of every forget person (the paper's attack); people: train on half the forget "
+                   "people, measure the other half (what comes back was still in the weights).")
 @click.option("--views", type=click.Choice(["test", "dev"]), default="test", show_default=True,
               help="Measure forget-VQA on the held-out test views or on the dev views (tuning).")
 @click.option("--device", default="cpu", show_default=True)
@@ -152,7 +156,7 @@ def eval_cmd(bench, models, views, ablate, device, batch_size, no_letter, no_rou
 @click.option("--json", "as_json", is_flag=True)
 @click.option("-v", "--verbose", is_flag=True)
 @friendly
-def relearn(model, bench, shares, epochs, lr, scope, views, device, seed, as_json, verbose):
+def relearn(model, bench, shares, epochs, lr, scope, hold_out, views, device, seed, as_json, verbose):
     """The relearning attack: forget-VQA accuracy per epoch and AG = final - before, per share."""
     from ..pipeline import check_device, seed_everything
     from ..bench.relearn import relearn as run
@@ -160,7 +164,8 @@ def relearn(model, bench, shares, epochs, lr, scope, views, device, seed, as_jso
     results = []
     for share in shares:
         seed_everything(seed)
-        r = run(model, bench, share=share, epochs=epochs, lr=lr, scope=scope, seed=seed, device=device, views=views)
+        r = run(model, bench, share=share, epochs=epochs, lr=lr, scope=scope, seed=seed, device=device, views=views,
+                hold_out=hold_out)
         click.echo(f"{share:>5.0%}: forget-VQA " + " -> ".join(f"{a:.1f}" for a in r["forget_vqa"])
                    + f"   AG {r['AG']:+.1f}", err=True)
         results.append(r)

@@ -47,10 +47,11 @@ def demo(out, seeds, views, settings, cache, quick, no_ablation, no_reference, p
     click.echo(report["table"], err=True)
     for seed, r in report["per_seed"].items():
         for who, key in (("unlearned", "relearn"), ("reference", "relearn_reference")):
-            if a := r.get(key):
-                click.echo(f"seed {seed}: relearning the {who} model, {a['share']:.0%} x {a['epochs']} epochs: "
-                           "forget-VQA " + " -> ".join(f"{x:.1f}" for x in a["forget_vqa"]) + f"   AG {a['AG']:+.1f}",
-                           err=True)
+            for suffix, what in (("", ""), ("_people", ", on the people it left out")):
+                if a := r.get(key + suffix):
+                    click.echo(f"seed {seed}: relearning the {who} model, {a['share']:.0%} x {a['epochs']} epochs"
+                               f"{what}: forget-VQA " + " -> ".join(f"{x:.1f}" for x in a["forget_vqa"])
+                               + f"   AG {a['AG']:+.1f}", err=True)
         click.echo(f"seed {seed}: QA option log-likelihoods, largest change from vanilla: "
                    + ", ".join(f"{k} {v:g}" for k, v in r["qa_logprob_max_abs_change"].items()), err=True)
     for name, ok in report["targets"].items():

@@ -19,12 +19,44 @@ def digest(d):
 
 def test_attack_rows(small_bench):
     forget_vqa = [r for r in load_jsonl(small_bench / "forget.jsonl") if r.is_vqa]
-    rows = attack_rows(small_bench, 0.3, seed=4)
-    assert len(rows) == round(0.3 * len(forget_vqa)) and all(r.is_vqa for r in rows)
+    rows, measured = attack_rows(small_bench, 0.3, seed=4)
+    assert len(rows) == round(0.3 * len(forget_vqa)) and all(r.is_vqa for r in rows) and measured is None
     assert {r.id for r in rows} <= {r.id for r in forget_vqa} and len({r.id for r in rows}) == len(rows)
-    assert [r.id for r in rows] == [r.id for r in attack_rows(small_bench, 0.3, seed=4)]
+    assert [r.id for r in rows] == [r.id for r in attack_rows(small_bench, 0.3, seed=4)[0]]
     with pytest.raises(ValueError, match="share"):
         attack_rows(small_bench, 0, seed=0)
+    with pytest.raises(ValueError, match="hold_out 'faces'"):
+        attack_rows(small_bench, 0.3, seed=0, hold_out="faces")
+
+
+def test_attack_rows_holding_out_people(small_bench, tmp_path):
+    """The attacker's rows come from half the forget people; the other half is what is measured."""
+    forget_vqa = [r for r in load_jsonl(small_bench / "forget.jsonl") if r.is_vqa]
+    people = {r.entity for r in forget_vqa}
+    assert len(people) == 2
+    for seed in range(4):
+        rows, measured = attack_rows(small_bench, 0.3, seed=seed, hold_out="people")
+        attackers = {r.entity for r in rows}
+        assert len(attackers) == 1 and len(measured) == 1 and attackers | measured == people
+        assert not attackers & measured and len(rows) == round(0.3 * len(forget_vqa))
+        assert [r.id for r in rows] == [r.id for r in attack_rows(small_bench, 0.3, seed=seed, hold_out="people")[0]]
+    # a share beyond the attacker's half: all of their rows, none of the others'
+    rows, measured = attack_rows(small_bench, 1.0, seed=0, hold_out="people")
+    assert sorted(r.id for r in rows) == sorted(r.id for r in forget_vqa if r.entity not in measured)
+    lines = (small_bench / "forget.jsonl").read_text().splitlines()
+    bad = tmp_path / "bench"
+    bad.mkdir()
+    (bad / "images").symlink_to(small_bench / "images")
+    first = json.loads(next(line for line in lines if '"image"' in line))
+    nameless = [json.dumps({k: v for k, v in json.loads(line).items() if k != "entity"}) for line in lines]
+    (bad / "forget.jsonl").write_text("\n".join(nameless) + "\n")
+    with pytest.raises(ValueError, match=r"forget.jsonl:\d+: no 'entity'"):
+        attack_rows(bad, 0.3, seed=0, hold_out="people")
+    one = [line for line in lines if json.loads(line).get("entity") == first["entity"]]
+    (bad / "forget.jsonl").write_text("\n".join(one) + "\n")
+    with pytest.raises(ValueError, match="1 forget person"):
+        attack_rows(bad, 0.3, seed=0, hold_out="people")
+    assert attack_rows(bad, 0.3, seed=0)[1] is None      # the paper's attack needs no names
 
 
 def test_relearn_curve_and_input_untouched(small_bench, tiny_dirs):
@@ -40,6 +72,25 @@ def test_relearn_curve_and_input_untouched(small_bench, tiny_dirs):
     assert json.loads(res.stdout)[0]["forget_vqa"] == r["forget_vqa"]          # seeded: the same run twice
     res = CliRunner().invoke(main, ["relearn", "--model", str(model), "--bench", str(small_bench), "--shares", "2"])
     assert res.exit_code == 2 and "share" in res.output
+    assert r["lr"] == 1e-2 and r["hold_out"] == "rows" and r["measured_rows"] == len(
+        [x for x in load_jsonl(small_bench / "eval_forget.jsonl") if x.is_vqa and x.options])
+
+
+def test_relearn_on_held_out_people(small_bench, tiny_dirs):
+    """Measured only on the people the attacker left out, at the protocol's own learning rate; the CLI agrees."""
+    model = tiny_dirs["tiny-llava"]
+    before = digest(model)
+    r = relearn(model, small_bench, share=0.5, epochs=1, seed=3, hold_out="people")
+    _, measured = attack_rows(small_bench, 0.5, seed=3, hold_out="people")
+    assert r["hold_out"] == "people" and r["lr"] == 3e-4 and not set(r["attack_people"]) & measured
+    assert r["measured_rows"] == len([x for x in load_jsonl(small_bench / "eval_forget.jsonl")
+                                      if x.is_vqa and x.options and x.entity in measured])
+    assert len(r["forget_vqa"]) == 2 and r["AG"] == r["forget_vqa"][1] - r["forget_vqa"][0]
+    assert digest(model) == before
+    res = CliRunner().invoke(main, ["relearn", "--model", str(model), "--bench", str(small_bench), "--shares", "0.5",
+                                    "--epochs", "1", "--seed", "3", "--hold-out", "people", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)[0]["forget_vqa"] == r["forget_vqa"]
 
 
 def test_demo_quick_end_to_end(tmp_path):
@@ -68,6 +119,9 @@ def test_demo_quick_end_to_end(tmp_path):
     assert rep["mean"]["unlearned"]["forget_vqa"] == unl["forget"]["vqa"]      # one seed: the mean is the value
     assert rep["mean"]["unlearned"]["AG"] == seed["relearn"]["AG"]
     assert rep["mean"]["reference"]["AG"] == seed["relearn_reference"]["AG"]
+    assert rep["mean"]["unlearned"]["AG_people"] == seed["relearn_people"]["AG"]
+    assert rep["mean"]["reference"]["AG_people"] == seed["relearn_reference_people"]["AG"]
+    assert seed["relearn_people"]["hold_out"] == "people" and seed["relearn"]["hold_out"] == "rows"
     a = load_file(str(out / "seed-0" / "unlearned" / "model.safetensors"))
     b = load_file(str(out / "seed-0" / "unlearned-beta0" / "model.safetensors"))
     assert any(not a[k].equal(b[k]) for k in a)
