@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file
 
-from surgery.bench.demo import UNLEARN, DemoConfig
+from surgery.bench.demo import UNLEARN, DemoConfig, targets
 from surgery.bench.relearn import attack_rows, relearn
 from surgery.cli import main
 from surgery.data import load_jsonl
@@ -169,3 +169,25 @@ def test_demo_seeds_dev_views_and_settings(tmp_path):
     assert r.exit_code == 2 and "--processes" in r.output and not (tmp_path / "x").exists()
     with pytest.raises(ValueError, match="--processes 0"):
         DemoConfig.make(processes=0)
+
+
+def test_targets_are_checked_on_the_means_for_both_attacks():
+    """Each target against a hand-made mean table: the issue's AG checks on the paper's attack, the same two for the
+    attack on held-out people under their own names, and none for an attack that did not run."""
+    cols = {"forget_vqa": 40.0, "retain_vqa": 90.0, "realworld_vqa": 86.0}
+    mean = {"vanilla": {"forget_vqa": 90.0, "retain_vqa": 92.0, "realworld_vqa": 91.0}, "unlearned": cols,
+            "unlearned (beta=0)": {**cols, "retain_vqa": 84.0}}
+    checks = targets(mean, [0.0, 0.0], {"rows": (44.7, 39.8), "people": (7.7, -2.0)}, beta=3.0)
+    assert checks == {"forget VQA <= chance + 15": True, "retain VQA within 5 of vanilla": True,
+                      "real-world VQA within 5 of vanilla": True,
+                      "every QA option log-likelihood bit-identical to vanilla": True,
+                      "beta 3 keeps more retain VQA than beta 0": True,
+                      "AG <= 10": False, "AG within 5 of the reference model's": True,
+                      "AG on held-out people <= 10": True,
+                      "AG on held-out people within 5 of the reference model's": False}
+    checks = targets({**mean, "unlearned": {**cols, "forget_vqa": 40.5, "realworld_vqa": 85.9}}, [0.0, 1e-9],
+                     {"rows": (None, None), "people": (3.0, None)}, beta=0.3)
+    assert checks["forget VQA <= chance + 15"] is False and checks["real-world VQA within 5 of vanilla"] is False
+    assert checks["every QA option log-likelihood bit-identical to vanilla"] is False
+    assert "AG <= 10" not in checks and checks["AG on held-out people <= 10"] is True
+    assert not any("reference" in k for k in checks)
