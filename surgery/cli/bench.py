@@ -3,7 +3,7 @@ import logging
 
 import click
 
-from .common import emit, friendly, main
+from .common import emit, friendly, main, settings_option
 
 log = logging.getLogger("surgery")
 
@@ -71,12 +71,15 @@ def make_bench_cmd(out, seed, overwrite, as_json, verbose, **params):
 @click.option("--without-forget-images", is_flag=True,
               help="Leave out the forget people's photos in every stage: the reference model that knows them by "
                    "name but has never seen their faces (what unlearning aims at).")
+@click.option("--set", "settings", multiple=True, callback=settings_option, metavar="FIELD=VALUE",
+              help="Another value for a field of FinetuneConfig (sizes, epochs, learning rates, weight decay), e.g. "
+                   "--set vision_layers=6 --set weight_decay=0.01 (repeatable).")
 @click.option("--overwrite", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("-v", "--verbose", is_flag=True)
 @friendly
 def finetune(bench, out, seed, tower_epochs, text_epochs, align_epochs, quick, threads, cache, without_forget_images,
-             overwrite, as_json, verbose):
+             settings, overwrite, as_json, verbose):
     """Build the vanilla model (tiny LLaVA, offline tokenizer) that knows everyone in the benchmark: tower
     pretraining, text, alignment."""
     from ..bench.finetune import FinetuneConfig, finetune as run
@@ -86,9 +89,20 @@ def finetune(bench, out, seed, tower_epochs, text_epochs, align_epochs, quick, t
             raise click.BadParameter(f"--{name.replace('_', '-')} must be >= 1")
     cfg = (FinetuneConfig.quick if quick else FinetuneConfig)(seed=seed, threads=threads,
                                                               without_forget_images=without_forget_images)
-    for name, value in epochs.items():
-        if value is not None:
-            setattr(cfg, name, value)
+    settings = {**settings, **{name: value for name, value in epochs.items() if value is not None}}
+    own = {"seed", "threads", "without_forget_images"}              # they have options of their own
+    for name, value in settings.items():
+        if name not in FinetuneConfig.__dataclass_fields__ or name in own:
+            known = ", ".join(sorted(set(FinetuneConfig.__dataclass_fields__) - own))
+            raise click.BadParameter(f"--set {name}: not a setting of finetune (one of {known})")
+        default = getattr(cfg, name)
+        if isinstance(default, float) and type(value) is int:
+            value = float(value)                # 1 and 1.0 are one setting: one cache key
+        if type(value) is not type(default):
+            raise click.BadParameter(f"--set {name}={value!r}: expected {type(default).__name__}")
+        if name.endswith("_epochs") and value < 1:
+            raise click.BadParameter(f"--set {name}={value}: must be >= 1")
+        setattr(cfg, name, value)
     report = run(bench, out, cfg, overwrite, cache=cache)
     emit(report, as_json)
 

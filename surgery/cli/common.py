@@ -116,6 +116,17 @@ def seeds_option(ctx, param, value):
     return seeds
 
 
+def settings_option(ctx, param, values) -> dict:
+    """--set FIELD=VALUE (repeatable) -> {field: value} (VALUE read as JSON when it parses, else as text)."""
+    out = {}
+    for v in values:
+        name, sep, raw = v.partition("=")
+        if not (sep and name):
+            raise click.BadParameter(f"{v!r}: expected FIELD=VALUE, e.g. lr=1e-3")
+        out[name.replace("-", "_")] = setting_value(raw)
+    return out
+
+
 def setting_value(raw: str):
     """The VALUE of a --set FIELD=VALUE: JSON when it parses (numbers, true/false; a list becomes the tuple a Config
     field holds), else the text itself."""

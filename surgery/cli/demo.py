@@ -1,18 +1,7 @@
 """`surgery demo`: the whole evaluation loop on the built-in benchmark, over one or more benchmark seeds."""
 import click
 
-from .common import emit, friendly, main, seeds_option, setting_value
-
-
-def _settings(ctx, param, values):
-    """FIELD=VALUE settings of prune-and-mask (VALUE read as JSON when it parses, else as text)."""
-    out = {}
-    for v in values:
-        name, sep, raw = v.partition("=")
-        if not (sep and name):
-            raise click.BadParameter(f"{v!r}: expected FIELD=VALUE, e.g. lr=1e-3")
-        out[name.replace("-", "_")] = setting_value(raw)
-    return out
+from .common import emit, friendly, main, seeds_option, settings_option
 
 
 @main.command()
@@ -22,7 +11,7 @@ def _settings(ctx, param, values):
                    "mean and spread.")
 @click.option("--views", type=click.Choice(["test", "dev"]), default="test", show_default=True,
               help="Evaluate on the held-out test views (report) or the dev views (the only ones tuning may use).")
-@click.option("--set", "settings", multiple=True, callback=_settings, metavar="FIELD=VALUE",
+@click.option("--set", "settings", multiple=True, callback=settings_option, metavar="FIELD=VALUE",
               help="A prune-and-mask setting for this run, e.g. --set lr=1e-3 --set alpha=5 (repeatable).")
 @click.option("--cache", type=click.Path(), help="Where benchmarks and models are cached (default ~/.cache/surgery, "
                                                  "or $SURGERY_CACHE).")

@@ -147,6 +147,19 @@ def test_cli_finetune_and_bad_arguments(small_bench, tmp_path):
     assert r.exit_code == 2 and "--tower-epochs" in r.output
     r = CliRunner().invoke(main, ["finetune", "--bench", str(small_bench), "--out", str(tmp_path / "n")])
     assert r.exit_code == 1 and "patches" in r.output and not (tmp_path / "n").exists()   # 24 px in 10-px patches
+    # --set: any field of FinetuneConfig, typed as its default (an int for a float field is that float)
+    r = CliRunner().invoke(main, ["finetune", "--bench", str(small_bench), "--out", str(tmp_path / "s"), "--quick",
+                                  "--set", "vision_layers=3", "--set", "weight_decay=1", "--set", "llm_inits=[2]",
+                                  "--json"])
+    assert r.exit_code == 0, r.output
+    config = json.loads(r.stdout)["config"]
+    assert config["vision_layers"] == 3 and config["weight_decay"] == 1.0 and config["llm_inits"] == [2]
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["vision_config"]["num_hidden_layers"] == 3
+    for bad, message in (("nope=1", "--set nope: not a setting"), ("seed=3", "--set seed: not a setting"),
+                         ("vision_layers=x", "expected int"), ("text_epochs=0", "must be >= 1")):
+        r = CliRunner().invoke(main, ["finetune", "--bench", str(small_bench), "--out", str(tmp_path / "n"), "--quick",
+                                      "--set", bad])
+        assert r.exit_code == 2 and message in r.output and not (tmp_path / "n").exists(), (bad, r.output)
 
 
 def test_stage_versions_and_replay_invalidate_only_their_stages(small_bench, monkeypatch):
