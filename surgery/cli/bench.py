@@ -157,12 +157,13 @@ def eval_cmd(bench, models, views, ablate, device, batch_size, no_letter, no_rou
               help="Fractions of the forget-VQA rows the attacker trains on.")
 @click.option("--epochs", type=int, default=5, show_default=True)
 @click.option("--lr", type=float, default=None, help="The attack's learning rate  [default: 1e-3 for --hold-out rows, "
-              "3e-4 for people]")
+              "1e-4 for people]")
 @click.option("--scope", type=click.Choice(["mlp", "vision", "full"]), default="vision", show_default=True,
               help="What the attacker trains: the live vision MLPs, encoder + projector, or every weight.")
 @click.option("--hold-out", type=click.Choice(["rows", "people"]), default="rows", show_default=True,
               help="rows: train on rows of every forget person (the paper's attack); people: train on half the forget "
-                   "people, measure the other half (what comes back was still in the weights).")
+                   "people and measure the other half, then the other way round (what comes back was still in the "
+                   "weights).")
 @click.option("--views", type=click.Choice(["test", "dev"]), default="test", show_default=True,
               help="Measure forget-VQA on the held-out test views or on the dev views (tuning).")
 @click.option("--device", default="cpu", show_default=True)

@@ -8,9 +8,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from surgery.bench.demo import UNLEARN, DemoConfig, targets
+from surgery.bench.evaluate import ImageCache, percent, score_likelihood
 from surgery.bench.relearn import attack_rows, relearn
 from surgery.cli import main
 from surgery.data import load_jsonl
+from surgery.models import load
 
 
 def digest(d):
@@ -40,6 +42,11 @@ def test_attack_rows_holding_out_people(small_bench, tmp_path):
         assert len(attackers) == 1 and len(measured) == 1 and attackers | measured == people
         assert not attackers & measured and len(rows) == round(0.3 * len(forget_vqa))
         assert [r.id for r in rows] == [r.id for r in attack_rows(small_bench, 0.3, seed=seed, hold_out="people")[0]]
+        # fold 1: the other half attacks, the first is measured
+        other, measured1 = attack_rows(small_bench, 0.3, seed=seed, hold_out="people", fold=1)
+        assert {r.entity for r in other} == measured and measured1 == attackers
+    with pytest.raises(ValueError, match="fold must be 0 or 1"):
+        attack_rows(small_bench, 0.3, seed=0, hold_out="people", fold=2)
     # a share beyond the attacker's half: all of their rows, none of the others'
     rows, measured = attack_rows(small_bench, 1.0, seed=0, hold_out="people")
     assert sorted(r.id for r in rows) == sorted(r.id for r in forget_vqa if r.entity not in measured)
@@ -81,11 +88,21 @@ def test_relearn_on_held_out_people(small_bench, tiny_dirs):
     model = tiny_dirs["tiny-llava"]
     before = digest(model)
     r = relearn(model, small_bench, share=0.5, epochs=1, seed=3, hold_out="people")
-    _, measured = attack_rows(small_bench, 0.5, seed=3, hold_out="people")
-    assert r["hold_out"] == "people" and r["lr"] == 3e-4 and not set(r["attack_people"]) & measured
-    assert r["measured_rows"] == len([x for x in load_jsonl(small_bench / "eval_forget.jsonl")
-                                      if x.is_vqa and x.options and x.entity in measured])
+    assert r["hold_out"] == "people" and r["lr"] == 1e-4 and len(r["folds"]) == 2
+    eval_rows = [x for x in load_jsonl(small_bench / "eval_forget.jsonl") if x.is_vqa and x.options]
+    for fold, f in enumerate(r["folds"]):
+        _, measured = attack_rows(small_bench, 0.5, seed=3, hold_out="people", fold=fold)
+        assert not set(f["attack_people"]) & measured
+        assert f["measured_rows"] == len([x for x in eval_rows if x.entity in measured])
+    # every forget person is measured once; the curve is the accuracy over all of them
+    assert r["measured_rows"] == len(eval_rows) == sum(f["measured_rows"] for f in r["folds"])
+    for e in range(2):
+        assert r["forget_vqa"][e] == pytest.approx(
+            sum(f["forget_vqa"][e] * f["measured_rows"] for f in r["folds"]) / r["measured_rows"])
     assert len(r["forget_vqa"]) == 2 and r["AG"] == r["forget_vqa"][1] - r["forget_vqa"][0]
+    # both folds start from the model on disk: before either attack, the accuracy is the model's own on every row
+    own = percent(score_likelihood(load(str(model), seed=3), eval_rows, ImageCache()))
+    assert r["before"] == pytest.approx(own)
     assert digest(model) == before
     res = CliRunner().invoke(main, ["relearn", "--model", str(model), "--bench", str(small_bench), "--shares", "0.5",
                                     "--epochs", "1", "--seed", "3", "--hold-out", "people", "--json"])
