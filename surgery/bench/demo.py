@@ -177,11 +177,11 @@ def figure(mean: dict, attacks: dict, path: Path) -> None:
     ax.legend(fontsize=7, loc="upper center", ncol=3), ax.set_title("seed means")
     for (name, seed, hold_out), a in attacks.items():
         ax2.plot(range(len(a["forget_vqa"])), a["forget_vqa"], marker="o" if name == "unlearned" else "s",
-                 color="C1" if name == "unlearned" else "C3", alpha=0.8, ls="-" if hold_out == "rows" else ":",
-                 label=f"{name} (seed {seed})" if hold_out == "rows" else None)
+                 color="C2" if name == "unlearned" else "C1", alpha=0.8, ls="-" if hold_out == "rows" else ":",
+                 label=f"{name} (seed {seed})" if hold_out == "rows" else None)      # the bars' colours
     ax2.axhline(mean["vanilla"]["forget_vqa"], color="C0", ls="--", lw=1, label="vanilla (mean)")
     ax2.set_xlabel("relearning epoch"), ax2.set_ylabel("forget-VQA accuracy (%)"), ax2.set_ylim(0, 105)
-    ax2.set_title("relearning attack (dotted: held-out people)"), ax2.legend(fontsize=6)
+    ax2.set_title("relearning attacks (dotted: held-out people)", fontsize=9), ax2.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
