@@ -39,6 +39,9 @@ log = logging.getLogger("surgery")
 # differs from the paper's. The combined schedule (one update on forget + retain + distillation per step, the
 # paper's) kept more on dev than MMUnlearner's alternating one, with a lower AG.
 UNLEARN = dict(lr=5e-4, steps=150, alpha=2.5, beta=3.0, schedule="combined")
+# the two relearning attacks (relearn.HOLD_OUTS) and the suffix of their keys: relearn[_people],
+# relearn_reference[_people] per seed, AG[_people] in the means
+ATTACKS = {"rows": "", "people": "_people"}
 TARGET_SLACK = dict(forget_over_chance=15.0, kept_within=5.0, ag_max=10.0, ag_within_reference=5.0)
 
 
@@ -134,9 +137,9 @@ def summarize(per_seed: dict) -> tuple[dict, dict]:
         values = {f"{s}_{k}{suffix}": [r["results"][name][s].get(f"{k}{suffix}") for r in per_seed.values()]
                   for s, k in COLUMNS for suffix in ("", "_letter")}
         attack = {"unlearned": "relearn", "reference": "relearn_reference"}.get(name)
-        for key, suffix in ((attack, ""), (f"{attack}_people", "_people")):
-            if attack and all(key in r for r in per_seed.values()):
-                values[f"AG{suffix}"] = [r[key]["AG"] for r in per_seed.values()]
+        for suffix in ATTACKS.values():
+            if attack and all(attack + suffix in r for r in per_seed.values()):
+                values[f"AG{suffix}"] = [r[attack + suffix]["AG"] for r in per_seed.values()]
         mean[name], spread[name] = {}, {}
         for key, xs in values.items():
             xs = [x for x in xs if x is not None]
@@ -230,7 +233,6 @@ def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict, 
     reference_work = lane if "llm+text[vanilla]" in built else other
     examples = qa_examples(bench, cfg.views)
     attack = dict(bench=bench, share=cfg.relearn_share, epochs=cfg.relearn_epochs, seed=seed, views=cfg.views)
-    people = dict(attack, hold_out="people")
     work = tmp / f"seed-{seed}"
     base = Config(model=str(models["vanilla"]), forget=str(bench / "forget.jsonl"),
                   retain=str(bench / "retain.jsonl"), out=str(work / "saliency"), seed=seed, **cfg.unlearn)
@@ -247,16 +249,17 @@ def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict, 
                 evaluated(name, where, f"unlearn[{name}]")]
 
     reference = [evaluated("reference", reference_work, "model[reference]"),
-                 *(Step(f"relearn_reference{suffix}", reference_work, relearn, (models["reference"],), kw,
-                        after=("model[reference]",)) for suffix, kw in (("", attack), ("_people", people)))
+                 *(Step(f"relearn_reference{suffix}", reference_work, relearn, (models["reference"],),
+                        {**attack, "hold_out": hold_out}, after=("model[reference]",))
+                   for hold_out, suffix in ATTACKS.items())
                  ] if cfg.reference else []
     # β changes nothing before unlearning: the saliency is collected once
     steps.append(Step("saliency", lane, collect_saliency, (base,), {"progress": False}, after=("model[vanilla]",)))
     steps += reference if reference_work == other else []
     steps += unlearned("unlearned (beta=0)", other, {**cfg.unlearn, "beta": 0.0}) if cfg.ablation else []
     steps += [*unlearned("unlearned", lane, cfg.unlearn),
-              *(Step(f"relearn{suffix}", lane, relearn, (models["unlearned"],), kw, after=("unlearn[unlearned]",))
-                for suffix, kw in (("", attack), ("_people", people))),
+              *(Step(f"relearn{suffix}", lane, relearn, (models["unlearned"],), {**attack, "hold_out": hold_out},
+                     after=("unlearn[unlearned]",)) for hold_out, suffix in ATTACKS.items()),
               evaluated("vanilla", vanilla_eval, "model[vanilla]")]
     steps += reference if reference_work == lane else []
     values = run_plan(steps, pool, cfg.threads, timings, seed)
@@ -275,11 +278,10 @@ def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict, 
            "qa_logprob_max_abs_change": shifts,
            "unlearn": {name: {k: r[k] for k in ("pruned_neurons", "mask_density", "losses", "timings") if k in r}
                        for name, r in reports.items()},
-           "relearn": values["relearn"], "relearn_people": values["relearn_people"]}
+           **{f"relearn{x}": values[f"relearn{x}"] for x in ATTACKS.values()}}
     if cfg.reference:
         out["reference_model"] = str(models["reference"])
-        out["relearn_reference"] = values["relearn_reference"]
-        out["relearn_reference_people"] = values["relearn_reference_people"]
+        out.update({f"relearn_reference{x}": values[f"relearn_reference{x}"] for x in ATTACKS.values()})
     log.info("seed %d:\n%s", seed, table(results))
     return out
 
@@ -306,12 +308,12 @@ def demo(out, cfg: DemoConfig | None = None, cache: Path | None = None, overwrit
         shifts = [x for r in per_seed.values() for x in r["qa_logprob_max_abs_change"].values()]
         checks = {"quick run: not a measurement": True} if cfg.quick else \
             targets(mean, shifts, {p: (mean["unlearned"].get(f"AG{x}"), mean.get("reference", {}).get(f"AG{x}"))
-                                   for p, x in (("rows", ""), ("people", "_people"))},
+                                   for p, x in ATTACKS.items()},
                     cfg.unlearn.get("beta", Config.beta))
         timings["total_s"] = time.perf_counter() - t0
         attacks = {(name, seed, hold_out): r[key + suffix] for seed, r in per_seed.items()
                    for name, key in (("unlearned", "relearn"), ("reference", "relearn_reference"))
-                   for hold_out, suffix in (("rows", ""), ("people", "_people")) if key + suffix in r}
+                   for hold_out, suffix in ATTACKS.items() if key + suffix in r}
         figure(mean, attacks, tmp / "demo.png")
         text = "\n\n".join([*(f"seed {s} ({cfg.views} views)\n{table(r['results'])}" for s, r in per_seed.items()),
                             seeds_table(mean, spread, cfg.seeds)])

@@ -38,14 +38,18 @@ def attack_rows(bench, share: float, seed: int, hold_out: str = "rows", fold: in
     from one half only (the first for fold 0, the second for fold 1; as many as `share` of all rows, at most all of
     theirs) and the accuracy is measured on the other half, returned as the set of their names (None: every forget
     person)."""
+    path = Path(bench) / "forget.jsonl"
+    return _split([r for r in load_jsonl(path) if r.is_vqa], path, share, seed, hold_out, fold)
+
+
+def _split(rows: list, path: Path, share: float, seed: int, hold_out: str, fold: int) -> tuple[list, set | None]:
+    """attack_rows on the forget-VQA `rows` already read from `path`."""
     if not 0 < share <= 1:
         raise ValueError(f"relearn share must be in (0, 1], got {share}")
     if hold_out not in HOLD_OUTS:
         raise ValueError(f"relearn hold_out {hold_out!r}: choose one of {', '.join(HOLD_OUTS)}")
     if fold not in (0, 1):
         raise ValueError(f"relearn fold must be 0 or 1, got {fold}")
-    path = Path(bench) / "forget.jsonl"
-    rows = [r for r in load_jsonl(path) if r.is_vqa]
     k = max(1, round(share * len(rows)))
     if hold_out == "rows":
         return random.Random(seed).sample(rows, k), None
@@ -76,11 +80,13 @@ def relearn(model, bench, share: float = 0.2, epochs: int = 5, lr: float | None 
     if "forget" not in files:
         raise FileNotFoundError(f"--bench {bench}: no forget file for the {views} views")
     lr = LR[hold_out] if lr is None else lr
+    path = Path(bench) / "forget.jsonl"
+    forget_vqa = [r for r in load_jsonl(path) if r.is_vqa]                   # each file read (and checked) once
+    measurable = [r for r in load_jsonl(files["forget"]) if r.is_vqa and r.options]
     t0, folds = time.perf_counter(), []
     for fold in ((0,) if hold_out == "rows" else (0, 1)):
-        train, measured = attack_rows(bench, share, seed, hold_out, fold)
-        eval_rows = [r for r in load_jsonl(files["forget"]) if r.is_vqa and r.options
-                     and (measured is None or r.entity in measured)]
+        train, measured = _split(forget_vqa, path, share, seed, hold_out, fold)
+        eval_rows = [r for r in measurable if measured is None or r.entity in measured]
         if not eval_rows:
             raise ValueError(f"{files['forget']}: no multiple-choice VQA rows to measure forgetting on"
                              + (" for the held-out people" if measured else ""))
