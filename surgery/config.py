@@ -29,6 +29,8 @@ class Config:
     weight_decay: float = 0.0
     steps: int | None = None            # optimizer steps ...
     epochs: float | None = None         # ... or passes over the retain-VQA rows (default: 1 epoch)
+    stop_forget_loss: float | None = None   # stop early once the forget-VQA answer loss, averaged over the last
+    stop_window: int = 10                   # stop_window steps, reaches this (steps/epochs are then the maximum)
     schedule: str | None = None         # combined: one update per step; alternating: a forget update, then a retain
                                         # one; None: the method's own (mmu: alternating, the others: combined)
     batch_size: int = 4

@@ -9,7 +9,8 @@ from PIL import Image
 
 import surgery.compare as compare_mod
 from surgery.cli import main
-from surgery.compare import CompareConfig, compare
+from surgery.compare import CompareConfig, cache_key, compare
+from surgery.config import Config
 
 PEOPLE = {"forget": ["Ada Velk", "Bo Quist"], "retain": ["Cy Morrow", "Di Tallis", "Ed Brisk"],
           "realworld": ["Flo Osei", "Gus Varga"]}
@@ -152,3 +153,12 @@ def test_seeds_aggregate_to_mean_and_sample_std():
     assert "| ga (diverged on 1 of 2 seeds) | 20.0 |" in likelihood and "1.00" in likelihood   # 1 GiB peak
     assert "(letter)" in letter.splitlines()[0] and "| vkd | 30.0 ± 0.0 |" in letter
     assert "over 2 benchmark seeds (0, 1)" in note
+
+
+def test_cache_key_ignores_an_unused_early_stop_and_follows_a_used_one():
+    cfg = CompareConfig()
+    key = lambda **kw: cache_key(Config(method="vkd", steps=150, **kw), True, "v", "d", cfg)
+    assert key() == key(stop_window=25)                       # no early stop: the window changes nothing
+    assert key(stop_forget_loss=1.25) != key()
+    assert key(stop_forget_loss=1.25) != key(stop_forget_loss=1.25, stop_window=25)
+    assert key(stop_forget_loss=1.25) != key(stop_forget_loss=1.5)

@@ -41,8 +41,8 @@ def _overrides(ctx, param, values):
 @click.option("--out", default="out/compare", show_default=True, type=click.Path())
 @click.option("--cache", type=click.Path(), help="Vanilla models and method results (default ~/.cache/surgery, or "
                                                  "$SURGERY_CACHE).")
-@click.option("--steps", type=int, help="Optimizer steps of every method that trains (default: the demo's budget).")
-@click.option("--lr", type=float, help="Learning rate of every method that trains (default: the demo's).")
+@click.option("--steps", type=int, help="Optimizer steps of every method that trains (default: 150, compare.BUDGET).")
+@click.option("--lr", type=float, help="Learning rate of every method that trains (default: 5e-4, compare.BUDGET).")
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--scope", type=click.Choice(["mlp", "vision", "full"]),
               help="One scope for every method (default: each method's own, its paper's).")
@@ -67,7 +67,7 @@ def compare(methods, seeds, bench, model, out, cache, steps, lr, batch_size, sco
     compare.png. Results are cached: a re-run computes only new methods and settings."""
     from ..compare import CompareConfig
     from ..compare import compare as run
-    given = {k: v for k, v in (("steps", steps), ("lr", lr)) if v is not None}   # else the demo's (CompareConfig)
+    given = {k: v for k, v in (("steps", steps), ("lr", lr)) if v is not None}   # else compare.BUDGET (CompareConfig)
     cfg = CompareConfig(methods=methods, seeds=seeds, bench=bench, model=model, **given, batch_size=batch_size,
                         scope=scope, device=device, overrides=overrides, relearn_share=relearn_share,
                         relearn_epochs=relearn_epochs, generation=generation, views=views, isolate=not in_process)

@@ -42,6 +42,8 @@ def demo(out, seeds, views, settings, cache, quick, no_ablation, no_reference, p
                     click.echo(f"seed {seed}: relearning the {who} model, {a['share']:.0%} x {a['epochs']} epochs"
                                f"{what}: forget-VQA " + " -> ".join(f"{x:.1f}" for x in a["forget_vqa"])
                                + f"   AG {a['AG']:+.1f}", err=True)
+        click.echo(f"seed {seed}: unlearning steps run: " + ", ".join(f"{k} {u['steps_run']}" for k, u in
+                                                                    r["unlearn"].items()), err=True)
         click.echo(f"seed {seed}: QA option log-likelihoods, largest change from vanilla: "
                    + ", ".join(f"{k} {v:g}" for k, v in r["qa_logprob_max_abs_change"].items()), err=True)
     for name, ok in report["targets"].items():

@@ -59,6 +59,11 @@ def training_options(f):
         click.option("--steps", type=int, help="Optimizer steps (instead of --epochs)."),
         click.option("--epochs", type=float, help="Passes over the retain-VQA rows (forget-VQA rows for methods "
                                                   "without a retain term) [default: 1]."),
+        click.option("--stop-forget-loss", type=click.FloatRange(min=0, min_open=True),
+                     help="Stop early once the forget-VQA answer loss, averaged over the last --stop-window steps, "
+                          "reaches this; --steps/--epochs are then the most it runs."),
+        click.option("--stop-window", type=click.IntRange(min=1), default=10, show_default=True,
+                     help="Steps averaged by --stop-forget-loss."),
         click.option("--schedule", type=click.Choice(["combined", "alternating"]),
                      help="combined: one update on forget + retain terms per step; alternating: a forget update "
                           "then a retain update [default: the method's own: mmu alternating (MMUnlearner's), "

@@ -5,11 +5,17 @@ model and set a forget-gradient mask before training (`prepare`), and gives per-
 split (`terms`). The loop owns everything else: batching, the split streams, the rank's share of each batch,
 the order of the backward passes, the mask (it gates only the forget splits' gradient), pruned entries (no
 gradient, no update: MaskedAdamW leaves them exactly zero), clipping after masking, the non-finite guard,
-progress, history and timing.
+progress, history, early stopping and timing.
 
 One step, `schedule="combined"`: every forget split's loss is backpropagated first and its gradient masked, then
 every retain split's loss adds its gradient, then one clipped MaskedAdamW update. `schedule="alternating"`
 (MMUnlearner's): a clipped update on the forget splits, then one on the retain splits.
+
+Early stopping (`cfg.stop_forget_loss`): the run stops after the first step at which the forget-VQA answer loss
+(`loss_fvqa`, the cross-entropy of the right answer on the forget rows each step draws), averaged over the last
+`cfg.stop_window` steps, reaches the threshold; --steps/--epochs are then the most it runs. It reads only the batches
+the method trains on, so two models that forget at different speeds stop at a like depth. Every rank sees the same
+all-reduced loss and stops at the same step.
 
 A term's loss is the mean of its rows over the *global* batch: each rank sums its rows and scales by
 world size / global batch size, so DDP's gradient average is exactly the one-process gradient.
@@ -150,6 +156,17 @@ def batches(n: int, size: int, seed: int):
             pending = pending[size:]
 
 
+def stop_early(cfg: Config, history: list[dict]) -> bool:
+    """True when the mean `loss_fvqa` of the last cfg.stop_window steps has reached cfg.stop_forget_loss."""
+    if cfg.stop_forget_loss is None or len(history) < cfg.stop_window:
+        return False
+    if "loss_fvqa" not in history[-1]:
+        raise ValueError(f"stop_forget_loss needs the forget-VQA answer loss (loss_fvqa), which this method does not "
+                         f"log (it logs {', '.join(k for k in history[-1] if k.startswith('loss_'))})")
+    window = [r["loss_fvqa"] for r in history[-cfg.stop_window:]]
+    return sum(window) / len(window) >= cfg.stop_forget_loss
+
+
 def _backward(ctx: Context, method: Method, group: list[str], streams: dict, sums: dict) -> None:
     """Forward and backward every split of one update, forget splits first; the forget gradient is masked as soon
     as it is complete. Every split but the last runs without DDP's gradient sync, forward included (DDP decides at
@@ -205,6 +222,8 @@ def train(ctx: Context, method: Method, progress: bool = True) -> list[dict]:
     streams = {s: batches(len(ctx.splits[s]), cfg.batch_size, cfg.seed * len(SPLITS) + SPLITS.index(s))
                for g in groups for s in g}
     steps = steps_of(cfg, method, ctx.splits)
+    if cfg.stop_forget_loss is not None and cfg.stop_window < 1:
+        raise ValueError(f"stop_window must be >= 1, got {cfg.stop_window}")
     history, t0 = [], time.perf_counter()
     for step in tqdm(range(1, steps + 1), desc=method.name, disable=not (progress and world.main)):
         record, sums = {"step": step}, {}
@@ -233,6 +252,12 @@ def train(ctx: Context, method: Method, progress: bool = True) -> list[dict]:
             if not torch.isfinite(torch.stack([torch.linalg.vector_norm(w) for w in weights])).all():
                 raise NonFiniteError(f"{method.name}: a trainable weight is not finite after step {step}")
         history.append(record)
+        if stop_early(cfg, history):
+            log.info("%s: stopped after step %d of %d: the forget-VQA loss of the last %d steps averaged %.3f >= %g",
+                     method.name, step, steps, cfg.stop_window,
+                     sum(r["loss_fvqa"] for r in history[-cfg.stop_window:]) / cfg.stop_window, cfg.stop_forget_loss)
+            break
+    ctx.info["steps_run"] = len(history)
     ctx.timings["train_s"] = time.perf_counter() - t0
-    ctx.timings["step_s"] = ctx.timings["train_s"] / max(steps, 1)
+    ctx.timings["step_s"] = ctx.timings["train_s"] / max(len(history), 1)
     return history

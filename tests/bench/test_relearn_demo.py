@@ -125,6 +125,9 @@ def test_demo_quick_end_to_end(tmp_path):
     assert {"torch", "transformers", "surgery"} <= set(rep["environment"]) and rep["seeds"] == [0]
     assert rep["threads"] == 1 and torch.get_num_threads() == threads      # pinned for the run, then restored
     assert rep["config"]["unlearn"]["beta"] == UNLEARN["beta"] and "total_s" in rep["timings"] and rep["views"] == "test"
+    assert rep["config"]["unlearn"]["stop_forget_loss"] == UNLEARN["stop_forget_loss"]    # early stop set
+    runs = seed["unlearn"].values()                    # ... but --quick's 4 steps are fewer than its window
+    assert {u["steps_run"] for u in runs} == {4} == {len(u["losses"]) for u in runs}
     # from nothing, one plan: stage 0 + text here while both towers train there, every step timed, and the seed
     assert {"llm+text[vanilla]_s[0]", "tower[vanilla]_s[0]", "tower[reference]_s[0]", "model[reference]_s[0]",
             "saliency_s[0]", "unlearn[unlearned (beta=0)]_s[0]", "eval[vanilla]_s[0]", "seed_s[0]"} <= set(rep["timings"])

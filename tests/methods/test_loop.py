@@ -12,7 +12,7 @@ from surgery.config import Config
 from surgery.data import Splits
 from surgery.distributed import World
 from surgery.methods import Method, NonFiniteError, Term
-from surgery.methods.loop import batches, steps_of
+from surgery.methods.loop import batches, steps_of, stop_early
 from surgery.models import answer_loss
 from surgery.pipeline import run
 
@@ -81,3 +81,53 @@ def test_epochs_option_sets_the_step_count(tiny_dirs, data, tmp_path):
     res = CliRunner().invoke(main, ["prune-and-mask", "--forget", str(data[0]), "--retain", str(data[1]),
                                     "--out", str(tmp_path / "p"), "--epochs", "2", "--steps", "3"])
     assert res.exit_code == 2 and "not both" in res.output
+
+
+def test_stop_early_averages_the_last_window_of_forget_losses():
+    history = [{"step": i + 1, "loss_fvqa": v} for i, v in enumerate([0.1, 0.2, 0.9, 1.3, 0.4])]
+    assert not stop_early(Config(), history)                                   # no threshold: never
+    assert not stop_early(Config(stop_forget_loss=0.1, stop_window=6), history)  # fewer steps than the window
+    assert stop_early(Config(stop_forget_loss=0.8, stop_window=3), history)    # (0.9 + 1.3 + 0.4) / 3 = 0.867
+    assert not stop_early(Config(stop_forget_loss=0.9, stop_window=3), history)
+    assert stop_early(Config(stop_forget_loss=1.3, stop_window=1), history[:4])
+    with pytest.raises(ValueError, match="does not log.*loss_npo_fvqa"):
+        stop_early(Config(stop_forget_loss=1.0, stop_window=1), [{"step": 1, "loss_npo_fvqa": 2.0}])
+
+
+def _prune_and_mask(tiny_dirs, data, out, *args):
+    res = CliRunner().invoke(main, ["prune-and-mask", "--model", str(tiny_dirs["tiny-llava"]), "--forget", str(data[0]),
+                                    "--retain", str(data[1]), "--out", str(out), "--lr", "3e-3", "--alpha", "3",
+                                    "--json", *args])
+    return res
+
+
+def test_stop_forget_loss_ends_the_run_at_the_first_window_that_reaches_it(tiny_dirs, data, tmp_path):
+    full = _prune_and_mask(tiny_dirs, data, tmp_path / "full", "--steps", "24")
+    assert full.exit_code == 0, full.output
+    losses = [r["loss_fvqa"] for r in json.loads(full.stdout)["losses"]]
+    means = [sum(losses[k - 4:k]) / 4 for k in range(4, len(losses) + 1)]    # window 4, ending at step k
+    threshold = sorted(means)[len(means) // 2]                                 # reached somewhere in the run
+    expected = 4 + next(i for i, m in enumerate(means) if m >= threshold)
+    stopped = _prune_and_mask(tiny_dirs, data, tmp_path / "stop", "--steps", "24", "--stop-forget-loss",
+                              str(threshold), "--stop-window", "4")
+    assert stopped.exit_code == 0, stopped.output
+    report = json.loads(stopped.stdout)
+    assert report["steps_run"] == len(report["losses"]) == expected < 24
+    assert [r["loss_fvqa"] for r in report["losses"]] == losses[:expected]   # the same steps, cut short
+    assert report["config"]["stop_forget_loss"] == threshold and report["config"]["stop_window"] == 4
+    assert json.loads(full.stdout)["steps_run"] == 24
+
+
+def test_stop_options_refuse_bad_values(tiny_dirs, data, tmp_path):
+    for args, hint in ((["--stop-forget-loss", "0"], "--stop-forget-loss"),
+                       (["--stop-forget-loss", "1", "--stop-window", "0"], "--stop-window")):
+        res = _prune_and_mask(tiny_dirs, data, tmp_path / "o", "--steps", "3", *args)
+        assert res.exit_code == 2 and hint in res.output and not (tmp_path / "o").exists()
+
+
+def test_stop_forget_loss_needs_a_method_that_logs_the_forget_answer_loss(tiny_dirs, data, tmp_path):
+    out = tmp_path / "npo"
+    with pytest.raises(ValueError, match="loss_fvqa"):
+        run(Config(method="npo", model=str(tiny_dirs["tiny-llava"]), forget=str(data[0]), retain=str(data[1]),
+                   out=str(out), steps=3, stop_forget_loss=1.0, stop_window=1), progress=False)
+    assert not out.exists() and not list(tmp_path.glob(".npo*"))
