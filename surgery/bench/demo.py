@@ -84,6 +84,11 @@ class DemoConfig:
         bad = sorted(set(self.unlearn) - known)
         if bad:
             raise ValueError(f"--set {bad[0]}: not a setting of prune-and-mask (one of {', '.join(sorted(known))})")
+        stop, window = self.unlearn.get("stop_forget_loss"), self.unlearn.get("stop_window", 1)
+        if stop is not None and not (isinstance(stop, (int, float)) and stop > 0):
+            raise ValueError(f"--set stop_forget_loss={stop}: expected a number > 0 (or null: no early stop)")
+        if not (isinstance(window, int) and window >= 1):
+            raise ValueError(f"--set stop_window={window}: expected a whole number of steps >= 1")
 
 
 def benchmark(seed: int, params: dict, cache: Path) -> tuple[Path, bool]:

@@ -189,6 +189,11 @@ def test_demo_seeds_dev_views_and_settings(tmp_path):
     assert r.exit_code == 2 and "--processes" in r.output and not (tmp_path / "x").exists()
     with pytest.raises(ValueError, match="--processes 0"):
         DemoConfig.make(processes=0)
+    for bad, match in (({"stop_forget_loss": 0}, "stop_forget_loss=0"), ({"stop_forget_loss": "x"}, "number > 0"),
+                       ({"stop_window": 0}, "stop_window=0"), ({"stop_window": 2.5}, "whole number")):
+        with pytest.raises(ValueError, match=match):
+            DemoConfig.make(unlearn=bad)
+    assert DemoConfig.make(unlearn={"stop_forget_loss": None, "steps": 150}).unlearn["stop_forget_loss"] is None
 
 
 def test_targets_are_checked_on_the_means_for_both_attacks():
