@@ -35,6 +35,7 @@ from .bench.finetune import FinetuneConfig, cache_root, vanilla_model
 from .bench.relearn import HOLD_OUTS, LR, relearn
 from .config import Config
 from .methods import METHODS, NonFiniteError, get
+from .methods.loop import check_stop
 from .models import load
 from .pipeline import atomic_dir, environment, resolve, run, torch_threads
 
@@ -97,6 +98,10 @@ class CompareConfig:
             if bad:
                 raise ValueError(f"--set {method}.{bad[0]}: not a setting of a run (one of "
                                  f"{', '.join(sorted(settable))})")
+            try:
+                check_stop(values.get("stop_forget_loss"), values.get("stop_window", Config.stop_window))
+            except ValueError as e:
+                raise ValueError(f"--set {method}.{e}") from None
 
 
 # ----- the benchmark: every call into surgery.bench is in this section ---------------------------------------------
@@ -216,6 +221,8 @@ def cache_key(run_cfg: Config, trains: bool, vanilla_id: str, digest: str, cfg: 
     settings = {k: v for k, v in run_cfg.to_dict().items() if k not in PATHS and (trains or k not in TRAINING)}
     if settings.get("stop_forget_loss") is None:        # no early stop: its window is no setting (older keys hold)
         settings.pop("stop_forget_loss", None), settings.pop("stop_window", None)
+    else:                                               # 1 and 1.0 are one setting
+        settings["stop_forget_loss"] = float(settings["stop_forget_loss"])
     what = {"config": settings, "vanilla": vanilla_id, "bench": digest, "relearn": [cfg.relearn_share,
             cfg.relearn_epochs, HOLD_OUTS, LR], "generation": cfg.generation, "views": cfg.views, "threads": cfg.threads,
             "eval": EVAL_VERSION,

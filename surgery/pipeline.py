@@ -17,6 +17,7 @@ import transformers
 from . import __version__, distributed, methods, ops
 from .config import Config
 from .data import load_splits
+from .methods.loop import check_stop
 from .models import load, save
 from .saliency import collect_or_load
 
@@ -160,6 +161,7 @@ def run(cfg: Config, overwrite: bool = False, progress: bool = True) -> dict:
     """Unlearn with cfg.method: load -> the method's prepare (selection, pruning, masks) -> the shared loop -> save
     the model, the method's files and report.json into cfg.out (atomically: a failure leaves nothing)."""
     cfg, method = resolve(cfg)
+    check_stop(cfg.stop_forget_loss, cfg.stop_window)
     out = Path(cfg.out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"--out {out} already exists (pass --overwrite to replace it)")

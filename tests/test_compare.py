@@ -155,10 +155,22 @@ def test_seeds_aggregate_to_mean_and_sample_std():
     assert "over 2 benchmark seeds (0, 1)" in note
 
 
-def test_cache_key_ignores_an_unused_early_stop_and_follows_a_used_one():
+def test_cache_key_ignores_an_unused_early_stop_and_follows_a_used_one(monkeypatch):
     cfg = CompareConfig()
     key = lambda **kw: cache_key(Config(method="vkd", steps=150, **kw), True, "v", "d", cfg)
+    plain = key()
+    # the key of a run without early stop is the key from before the option existed: neither field is hashed
+    to_dict = Config.to_dict
+    monkeypatch.setattr(Config, "to_dict", lambda self: {k: v for k, v in to_dict(self).items()
+                                                         if k not in ("stop_forget_loss", "stop_window")})
+    assert key() == plain
+    monkeypatch.undo()
     assert key() == key(stop_window=25)                       # no early stop: the window changes nothing
+    assert key(stop_forget_loss=1) == key(stop_forget_loss=1.0)
     assert key(stop_forget_loss=1.25) != key()
     assert key(stop_forget_loss=1.25) != key(stop_forget_loss=1.25, stop_window=25)
     assert key(stop_forget_loss=1.25) != key(stop_forget_loss=1.5)
+    for bad, match in (({"stop_forget_loss": 0}, "--set vkd.stop_forget_loss=0"),
+                       ({"stop_forget_loss": 1.0, "stop_window": 0}, "--set vkd.stop_window=0")):
+        with pytest.raises(ValueError, match=match):
+            CompareConfig(methods=("vkd",), overrides={"vkd": bad}).check()

@@ -22,6 +22,7 @@ import torch
 
 from ..config import Config
 from ..data import load_jsonl
+from ..methods.loop import check_stop
 from ..models import Example, load
 from ..pipeline import atomic_dir, collect_saliency, environment, prune_and_mask, seed_everything, torch_threads
 from .evaluate import CHANCE, COLUMNS, answer_logprobs, evaluate, option_answer, split_files, table
@@ -84,11 +85,10 @@ class DemoConfig:
         bad = sorted(set(self.unlearn) - known)
         if bad:
             raise ValueError(f"--set {bad[0]}: not a setting of prune-and-mask (one of {', '.join(sorted(known))})")
-        stop, window = self.unlearn.get("stop_forget_loss"), self.unlearn.get("stop_window", 1)
-        if stop is not None and not (isinstance(stop, (int, float)) and stop > 0):
-            raise ValueError(f"--set stop_forget_loss={stop}: expected a number > 0 (or null: no early stop)")
-        if not (isinstance(window, int) and window >= 1):
-            raise ValueError(f"--set stop_window={window}: expected a whole number of steps >= 1")
+        try:
+            check_stop(self.unlearn.get("stop_forget_loss"), self.unlearn.get("stop_window", Config.stop_window))
+        except ValueError as e:
+            raise ValueError(f"--set {e}") from None
 
 
 def benchmark(seed: int, params: dict, cache: Path) -> tuple[Path, bool]:

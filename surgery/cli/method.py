@@ -62,8 +62,8 @@ def training_options(f):
         click.option("--stop-forget-loss", type=click.FloatRange(min=0, min_open=True),
                      help="Stop early once the forget-VQA answer loss, averaged over the last --stop-window steps, "
                           "reaches this; --steps/--epochs are then the most it runs."),
-        click.option("--stop-window", type=click.IntRange(min=1), default=10, show_default=True,
-                     help="Steps averaged by --stop-forget-loss."),
+        click.option("--stop-window", type=click.IntRange(min=1),
+                     help="Steps averaged by --stop-forget-loss [default: 10]."),
         click.option("--schedule", type=click.Choice(["combined", "alternating"]),
                      help="combined: one update on forget + retain terms per step; alternating: a forget update "
                           "then a retain update [default: the method's own: mmu alternating (MMUnlearner's), "
@@ -135,6 +135,9 @@ def run_method(kw: dict) -> None:
             raise click.BadParameter(f"must be in [0, 1], got {kw[name]}", param_hint=f"--{name.replace('_', '-')}")
     if kw["steps"] is not None and kw["epochs"] is not None:
         raise click.BadParameter("give --steps or --epochs, not both", param_hint="--steps/--epochs")
+    if kw.get("stop_window") is not None and kw.get("stop_forget_loss") is None:
+        raise click.BadParameter("averages the loss that --stop-forget-loss stops by: give both",
+                                 param_hint="--stop-window")
     if kw.get("npo_beta") is not None and not kw["npo_beta"] > 0:
         raise click.BadParameter(f"must be > 0, got {kw['npo_beta']}", param_hint="--npo-beta")
     if kw.get("vgid_sigma") is not None and not kw["vgid_sigma"] >= 0:

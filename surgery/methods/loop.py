@@ -156,13 +156,25 @@ def batches(n: int, size: int, seed: int):
             pending = pending[size:]
 
 
+def check_stop(stop, window) -> None:
+    """Refuse early-stop settings the loop cannot use, before anything is computed."""
+    if stop is not None and (isinstance(stop, bool) or not isinstance(stop, (int, float)) or not math.isfinite(stop)
+                             or stop <= 0):
+        raise ValueError(f"stop_forget_loss={stop!r}: expected a number > 0 (or None: no early stop)")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"stop_window={window!r}: expected a whole number of steps >= 1")
+
+
 def stop_early(cfg: Config, history: list[dict]) -> bool:
-    """True when the mean `loss_fvqa` of the last cfg.stop_window steps has reached cfg.stop_forget_loss."""
-    if cfg.stop_forget_loss is None or len(history) < cfg.stop_window:
+    """True when the mean `loss_fvqa` of the last cfg.stop_window steps has reached cfg.stop_forget_loss. The loss of
+    a step is measured before its update, so the window trails the model it stops by one step."""
+    if cfg.stop_forget_loss is None:
         return False
     if "loss_fvqa" not in history[-1]:
         raise ValueError(f"stop_forget_loss needs the forget-VQA answer loss (loss_fvqa), which this method does not "
                          f"log (it logs {', '.join(k for k in history[-1] if k.startswith('loss_'))})")
+    if len(history) < cfg.stop_window:
+        return False
     window = [r["loss_fvqa"] for r in history[-cfg.stop_window:]]
     return sum(window) / len(window) >= cfg.stop_forget_loss
 
@@ -222,8 +234,10 @@ def train(ctx: Context, method: Method, progress: bool = True) -> list[dict]:
     streams = {s: batches(len(ctx.splits[s]), cfg.batch_size, cfg.seed * len(SPLITS) + SPLITS.index(s))
                for g in groups for s in g}
     steps = steps_of(cfg, method, ctx.splits)
-    if cfg.stop_forget_loss is not None and cfg.stop_window < 1:
-        raise ValueError(f"stop_window must be >= 1, got {cfg.stop_window}")
+    check_stop(cfg.stop_forget_loss, cfg.stop_window)
+    if cfg.stop_forget_loss is not None and steps < cfg.stop_window:
+        log.warning("%s: %d steps are fewer than --stop-window %d: the early stop cannot fire", method.name, steps,
+                    cfg.stop_window)
     history, t0 = [], time.perf_counter()
     for step in tqdm(range(1, steps + 1), desc=method.name, disable=not (progress and world.main)):
         record, sums = {"step": step}, {}

@@ -12,7 +12,7 @@ from surgery.config import Config
 from surgery.data import Splits
 from surgery.distributed import World
 from surgery.methods import Method, NonFiniteError, Term
-from surgery.methods.loop import batches, steps_of, stop_early
+from surgery.methods.loop import batches, check_stop, steps_of, stop_early
 from surgery.models import answer_loss
 from surgery.pipeline import run
 
@@ -90,8 +90,18 @@ def test_stop_early_averages_the_last_window_of_forget_losses():
     assert stop_early(Config(stop_forget_loss=0.8, stop_window=3), history)    # (0.9 + 1.3 + 0.4) / 3 = 0.867
     assert not stop_early(Config(stop_forget_loss=0.9, stop_window=3), history)
     assert stop_early(Config(stop_forget_loss=1.3, stop_window=1), history[:4])
-    with pytest.raises(ValueError, match="does not log.*loss_npo_fvqa"):
-        stop_early(Config(stop_forget_loss=1.0, stop_window=1), [{"step": 1, "loss_npo_fvqa": 2.0}])
+    with pytest.raises(ValueError, match="does not log.*loss_npo_fvqa"):   # at the first step, not after a window
+        stop_early(Config(stop_forget_loss=1.0, stop_window=10), [{"step": 1, "loss_npo_fvqa": 2.0}])
+
+
+@pytest.mark.parametrize("stop,window,match", [(0, 10, "stop_forget_loss=0"), (-1.0, 10, "stop_forget_loss=-1.0"),
+                                               (float("nan"), 10, "stop_forget_loss=nan"), ("x", 10, "number > 0"),
+                                               (True, 10, "stop_forget_loss=True"), (1.0, 0, "stop_window=0"),
+                                               (1.0, 2.5, "stop_window=2.5"), (None, True, "stop_window=True")])
+def test_check_stop_refuses_what_the_loop_cannot_use(stop, window, match):
+    with pytest.raises(ValueError, match=match):
+        check_stop(stop, window)
+    check_stop(None, 10), check_stop(1, 1), check_stop(1.25, 10)     # these pass
 
 
 def _prune_and_mask(tiny_dirs, data, out, *args):
@@ -101,15 +111,16 @@ def _prune_and_mask(tiny_dirs, data, out, *args):
     return res
 
 
-def test_stop_forget_loss_ends_the_run_at_the_first_window_that_reaches_it(tiny_dirs, data, tmp_path):
-    full = _prune_and_mask(tiny_dirs, data, tmp_path / "full", "--steps", "24")
+@pytest.mark.parametrize("schedule", ["combined", "alternating"])
+def test_stop_forget_loss_ends_the_run_at_the_first_window_that_reaches_it(tiny_dirs, data, tmp_path, schedule):
+    full = _prune_and_mask(tiny_dirs, data, tmp_path / "full", "--steps", "24", "--schedule", schedule)
     assert full.exit_code == 0, full.output
     losses = [r["loss_fvqa"] for r in json.loads(full.stdout)["losses"]]
     means = [sum(losses[k - 4:k]) / 4 for k in range(4, len(losses) + 1)]    # window 4, ending at step k
     threshold = sorted(means)[len(means) // 2]                                 # reached somewhere in the run
     expected = 4 + next(i for i, m in enumerate(means) if m >= threshold)
-    stopped = _prune_and_mask(tiny_dirs, data, tmp_path / "stop", "--steps", "24", "--stop-forget-loss",
-                              str(threshold), "--stop-window", "4")
+    stopped = _prune_and_mask(tiny_dirs, data, tmp_path / "stop", "--steps", "24", "--schedule", schedule,
+                              "--stop-forget-loss", str(threshold), "--stop-window", "4")
     assert stopped.exit_code == 0, stopped.output
     report = json.loads(stopped.stdout)
     assert report["steps_run"] == len(report["losses"]) == expected < 24
@@ -120,14 +131,18 @@ def test_stop_forget_loss_ends_the_run_at_the_first_window_that_reaches_it(tiny_
 
 def test_stop_options_refuse_bad_values(tiny_dirs, data, tmp_path):
     for args, hint in ((["--stop-forget-loss", "0"], "--stop-forget-loss"),
-                       (["--stop-forget-loss", "1", "--stop-window", "0"], "--stop-window")):
+                       (["--stop-forget-loss", "1", "--stop-window", "0"], "--stop-window"),
+                       (["--stop-window", "5"], "--stop-window")):          # a window without a threshold
         res = _prune_and_mask(tiny_dirs, data, tmp_path / "o", "--steps", "3", *args)
         assert res.exit_code == 2 and hint in res.output and not (tmp_path / "o").exists()
 
 
 def test_stop_forget_loss_needs_a_method_that_logs_the_forget_answer_loss(tiny_dirs, data, tmp_path):
     out = tmp_path / "npo"
-    with pytest.raises(ValueError, match="loss_fvqa"):
+    with pytest.raises(ValueError, match="loss_fvqa"):       # refused at step 1 although 3 steps < the window
         run(Config(method="npo", model=str(tiny_dirs["tiny-llava"]), forget=str(data[0]), retain=str(data[1]),
-                   out=str(out), steps=3, stop_forget_loss=1.0, stop_window=1), progress=False)
+                   out=str(out), steps=3, stop_forget_loss=1.0, stop_window=10), progress=False)
     assert not out.exists() and not list(tmp_path.glob(".npo*"))
+    with pytest.raises(ValueError, match="stop_window=0"):   # refused before the model is loaded
+        run(Config(method="vkd", model=str(tmp_path / "no-such-model"), out=str(out), stop_forget_loss=1.0,
+                   stop_window=0), progress=False)
