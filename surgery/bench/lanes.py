@@ -9,11 +9,16 @@ import logging
 import multiprocessing
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
 log = logging.getLogger("surgery")
+
+
+class LaneDied(RuntimeError):
+    """The spawned process ended without finishing its steps."""
 
 
 @contextmanager
@@ -67,7 +72,12 @@ def run_plan(steps: list[Step], pool, threads: int, timings: dict, seed: int) ->
     local = [s for s in steps if lane[s.name] == "here"]
 
     def collect(name):
-        values[name], timings[key(name)] = futures.pop(name).result()
+        try:
+            values[name], timings[key(name)] = futures.pop(name).result()
+        except BrokenProcessPool:
+            raise LaneDied(f"the second process died while it ran or waited to run step {name!r} (killed by the "
+                           "system, e.g. out of memory?). What finished is cached: run the same command again, or "
+                           "with --processes 1") from None
 
     def finished(name):
         if name in futures and futures[name].done():

@@ -1,7 +1,9 @@
 """The demo's plan of steps over two lanes: order, timings, and plans that cannot run."""
+import os
+
 import pytest
 
-from surgery.bench.lanes import Step, run_plan, spawned_process
+from surgery.bench.lanes import LaneDied, Step, run_plan, spawned_process
 
 
 def _square(x):
@@ -10,6 +12,10 @@ def _square(x):
 
 def _add(*xs):
     return sum(xs)
+
+
+def _die():
+    os._exit(9)                 # as a process the system kills: no exception, no result
 
 
 def test_one_process_runs_the_steps_in_order_and_times_each():
@@ -37,3 +43,10 @@ def test_two_processes_give_every_value_and_wait_where_a_step_needs_the_other_la
 def test_a_plan_that_cannot_run_is_refused_before_anything_runs(steps, message):
     with pytest.raises(ValueError, match=message):
         run_plan(steps, None, 1, {}, seed=0)
+
+
+def test_a_dead_second_process_names_the_step_and_what_to_do():
+    steps = [Step("fine", "here", _add, (1, 2)), Step("dies", "there", _die), Step("after", "here", _add, (3,),
+                                                                                    after=("dies",))]
+    with spawned_process() as pool, pytest.raises(LaneDied, match="'dies'.*run the same command again"):
+        run_plan(steps, pool, 1, {}, seed=0)
