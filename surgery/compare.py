@@ -42,8 +42,8 @@ from .pipeline import atomic_dir, environment, resolve, run, torch_threads
 log = logging.getLogger("surgery")
 COLUMNS = [("forget", "vqa"), ("forget", "qa"), ("retain", "vqa"), ("retain", "qa"), ("realworld", "vqa"),
            ("realworld", "qa")]
-TRAINING = ("alpha", "lr", "weight_decay", "steps", "epochs", "stop_forget_loss", "stop_window", "schedule", "batch_size",
-            "max_grad_norm")
+TRAINING = ("alpha", "lr", "weight_decay", "steps", "epochs", "stop_forget_loss", "stop_window", "schedule",
+            "batch_size", "max_grad_norm")
 # One training budget for every method that trains: the lr and step count chosen for VKD on the dev views before the
 # demo's VKD stopped early (bench.demo.UNLEARN); the baselines were not tuned. Every method runs exactly these steps:
 # an early stop is a setting of one method (--set vkd.stop_forget_loss=1.25), not part of a shared budget.
@@ -98,10 +98,8 @@ class CompareConfig:
             if bad:
                 raise ValueError(f"--set {method}.{bad[0]}: not a setting of a run (one of "
                                  f"{', '.join(sorted(settable))})")
-            try:
-                check_stop(values.get("stop_forget_loss"), values.get("stop_window", Config.stop_window))
-            except ValueError as e:
-                raise ValueError(f"--set {method}.{e}") from None
+            check_stop(values.get("stop_forget_loss"), values.get("stop_window", Config.stop_window),
+                       f"--set {method}.")
 
 
 # ----- the benchmark: every call into surgery.bench is in this section ---------------------------------------------

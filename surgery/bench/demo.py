@@ -45,6 +45,7 @@ UNLEARN = dict(lr=5e-4, steps=300, stop_forget_loss=1.25, stop_window=10, alpha=
 # the two relearning attacks (relearn.HOLD_OUTS) and the suffix of their keys: relearn[_people],
 # relearn_reference[_people] per seed, AG[_people] in the means
 ATTACKS = {"rows": "", "people": "_people"}
+ATTACKED = {"unlearned": "relearn", "reference": "relearn_reference"}     # model -> the key of its attacks' results
 TARGET_SLACK = dict(forget_over_chance=15.0, kept_within=5.0, ag_max=10.0, ag_within_reference=5.0)
 
 
@@ -85,10 +86,7 @@ class DemoConfig:
         bad = sorted(set(self.unlearn) - known)
         if bad:
             raise ValueError(f"--set {bad[0]}: not a setting of prune-and-mask (one of {', '.join(sorted(known))})")
-        try:
-            check_stop(self.unlearn.get("stop_forget_loss"), self.unlearn.get("stop_window", Config.stop_window))
-        except ValueError as e:
-            raise ValueError(f"--set {e}") from None
+        check_stop(self.unlearn.get("stop_forget_loss"), self.unlearn.get("stop_window", Config.stop_window), "--set ")
 
 
 def benchmark(seed: int, params: dict, cache: Path) -> tuple[Path, bool]:
@@ -143,7 +141,7 @@ def summarize(per_seed: dict) -> tuple[dict, dict]:
     for name in models:
         values = {f"{s}_{k}{suffix}": [r["results"][name][s].get(f"{k}{suffix}") for r in per_seed.values()]
                   for s, k in COLUMNS for suffix in ("", "_letter")}
-        attack = {"unlearned": "relearn", "reference": "relearn_reference"}.get(name)
+        attack = ATTACKED.get(name)
         for suffix in ATTACKS.values():
             if attack and all(attack + suffix in r for r in per_seed.values()):
                 values[f"AG{suffix}"] = [r[attack + suffix]["AG"] for r in per_seed.values()]
@@ -320,7 +318,7 @@ def demo(out, cfg: DemoConfig | None = None, cache: Path | None = None, overwrit
                     cfg.unlearn.get("beta", Config.beta))
         timings["total_s"] = time.perf_counter() - t0
         attacks = {(name, seed, hold_out): r[key + suffix] for seed, r in per_seed.items()
-                   for name, key in (("unlearned", "relearn"), ("reference", "relearn_reference"))
+                   for name, key in ATTACKED.items()
                    for hold_out, suffix in ATTACKS.items() if key + suffix in r}
         figure(mean, attacks, tmp / "demo.png")
         text = "\n\n".join([*(f"seed {s} ({cfg.views} views)\n{table(r['results'])}" for s, r in per_seed.items()),

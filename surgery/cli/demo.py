@@ -29,13 +29,13 @@ def demo(out, seeds, views, settings, cache, quick, no_ablation, no_reference, p
          verbose):
     """make-bench -> vanilla + reference model (cached) -> prune-and-mask -> eval -> relearn, per seed; table,
     report.json and demo.png."""
-    from ..bench.demo import ATTACKS, DemoConfig, demo as run
+    from ..bench.demo import ATTACKED, ATTACKS, DemoConfig, demo as run
     cfg = DemoConfig.make(seeds=seeds, quick=quick, unlearn=settings, views=views, ablation=not no_ablation,
                           reference=not no_reference, processes=processes)
     report = run(out, cfg, cache, overwrite)
     click.echo(report["table"], err=True)
     for seed, r in report["per_seed"].items():
-        for who, key in (("unlearned", "relearn"), ("reference", "relearn_reference")):
+        for who, key in ATTACKED.items():
             for hold_out, suffix in ATTACKS.items():
                 what = ", on the people it left out" if hold_out == "people" else ""
                 if a := r.get(key + suffix):

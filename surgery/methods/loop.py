@@ -156,27 +156,28 @@ def batches(n: int, size: int, seed: int):
             pending = pending[size:]
 
 
-def check_stop(stop, window) -> None:
-    """Refuse early-stop settings the loop cannot use, before anything is computed."""
+def check_stop(stop, window, where: str = "") -> None:
+    """Refuse early-stop settings the loop cannot use, before anything is computed; `where` starts the message
+    (e.g. "--set ")."""
     if stop is not None and (isinstance(stop, bool) or not isinstance(stop, (int, float)) or not math.isfinite(stop)
                              or stop <= 0):
-        raise ValueError(f"stop_forget_loss={stop!r}: expected a number > 0 (or None: no early stop)")
+        raise ValueError(f"{where}stop_forget_loss={stop!r}: expected a number > 0 (or None: no early stop)")
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"stop_window={window!r}: expected a whole number of steps >= 1")
+        raise ValueError(f"{where}stop_window={window!r}: expected a whole number of steps >= 1")
 
 
-def stop_early(cfg: Config, history: list[dict]) -> bool:
-    """True when the mean `loss_fvqa` of the last cfg.stop_window steps has reached cfg.stop_forget_loss. The loss of
-    a step is measured before its update, so the window trails the model it stops by one step."""
+def stop_early(cfg: Config, history: list[dict]) -> float | None:
+    """The mean `loss_fvqa` of the last cfg.stop_window steps once it has reached cfg.stop_forget_loss, else None.
+    The loss of a step is measured before its update, so the window trails the model it stops by one step."""
     if cfg.stop_forget_loss is None:
-        return False
+        return None
     if "loss_fvqa" not in history[-1]:
         raise ValueError(f"stop_forget_loss needs the forget-VQA answer loss (loss_fvqa), which this method does not "
                          f"log (it logs {', '.join(k for k in history[-1] if k.startswith('loss_'))})")
     if len(history) < cfg.stop_window:
-        return False
-    window = [r["loss_fvqa"] for r in history[-cfg.stop_window:]]
-    return sum(window) / len(window) >= cfg.stop_forget_loss
+        return None
+    mean = sum(r["loss_fvqa"] for r in history[-cfg.stop_window:]) / cfg.stop_window
+    return mean if mean >= cfg.stop_forget_loss else None
 
 
 def _backward(ctx: Context, method: Method, group: list[str], streams: dict, sums: dict) -> None:
@@ -266,10 +267,9 @@ def train(ctx: Context, method: Method, progress: bool = True) -> list[dict]:
             if not torch.isfinite(torch.stack([torch.linalg.vector_norm(w) for w in weights])).all():
                 raise NonFiniteError(f"{method.name}: a trainable weight is not finite after step {step}")
         history.append(record)
-        if stop_early(cfg, history):
+        if (mean := stop_early(cfg, history)) is not None:
             log.info("%s: stopped after step %d of %d: the forget-VQA loss of the last %d steps averaged %.3f >= %g",
-                     method.name, step, steps, cfg.stop_window,
-                     sum(r["loss_fvqa"] for r in history[-cfg.stop_window:]) / cfg.stop_window, cfg.stop_forget_loss)
+                     method.name, step, steps, cfg.stop_window, mean, cfg.stop_forget_loss)
             break
     ctx.info["steps_run"] = len(history)
     ctx.timings["train_s"] = time.perf_counter() - t0
