@@ -42,11 +42,11 @@ from .pipeline import atomic_dir, environment, resolve, run, torch_threads
 log = logging.getLogger("surgery")
 COLUMNS = [("forget", "vqa"), ("forget", "qa"), ("retain", "vqa"), ("retain", "qa"), ("realworld", "vqa"),
            ("realworld", "qa")]
-TRAINING = ("alpha", "lr", "weight_decay", "steps", "epochs", "stop_forget_loss", "stop_window", "schedule",
-            "batch_size", "max_grad_norm")
+TRAINING = ("alpha", "lr", "weight_decay", "steps", "epochs", "stop_forget_loss", "stop_window", "stop_forget_accuracy",
+            "stop_holdout", "stop_every", "schedule", "batch_size", "max_grad_norm")
 # One training budget for every method that trains: the lr and step count chosen for VKD on the dev views before the
 # demo's VKD stopped early (bench.demo.UNLEARN); the baselines were not tuned. Every method runs exactly these steps:
-# an early stop is a setting of one method (--set vkd.stop_forget_loss=1.25), not part of a shared budget.
+# an early stop is a setting of one method (--set vkd.stop_forget_accuracy=35), not part of a shared budget.
 BUDGET = dict(lr=5e-4, steps=150)
 PATHS = ("model", "forget", "retain", "out", "saliency", "teacher_cache")
 EVAL_VERSION = 2          # bump when the scoring changes: cached results are then recomputed
@@ -98,8 +98,7 @@ class CompareConfig:
             if bad:
                 raise ValueError(f"--set {method}.{bad[0]}: not a setting of a run (one of "
                                  f"{', '.join(sorted(settable))})")
-            check_stop(values.get("stop_forget_loss"), values.get("stop_window", Config.stop_window),
-                       f"--set {method}.")
+            check_stop(values, f"--set {method}.")
 
 
 # ----- the benchmark: every call into surgery.bench is in this section ---------------------------------------------
@@ -217,10 +216,12 @@ def cache_key(run_cfg: Config, trains: bool, vanilla_id: str, digest: str, cfg: 
     """What a method's result depends on: its config (paths aside; training settings aside for a training-free
     method), the vanilla model, the benchmark files, the attack, the evaluation and the library versions."""
     settings = {k: v for k, v in run_cfg.to_dict().items() if k not in PATHS and (trains or k not in TRAINING)}
-    if settings.get("stop_forget_loss") is None:        # no early stop: its window is no setting (older keys hold)
-        settings.pop("stop_forget_loss", None), settings.pop("stop_window", None)
-    else:                                               # 1 and 1.0 are one setting
-        settings["stop_forget_loss"] = float(settings["stop_forget_loss"])
+    for stop, its in (("stop_forget_loss", ("stop_window",)), ("stop_forget_accuracy", ("stop_holdout", "stop_every"))):
+        if settings.get(stop) is None:                  # no such early stop: its options are no setting (older keys
+            for k in (stop, *its):                      # hold)
+                settings.pop(k, None)
+        else:                                           # 1 and 1.0 are one setting
+            settings[stop] = float(settings[stop])
     what = {"config": settings, "vanilla": vanilla_id, "bench": digest, "relearn": [cfg.relearn_share,
             cfg.relearn_epochs, HOLD_OUTS, LR], "generation": cfg.generation, "views": cfg.views, "threads": cfg.threads,
             "eval": EVAL_VERSION,

@@ -31,6 +31,9 @@ class Config:
     epochs: float | None = None         # ... or passes over the retain-VQA rows (default: 1 epoch)
     stop_forget_loss: float | None = None   # stop early once the forget-VQA answer loss, averaged over the last
     stop_window: int = 10                   # stop_window steps, reaches this (steps/epochs are then the maximum)
+    stop_forget_accuracy: float | None = None  # or stop once the held-back forget photos' multiple-choice accuracy
+    stop_holdout: float = 0.2               # (%, option likelihood) is at most this; the share of each forget
+    stop_every: int = 10                    # person's photos held back for it; checked every stop_every steps
     schedule: str | None = None         # combined: one update per step; alternating: a forget update, then a retain
                                         # one; None: the method's own (mmu: alternating, the others: combined)
     batch_size: int = 4

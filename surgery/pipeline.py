@@ -16,7 +16,7 @@ import transformers
 
 from . import __version__, distributed, methods, ops
 from .config import Config
-from .data import load_splits
+from .data import hold_back, load_splits
 from .methods.loop import check_stop
 from .models import load, save
 from .saliency import collect_or_load
@@ -126,6 +126,10 @@ def prepare(cfg: Config, world: distributed.World | None = None):
     seed_everything(cfg.seed)
     check_device(cfg.device)
     splits = load_splits(cfg.forget, cfg.retain)
+    if cfg.stop_forget_accuracy is not None:
+        splits = hold_back(splits, cfg.stop_holdout, cfg.seed)
+        log.info("--stop-forget-accuracy: %d forget-VQA rows (%d photos) held back to measure forgetting on",
+                 len(splits.held_back), len({str(r.image) for r in splits.held_back}))
     log.info("splits: %s", splits.counts())
     shard = cfg.shard_llm and world.size > 1
     adapter = load(cfg.model, device="cpu" if shard else cfg.device, dtype=resolve_dtype(cfg),
@@ -161,7 +165,7 @@ def run(cfg: Config, overwrite: bool = False, progress: bool = True) -> dict:
     """Unlearn with cfg.method: load -> the method's prepare (selection, pruning, masks) -> the shared loop -> save
     the model, the method's files and report.json into cfg.out (atomically: a failure leaves nothing)."""
     cfg, method = resolve(cfg)
-    check_stop(cfg.stop_forget_loss, cfg.stop_window)
+    check_stop(cfg)
     out = Path(cfg.out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"--out {out} already exists (pass --overwrite to replace it)")

@@ -57,13 +57,16 @@ class Saliency:
         return sal
 
 
-def source_of(forget, retain, params: dict[str, torch.nn.Parameter], batch_size: int) -> dict:
-    """What a saliency file depends on: the two data files (SHA-256), the collection batch size, and per trainable
-    parameter its shape and fp64 Σθ, Σ|θ| (a cheap fingerprint of the weights it was taken on, before pruning)."""
+def source_of(forget, retain, params: dict[str, torch.nn.Parameter], batch_size: int, held_back=()) -> dict:
+    """What a saliency file depends on: the two data files (SHA-256), the collection batch size, the photos held
+    back from the forget rows (--stop-forget-accuracy), and per trainable parameter its shape and fp64 Σθ, Σ|θ| (a
+    cheap fingerprint of the weights it was taken on, before pruning)."""
     digest = {k: hashlib.sha256(Path(f).read_bytes()).hexdigest() for k, f in (("forget", forget), ("retain", retain))}
     weights = {n: [list(p.shape), float(p.detach().double().sum()), float(p.detach().double().abs().sum())]
                for n, p in params.items()}
-    return {**digest, "collect_batch_size": batch_size, "weights": weights}
+    photos = sorted({Path(r.image).name for r in held_back})
+    return {**digest, "collect_batch_size": batch_size, **({"held_back": photos} if photos else {}),
+            "weights": weights}
 
 
 def check_source(sal: Saliency, expected: dict, path) -> None:
@@ -71,8 +74,9 @@ def check_source(sal: Saliency, expected: dict, path) -> None:
     got = sal.source
     if not got:
         raise ValueError(f"--saliency {path}: records no source (written by an older surgery); collect it again")
-    for key, what in (("forget", "forget file"), ("retain", "retain file"), ("collect_batch_size", "collect batch size")):
-        if got.get(key) != expected[key]:
+    for key, what in (("forget", "forget file"), ("retain", "retain file"), ("collect_batch_size", "collect batch size"),
+                      ("held_back", "set of held-back forget photos (--stop-forget-accuracy, --stop-holdout, --seed)")):
+        if got.get(key) != expected.get(key):
             now = "" if key != "collect_batch_size" else f" ({got.get(key)}, now {expected[key]})"
             raise ValueError(f"--saliency {path}: collected with another {what}{now}")
     if set(got["weights"]) != set(expected["weights"]):
@@ -176,7 +180,7 @@ def collect_or_load(adapter: Adapter, splits: Splits, params: dict[str, torch.nn
     weights (refused otherwise)."""
     timings = {} if timings is None else timings
     t = time.perf_counter()
-    source = source_of(forget, retain, params, batch_size)
+    source = source_of(forget, retain, params, batch_size, splits.held_back)
     if saliency:
         sal = Saliency.load(saliency)
         check_source(sal, source, saliency)

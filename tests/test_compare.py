@@ -162,7 +162,7 @@ def test_cache_key_ignores_an_unused_early_stop_and_follows_a_used_one(monkeypat
     # the key of a run without early stop is the key from before the option existed: neither field is hashed
     to_dict = Config.to_dict
     monkeypatch.setattr(Config, "to_dict", lambda self: {k: v for k, v in to_dict(self).items()
-                                                         if k not in ("stop_forget_loss", "stop_window")})
+                                                         if not k.startswith("stop_")})
     assert key() == plain
     monkeypatch.undo()
     assert key() == key(stop_window=25)                       # no early stop: the window changes nothing
@@ -170,7 +170,15 @@ def test_cache_key_ignores_an_unused_early_stop_and_follows_a_used_one(monkeypat
     assert key(stop_forget_loss=1.25) != key()
     assert key(stop_forget_loss=1.25) != key(stop_forget_loss=1.25, stop_window=25)
     assert key(stop_forget_loss=1.25) != key(stop_forget_loss=1.5)
+    assert key() == key(stop_holdout=0.5, stop_every=3)        # no accuracy stop: its options change nothing
+    assert key(stop_forget_accuracy=30) == key(stop_forget_accuracy=30.0) != key()
+    assert key(stop_forget_accuracy=30) != key(stop_forget_accuracy=30, stop_holdout=0.5)
+    assert key(stop_forget_accuracy=30) != key(stop_forget_accuracy=30, stop_every=5)
+    assert key(stop_forget_accuracy=30) != key(stop_forget_loss=30)
     for bad, match in (({"stop_forget_loss": 0}, "--set vkd.stop_forget_loss=0"),
-                       ({"stop_forget_loss": 1.0, "stop_window": 0}, "--set vkd.stop_window=0")):
+                       ({"stop_forget_loss": 1.0, "stop_window": 0}, "--set vkd.stop_window=0"),
+                       ({"stop_forget_accuracy": 101}, "--set vkd.stop_forget_accuracy=101"),
+                       ({"stop_forget_accuracy": 30, "stop_forget_loss": 1.0}, "not both"),
+                       ({"stop_forget_accuracy": 30, "stop_holdout": 1.0}, "--set vkd.stop_holdout=1.0")):
         with pytest.raises(ValueError, match=match):
             CompareConfig(methods=("vkd",), overrides={"vkd": bad}).check()

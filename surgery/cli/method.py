@@ -64,6 +64,14 @@ def training_options(f):
                           "reaches this; --steps/--epochs are then the most it runs."),
         click.option("--stop-window", type=click.IntRange(min=1),
                      help="Steps averaged by --stop-forget-loss [default: 10]."),
+        click.option("--stop-forget-accuracy", type=click.FloatRange(min=0, max=100),
+                     help="Or hold back a share of each forget person's photos from training and stop early once "
+                          "the multiple-choice accuracy (%) of their rows is at most this."),
+        click.option("--stop-holdout", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
+                     help="The share of each forget person's photos --stop-forget-accuracy holds back "
+                          "[default: 0.2]."),
+        click.option("--stop-every", type=click.IntRange(min=1),
+                     help="Steps between the checks of --stop-forget-accuracy [default: 10]."),
         click.option("--schedule", type=click.Choice(["combined", "alternating"]),
                      help="combined: one update on forget + retain terms per step; alternating: a forget update "
                           "then a retain update [default: the method's own: mmu alternating (MMUnlearner's), "
@@ -138,6 +146,12 @@ def run_method(kw: dict) -> None:
     if kw.get("stop_window") is not None and kw.get("stop_forget_loss") is None:
         raise click.BadParameter("averages the loss that --stop-forget-loss stops by: give both",
                                  param_hint="--stop-window")
+    for name in ("stop_holdout", "stop_every"):
+        if kw.get(name) is not None and kw.get("stop_forget_accuracy") is None:
+            raise click.BadParameter("is a setting of --stop-forget-accuracy: give both",
+                                     param_hint=f"--{name.replace('_', '-')}")
+    if kw.get("stop_forget_loss") is not None and kw.get("stop_forget_accuracy") is not None:
+        raise click.BadParameter("give one early stop, not both", param_hint="--stop-forget-loss/--stop-forget-accuracy")
     if kw.get("npo_beta") is not None and not kw["npo_beta"] > 0:
         raise click.BadParameter(f"must be > 0, got {kw['npo_beta']}", param_hint="--npo-beta")
     if kw.get("vgid_sigma") is not None and not kw["vgid_sigma"] >= 0:

@@ -1,6 +1,7 @@
 """JSONL rows -> the four splits fvqa / fqa / rvqa / rqa, validated before any model work starts."""
 import json
-from dataclasses import dataclass, field
+import random
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from PIL import Image
@@ -98,12 +99,37 @@ class Splits:
     fqa: list[Row] = field(default_factory=list)
     rvqa: list[Row] = field(default_factory=list)
     rqa: list[Row] = field(default_factory=list)
+    held_back: list[Row] = field(default_factory=list)   # forget-VQA rows kept out of training (`hold_back`)
 
     def __getitem__(self, name: str) -> list[Row]:
         return getattr(self, name)
 
     def counts(self) -> dict[str, int]:
-        return {s: len(self[s]) for s in SPLITS}
+        return {s: len(self[s]) for s in SPLITS} | ({"held_back": len(self.held_back)} if self.held_back else {})
+
+
+def hold_back(splits: Splits, share: float, seed: int) -> Splits:
+    """`splits` with a `share` of each forget person's photos (at least one of every person with two or more; none
+    of a person with one) kept out: every forget-VQA row about a held-back photo moves from fvqa to held_back.
+    Rows without an entity count as one person. The photos are drawn with `seed`; the same rows give the same
+    split."""
+    photos: dict[str | None, list[str]] = {}
+    for r in splits.fvqa:
+        kept = photos.setdefault(r.entity, [])
+        if str(r.image) not in kept:
+            kept.append(str(r.image))
+    rng = random.Random(seed)
+    held = set()
+    for entity in sorted(photos, key=str):
+        names = sorted(photos[entity])
+        if len(names) >= 2:
+            held.update(rng.sample(names, min(len(names) - 1, max(1, round(share * len(names))))))
+    out = replace(splits, fvqa=[r for r in splits.fvqa if str(r.image) not in held],
+                  held_back=[r for r in splits.fvqa if str(r.image) in held])
+    if not [r for r in out.held_back if r.options]:
+        raise DataError("stop_forget_accuracy: no multiple-choice forget-VQA row to hold back (it needs a forget "
+                        "person with two or more photos and rows with options)")
+    return out
 
 
 def load_splits(forget, retain) -> Splits:

@@ -15,7 +15,11 @@ Early stopping (`cfg.stop_forget_loss`): the run stops after the first step at w
 (`loss_fvqa`, the cross-entropy of the right answer on the forget rows each step draws), averaged over the last
 `cfg.stop_window` steps, reaches the threshold; --steps/--epochs are then the most it runs. It reads only the batches
 the method trains on, so two models that forget at different speeds stop at a like depth. Every rank sees the same
-all-reduced loss and stops at the same step.
+all-reduced loss and stops at the same step. Or (`cfg.stop_forget_accuracy`): a share of each forget person's photos
+is held back from training (`data.hold_back`, in `pipeline.prepare`, so saliency never sees them either) and every
+`cfg.stop_every` steps the run measures the multiple-choice accuracy (option likelihood) of their rows; it stops at
+the first check at or below the threshold. That measures what the training loss cannot: whether the forgetting
+reaches photos the run has not trained on.
 
 A term's loss is the mean of its rows over the *global* batch: each rank sums its rows and scales by
 world size / global batch size, so DDP's gradient average is exactly the one-process gradient.
@@ -31,6 +35,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..bench.evaluate import ImageCache, score_likelihood
 from ..config import Config
 from ..data import SPLITS, Splits
 from ..distributed import World, in_graph, replicate
@@ -156,14 +161,29 @@ def batches(n: int, size: int, seed: int):
             pending = pending[size:]
 
 
-def check_stop(stop, window, where: str = "") -> None:
-    """Refuse early-stop settings the loop cannot use, before anything is computed; `where` starts the message
-    (e.g. "--set ")."""
-    if stop is not None and (isinstance(stop, bool) or not isinstance(stop, (int, float)) or not math.isfinite(stop)
-                             or stop <= 0):
-        raise ValueError(f"{where}stop_forget_loss={stop!r}: expected a number > 0 (or None: no early stop)")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"{where}stop_window={window!r}: expected a whole number of steps >= 1")
+def check_stop(settings, where: str = "") -> None:
+    """Refuse early-stop settings the loop cannot use, before anything is computed. `settings`: a Config, or a dict
+    of some of its fields (the others at Config's defaults); `where` starts the message (e.g. "--set ")."""
+    def get(name):
+        return getattr(settings, name) if isinstance(settings, Config) else settings.get(name, getattr(Config, name))
+
+    def number(x):
+        return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
+
+    loss, accuracy = get("stop_forget_loss"), get("stop_forget_accuracy")
+    if loss is not None and not (number(loss) and loss > 0):
+        raise ValueError(f"{where}stop_forget_loss={loss!r}: expected a number > 0 (or None: no early stop)")
+    if accuracy is not None and not (number(accuracy) and 0 <= accuracy <= 100):
+        raise ValueError(f"{where}stop_forget_accuracy={accuracy!r}: expected a percentage in [0, 100] (or None)")
+    if loss is not None and accuracy is not None:
+        raise ValueError(f"{where}stop_forget_loss and {where}stop_forget_accuracy: give one early stop, not both")
+    holdout = get("stop_holdout")
+    if not (number(holdout) and 0 < holdout < 1):
+        raise ValueError(f"{where}stop_holdout={holdout!r}: expected a share of the forget photos in (0, 1)")
+    for name in ("stop_window", "stop_every"):
+        value = get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}{name}={value!r}: expected a whole number of steps >= 1")
 
 
 def stop_early(cfg: Config, history: list[dict]) -> float | None:
@@ -178,6 +198,22 @@ def stop_early(cfg: Config, history: list[dict]) -> float | None:
         return None
     mean = sum(r["loss_fvqa"] for r in history[-cfg.stop_window:]) / cfg.stop_window
     return mean if mean >= cfg.stop_forget_loss else None
+
+
+def held_back_accuracy(ctx: Context, images: ImageCache) -> float:
+    """The option-likelihood accuracy (%) of the held-back forget-VQA rows (`data.hold_back`) on the model as it is
+    now. Every rank scores every row (a sharded LLM needs the same forwards on every rank) and the counts are summed
+    over the ranks, so all of them stop at the same step."""
+    rows = [r for r in ctx.splits.held_back if r.options]
+    model = ctx.adapter.model
+    training = model.training
+    model.eval()
+    try:
+        hits = score_likelihood(ctx.adapter, rows, images)
+    finally:
+        model.train(training)
+    hits, count = ctx.world.all_reduce_(torch.tensor([float(sum(hits)), float(len(hits))], dtype=torch.float64)).tolist()
+    return 100.0 * hits / count
 
 
 def _backward(ctx: Context, method: Method, group: list[str], streams: dict, sums: dict) -> None:
@@ -235,10 +271,18 @@ def train(ctx: Context, method: Method, progress: bool = True) -> list[dict]:
     streams = {s: batches(len(ctx.splits[s]), cfg.batch_size, cfg.seed * len(SPLITS) + SPLITS.index(s))
                for g in groups for s in g}
     steps = steps_of(cfg, method, ctx.splits)
-    check_stop(cfg.stop_forget_loss, cfg.stop_window)
+    check_stop(cfg)
     if cfg.stop_forget_loss is not None and steps < cfg.stop_window:
         log.warning("%s: %d steps are fewer than --stop-window %d: the early stop cannot fire", method.name, steps,
                     cfg.stop_window)
+    by_accuracy = cfg.stop_forget_accuracy is not None
+    if by_accuracy and not ctx.splits.held_back:
+        raise ValueError("stop_forget_accuracy needs forget rows held back (`data.hold_back`, done by "
+                         "`pipeline.prepare`)")
+    if by_accuracy and steps < cfg.stop_every:
+        log.warning("%s: %d steps are fewer than --stop-every %d: the early stop cannot fire", method.name, steps,
+                    cfg.stop_every)
+    images = ImageCache()
     history, t0 = [], time.perf_counter()
     for step in tqdm(range(1, steps + 1), desc=method.name, disable=not (progress and world.main)):
         record, sums = {"step": step}, {}
@@ -271,6 +315,12 @@ def train(ctx: Context, method: Method, progress: bool = True) -> list[dict]:
             log.info("%s: stopped after step %d of %d: the forget-VQA loss of the last %d steps averaged %.3f >= %g",
                      method.name, step, steps, cfg.stop_window, mean, cfg.stop_forget_loss)
             break
+        if by_accuracy and step % cfg.stop_every == 0:
+            record["held_back_accuracy"] = held_back_accuracy(ctx, images)
+            if record["held_back_accuracy"] <= cfg.stop_forget_accuracy:
+                log.info("%s: stopped after step %d of %d: the held-back forget photos' accuracy %.1f %% <= %g %%",
+                         method.name, step, steps, record["held_back_accuracy"], cfg.stop_forget_accuracy)
+                break
     ctx.info["steps_run"] = len(history)
     ctx.timings["train_s"] = time.perf_counter() - t0
     ctx.timings["step_s"] = ctx.timings["train_s"] / max(len(history), 1)

@@ -125,8 +125,8 @@ def test_demo_quick_end_to_end(tmp_path):
     assert {"torch", "transformers", "surgery"} <= set(rep["environment"]) and rep["seeds"] == [0]
     assert rep["threads"] == 1 and torch.get_num_threads() == threads      # pinned for the run, then restored
     assert rep["config"]["unlearn"]["beta"] == UNLEARN["beta"] and "total_s" in rep["timings"] and rep["views"] == "test"
-    assert rep["config"]["unlearn"]["stop_forget_loss"] == UNLEARN["stop_forget_loss"]    # early stop set
-    runs = seed["unlearn"].values()                    # ... but --quick's 4 steps are fewer than its window
+    assert rep["config"]["unlearn"]["stop_forget_accuracy"] == UNLEARN["stop_forget_accuracy"]    # early stop set
+    runs = seed["unlearn"].values()                    # ... but --quick's 4 steps are fewer than its check interval
     assert {u["steps_run"] for u in runs} == {4} == {len(u["losses"]) for u in runs}
     # from nothing, one plan: stage 0 + text here while both towers train there, every step timed, and the seed
     assert {"llm+text[vanilla]_s[0]", "tower[vanilla]_s[0]", "tower[reference]_s[0]", "model[reference]_s[0]",
@@ -190,10 +190,12 @@ def test_demo_seeds_dev_views_and_settings(tmp_path):
     with pytest.raises(ValueError, match="--processes 0"):
         DemoConfig.make(processes=0)
     for bad, match in (({"stop_forget_loss": 0}, "stop_forget_loss=0"), ({"stop_forget_loss": "x"}, "number > 0"),
-                       ({"stop_window": 0}, "stop_window=0"), ({"stop_window": 2.5}, "whole number")):
+                       ({"stop_window": 0}, "stop_window=0"), ({"stop_window": 2.5}, "whole number"),
+                       ({"stop_forget_accuracy": 150}, "stop_forget_accuracy=150"),
+                       ({"stop_forget_loss": 1.25}, "not both"), ({"stop_every": 0}, "stop_every=0")):
         with pytest.raises(ValueError, match=match):
             DemoConfig.make(unlearn=bad)
-    assert DemoConfig.make(unlearn={"stop_forget_loss": None, "steps": 150}).unlearn["stop_forget_loss"] is None
+    assert DemoConfig.make(unlearn={"stop_forget_accuracy": None, "steps": 150}).unlearn["stop_forget_accuracy"] is None
 
 
 def test_targets_are_checked_on_the_means_for_both_attacks():

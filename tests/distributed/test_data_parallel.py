@@ -1,8 +1,8 @@
 """Two processes (torchrun, gloo, CPU) against one: the world size changes nothing but speed.
 
 One torchrun job runs `collect`, `prune-and-mask`, `prune-and-mask --shard-llm --checkpoint-llm` (with the VKD teacher
-memory-mapped from disk; LLaVA, and Qwen2.5-VL's gated MLPs) and `unlearn --method ga_diff` (scope full: dead layers
-and text splits) on two ranks; the references are the same commands run in this process, on one."""
+memory-mapped from disk; LLaVA, and Qwen2.5-VL's gated MLPs), `prune-and-mask --shard-llm --stop-forget-accuracy` and
+`unlearn --method ga_diff` (scope full: dead layers and text splits) on two ranks; the references are the same commands run in this process, on one."""
 import json
 
 import pytest
@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from rowdata import write_split
+from rowdata import write_photo_split, write_split
 from launcher import finish, start, torchrun
 from surgery.config import Config
 from surgery.pipeline import run
@@ -26,10 +26,13 @@ def runs(tiny_dirs, tmp_path_factory):
     forget, retain = write_split(d / "forget.jsonl", 5, 3, seed=1, prefix="f"), \
         write_split(d / "retain.jsonl", 7, 4, seed=2, prefix="r")
     data = ["--model", str(tiny_dirs["tiny-llava"]), "--forget", str(forget), "--retain", str(retain)]
+    photos = write_photo_split(d / "photos.jsonl")      # people with several photos: some held back
+    stop = ["--steps", "4", "--stop-every", "2", "--stop-forget-accuracy", "100", "--stop-holdout", "0.3"]
     two = {"collect": ["collect", *data, "--collect-batch-size", "2"],
            "vkd": ["prune-and-mask", *data, *COMMON],
            "vkd_sharded": ["prune-and-mask", *data, *COMMON, "--shard-llm", "--checkpoint-llm", "--teacher-memory", "0",
                            "--teacher-cache", str(d / "teacher")],
+           "vkd_stop_sharded": ["prune-and-mask", *data, *COMMON, *stop, "--forget", str(photos), "--shard-llm"],
            "ga_diff": ["unlearn", "--method", "ga_diff", *data, *COMMON],
            "qwen_sharded": ["prune-and-mask", *data, *COMMON, "--shard-llm", "--checkpoint-llm", "--model",
                             str(tiny_dirs["tiny-qwen2.5-vl"])]}
@@ -43,6 +46,8 @@ def runs(tiny_dirs, tmp_path_factory):
     try:
         for method in ("vkd", "ga_diff"):
             run(Config(method=method, out=str(d / f"one_{method}"), **base), progress=False)
+        run(Config(method="vkd", out=str(d / "one_vkd_stop"), **{**base, "forget": str(photos), "steps": 4},
+                   stop_every=2, stop_forget_accuracy=100, stop_holdout=0.3), progress=False)
         run(Config(method="vkd", out=str(d / "one_qwen"), **{**base, "model": str(tiny_dirs["tiny-qwen2.5-vl"])}),
             progress=False)
     finally:
@@ -52,7 +57,7 @@ def runs(tiny_dirs, tmp_path_factory):
     assert "--shard-llm: the language model in 3 FSDP units over 2 ranks" in job.stderr
     return {"dir": d, "vanilla": tiny_dirs["tiny-llava"], "vanilla_qwen": tiny_dirs["tiny-qwen2.5-vl"],
             **{f"two_{n}": d / f"two_{n}" for n in two},
-            **{f"one_{m}": d / f"one_{m}" for m in ("vkd", "ga_diff", "qwen")}}
+            **{f"one_{m}": d / f"one_{m}" for m in ("vkd", "ga_diff", "qwen", "vkd_stop")}}
 
 
 def assert_weights_match(one, two, vanilla):
@@ -110,6 +115,15 @@ def test_prune_and_mask_matches_one_process(runs, name):
     report = json.loads((two / "report.json").read_text())
     assert report["world_size"] == 2
     assert report["config"]["shard_llm"] == (name == "two_vkd_sharded")
+
+
+def test_accuracy_stop_on_a_sharded_llm_matches_one_process(runs):
+    """Every rank scores the held-back rows (the sharded LLM needs the same forwards on each) and all stop at the
+    same check, with the one-process run's accuracy and weights."""
+    one, two = (json.loads((runs[n] / "report.json").read_text()) for n in ("one_vkd_stop", "two_vkd_stop_sharded"))
+    assert one["steps_run"] == two["steps_run"] == 2 and one["splits"] == two["splits"]
+    assert two["losses"][1]["held_back_accuracy"] == pytest.approx(one["losses"][1]["held_back_accuracy"])
+    assert_weights_match(runs["one_vkd_stop"], runs["two_vkd_stop_sharded"], runs["vanilla"])
 
 
 def test_sharded_gated_qwen_matches_one_process(runs):

@@ -2,19 +2,22 @@
 import json
 import math
 from collections import Counter
+from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 import surgery.methods as methods
 from surgery.cli import main
 from surgery.config import Config
-from surgery.data import Splits
+from surgery.data import DataError, Row, Splits, hold_back, load_splits
 from surgery.distributed import World
 from surgery.methods import Method, NonFiniteError, Term
 from surgery.methods.loop import batches, check_stop, steps_of, stop_early
-from surgery.models import answer_loss
+from surgery.models import Example, answer_loss, load
 from surgery.pipeline import run
+from rowdata import write_photo_split, write_split
 
 
 @pytest.mark.parametrize("n,size", [(7, 3), (5, 4), (6, 6), (3, 8)])
@@ -94,14 +97,22 @@ def test_stop_early_averages_the_last_window_of_forget_losses():
         stop_early(Config(stop_forget_loss=1.0, stop_window=10), [{"step": 1, "loss_npo_fvqa": 2.0}])
 
 
-@pytest.mark.parametrize("stop,window,match", [(0, 10, "stop_forget_loss=0"), (-1.0, 10, "stop_forget_loss=-1.0"),
-                                               (float("nan"), 10, "stop_forget_loss=nan"), ("x", 10, "number > 0"),
-                                               (True, 10, "stop_forget_loss=True"), (1.0, 0, "stop_window=0"),
-                                               (1.0, 2.5, "stop_window=2.5"), (None, True, "stop_window=True")])
-def test_check_stop_refuses_what_the_loop_cannot_use(stop, window, match):
+@pytest.mark.parametrize("settings,match", [
+    ({"stop_forget_loss": 0}, "stop_forget_loss=0"), ({"stop_forget_loss": -1.0}, "stop_forget_loss=-1.0"),
+    ({"stop_forget_loss": float("nan")}, "stop_forget_loss=nan"), ({"stop_forget_loss": "x"}, "number > 0"),
+    ({"stop_forget_loss": True}, "stop_forget_loss=True"), ({"stop_window": 0}, "stop_window=0"),
+    ({"stop_window": 2.5}, "stop_window=2.5"), ({"stop_window": True}, "stop_window=True"),
+    ({"stop_forget_accuracy": -1}, "stop_forget_accuracy=-1"), ({"stop_forget_accuracy": 100.5}, "in \\[0, 100\\]"),
+    ({"stop_forget_accuracy": 30, "stop_forget_loss": 1.0}, "not both"), ({"stop_holdout": 0}, "stop_holdout=0"),
+    ({"stop_holdout": 1}, "stop_holdout=1"), ({"stop_every": 0}, "stop_every=0")])
+def test_check_stop_refuses_what_the_loop_cannot_use(settings, match):
     with pytest.raises(ValueError, match=match):
-        check_stop(stop, window)
-    check_stop(None, 10), check_stop(1, 1), check_stop(1.25, 10)     # these pass
+        check_stop(settings)
+    with pytest.raises(ValueError, match=match):
+        check_stop(Config(**settings))                               # a Config is read the same way
+    for fine in ({}, {"stop_forget_loss": 1, "stop_window": 1}, {"stop_forget_loss": 1.25},
+                 {"stop_forget_accuracy": 0}, {"stop_forget_accuracy": 35.0, "stop_holdout": 0.5, "stop_every": 1}):
+        check_stop(fine), check_stop(Config(**fine))                # these pass
 
 
 def _prune_and_mask(tiny_dirs, data, out, *args):
@@ -132,7 +143,12 @@ def test_stop_forget_loss_ends_the_run_at_the_first_window_that_reaches_it(tiny_
 def test_stop_options_refuse_bad_values(tiny_dirs, data, tmp_path):
     for args, hint in ((["--stop-forget-loss", "0"], "--stop-forget-loss"),
                        (["--stop-forget-loss", "1", "--stop-window", "0"], "--stop-window"),
-                       (["--stop-window", "5"], "--stop-window")):          # a window without a threshold
+                       (["--stop-window", "5"], "--stop-window"),           # a window without a threshold
+                       (["--stop-forget-accuracy", "101"], "--stop-forget-accuracy"),
+                       (["--stop-forget-accuracy", "30", "--stop-holdout", "1"], "--stop-holdout"),
+                       (["--stop-forget-accuracy", "30", "--stop-every", "0"], "--stop-every"),
+                       (["--stop-every", "5"], "--stop-every"),              # a setting of the accuracy stop alone
+                       (["--stop-forget-accuracy", "30", "--stop-forget-loss", "1"], "not both")):
         res = _prune_and_mask(tiny_dirs, data, tmp_path / "o", "--steps", "3", *args)
         assert res.exit_code == 2 and hint in res.output and not (tmp_path / "o").exists()
 
@@ -146,3 +162,67 @@ def test_stop_forget_loss_needs_a_method_that_logs_the_forget_answer_loss(tiny_d
     with pytest.raises(ValueError, match="stop_window=0"):   # refused before the model is loaded
         run(Config(method="vkd", model=str(tmp_path / "no-such-model"), out=str(out), stop_forget_loss=1.0,
                    stop_window=0), progress=False)
+
+
+def test_hold_back_moves_a_share_of_each_persons_photos():
+    def row(entity, photo, options=True):
+        return Row("Q?", "a (A)", Path(f"/x/{entity}-{photo}.png"), {"A": "a", "B": "b"} if options else None,
+                   "A" if options else None, entity)
+    fvqa = [row(e, k, options=q == 0) for e, n in (("one", 1), ("two", 2), ("five", 5), ("ten", 10))
+            for k in range(n) for q in range(2)]
+    splits = Splits(fvqa, [], [row("r", 0)], [])
+    out = hold_back(splits, 0.2, seed=3)
+    photos = lambda rows, e: {r.image for r in rows if r.entity == e}
+    assert [len(photos(out.held_back, e)) for e in ("one", "two", "five", "ten")] == [0, 1, 1, 2]
+    for e in ("one", "two", "five", "ten"):                        # every photo on exactly one side, rows whole
+        assert photos(out.held_back, e) | photos(out.fvqa, e) == photos(fvqa, e)
+        assert not photos(out.held_back, e) & photos(out.fvqa, e)
+    assert len(out.fvqa) + len(out.held_back) == len(fvqa) and out.rvqa == splits.rvqa and not splits.held_back
+    assert hold_back(splits, 0.2, seed=3) == out and hold_back(splits, 0.5, seed=3) != out
+    assert len(photos(hold_back(splits, 0.99, seed=3).held_back, "ten")) == 9     # one photo always trains
+    with pytest.raises(DataError, match="no multiple-choice forget-VQA row to hold back"):
+        hold_back(Splits([row("one", 0), row("two", 0, options=False), row("two", 1, options=False)]), 0.5, 0)
+
+
+def _accuracy_by_hand(model_dir, rows) -> float:
+    """Each option's answer "<option> (<letter>)" scored by its summed token log-probability (the answer tokens as
+    `Adapter.encode` labels them), one sequence at a time; the share of rows whose best option is the correct one."""
+    adapter = load(str(model_dir), seed=0)
+    adapter.model.eval()
+    hits = 0
+    with torch.no_grad():
+        for r in rows:
+            scores = {}
+            for letter, text in r.options.items():
+                batch = adapter.encode([Example(r.prompt(), f"{text} ({letter})", r.load_image())])
+                logp = torch.log_softmax(adapter.model(**batch.inputs).logits[0, :-1].float(), -1)
+                labels = batch.labels[0, 1:]
+                keep = labels != -100
+                scores[letter] = logp[keep].gather(-1, labels[keep].unsqueeze(-1)).sum().item()
+            hits += max(scores, key=scores.get) == r.correct
+    return 100.0 * hits / len(rows)
+
+
+def test_stop_forget_accuracy_measures_held_back_photos_and_stops_at_the_first_check_that_reaches_it(tiny_dirs,
+                                                                                                      tmp_path):
+    forget = write_photo_split(tmp_path / "forget.jsonl")
+    retain = write_split(tmp_path / "retain.jsonl", 7, 4, seed=2, prefix="r")
+    data = (forget, retain)
+    every = ["--steps", "6", "--stop-every", "3", "--stop-holdout", "0.3"]
+    first = _prune_and_mask(tiny_dirs, data, tmp_path / "a", *every, "--stop-forget-accuracy", "100")
+    assert first.exit_code == 0, first.output
+    a = json.loads(first.stdout)
+    # 0.3 of 3 photos: one photo of each person, its two rows, out of training
+    assert a["splits"]["held_back"] == 6 and a["splits"]["fvqa"] == 12
+    assert a["steps_run"] == 3 and [("held_back_accuracy" in r) for r in a["losses"]] == [False, False, True]
+    held = hold_back(load_splits(forget, retain), 0.3, seed=0).held_back
+    assert a["losses"][2]["held_back_accuracy"] == pytest.approx(_accuracy_by_hand(tmp_path / "a", held))
+    # at 0 it stops at step 3 only if nothing held back was right there; else it checks again at 6 and ends there
+    second = _prune_and_mask(tiny_dirs, data, tmp_path / "b", *every, "--stop-forget-accuracy", "0")
+    b = json.loads(second.stdout)
+    assert b["steps_run"] == (3 if a["losses"][2]["held_back_accuracy"] == 0 else 6)
+    assert b["losses"][:3] == a["losses"]                       # the same held-back rows, the same first steps
+    # a saliency file collected with photos held back is refused for a run that holds back none
+    res = _prune_and_mask(tiny_dirs, data, tmp_path / "c", "--steps", "2", "--saliency",
+                          str(tmp_path / "a" / "saliency.safetensors"))
+    assert res.exit_code != 0 and "held-back forget photos" in res.output and not (tmp_path / "c").exists()
