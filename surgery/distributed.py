@@ -177,11 +177,15 @@ def checkpoint_llm(adapter) -> int:
     Set on each layer's `forward` (the instance attribute), so module hooks, FSDP2's all-gather among them, stay
     outside and run once. Not transformers' activation_checkpointing_enable (5.23; gradient_checkpointing_enable
     before): that only checkpoints modules in training mode, and the model stays in eval mode (no dropout) so that
-    the loss is the one we evaluate. The recompute must not see a KV cache (it would append to it twice)."""
+    the loss is the one we evaluate. The recompute must not see a KV cache (it would append to it twice). Without
+    gradients (scoring, e.g. the held-back photos of --stop-forget-accuracy) nothing is recomputed: the layer runs as
+    it is, KV cache included."""
     from torch.utils.checkpoint import checkpoint
 
     def checkpointed(forward):
         def run(*args, **kwargs):
+            if not torch.is_grad_enabled():
+                return forward(*args, **kwargs)
             if kwargs.get("past_key_values") is not None:
                 kwargs["past_key_values"] = None
             if kwargs.get("use_cache"):

@@ -125,6 +125,7 @@ def prepare(cfg: Config, world: distributed.World | None = None):
     world = world or distributed.World.current()
     seed_everything(cfg.seed)
     check_device(cfg.device)
+    check_stop(cfg)
     splits = load_splits(cfg.forget, cfg.retain)
     if cfg.stop_forget_accuracy is not None:
         splits = hold_back(splits, cfg.stop_holdout, cfg.seed)
@@ -166,6 +167,8 @@ def run(cfg: Config, overwrite: bool = False, progress: bool = True) -> dict:
     the model, the method's files and report.json into cfg.out (atomically: a failure leaves nothing)."""
     cfg, method = resolve(cfg)
     check_stop(cfg)
+    if not method.trains and (cfg.stop_forget_loss is not None or cfg.stop_forget_accuracy is not None):
+        raise ValueError(f"{method.name} does not train: --stop-forget-loss / --stop-forget-accuracy do not apply")
     out = Path(cfg.out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"--out {out} already exists (pass --overwrite to replace it)")

@@ -5,6 +5,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +65,7 @@ def source_of(forget, retain, params: dict[str, torch.nn.Parameter], batch_size:
     digest = {k: hashlib.sha256(Path(f).read_bytes()).hexdigest() for k, f in (("forget", forget), ("retain", retain))}
     weights = {n: [list(p.shape), float(p.detach().double().sum()), float(p.detach().double().abs().sum())]
                for n, p in params.items()}
-    photos = sorted({Path(r.image).name for r in held_back})
+    photos = sorted({os.path.relpath(r.image, Path(forget).parent) for r in held_back})
     return {**digest, "collect_batch_size": batch_size, **({"held_back": photos} if photos else {}),
             "weights": weights}
 
@@ -78,7 +79,10 @@ def check_source(sal: Saliency, expected: dict, path) -> None:
                       ("held_back", "set of held-back forget photos (--stop-forget-accuracy, --stop-holdout, --seed)")):
         if got.get(key) != expected.get(key):
             now = "" if key != "collect_batch_size" else f" ({got.get(key)}, now {expected[key]})"
-            raise ValueError(f"--saliency {path}: collected with another {what}{now}")
+            hint = "" if key != "held_back" else (": reuse the saliency.safetensors of a run with the same "
+                                                   "--stop-forget-accuracy, --stop-holdout and --seed, or leave "
+                                                   "--saliency out")
+            raise ValueError(f"--saliency {path}: collected with another {what}{now}{hint}")
     if set(got["weights"]) != set(expected["weights"]):
         raise ValueError(f"--saliency {path}: collected for other parameters (scope or --layers differ)")
     for name, (shape, *sums) in expected["weights"].items():

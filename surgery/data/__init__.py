@@ -111,23 +111,27 @@ class Splits:
 def hold_back(splits: Splits, share: float, seed: int) -> Splits:
     """`splits` with a `share` of each forget person's photos (at least one of every person with two or more; none
     of a person with one) kept out: every forget-VQA row about a held-back photo moves from fvqa to held_back.
-    Rows without an entity count as one person. The photos are drawn with `seed`; the same rows give the same
-    split."""
+    Rows without an entity count as one person. A photo several people share (a group photo) is held back only if
+    each of them keeps another one. The photos are drawn with `seed`; the same rows give the same split."""
     photos: dict[str | None, list[str]] = {}
+    owners: dict[str, set] = {}
     for r in splits.fvqa:
         kept = photos.setdefault(r.entity, [])
         if str(r.image) not in kept:
             kept.append(str(r.image))
+        owners.setdefault(str(r.image), set()).add(r.entity)
     rng = random.Random(seed)
     held = set()
     for entity in sorted(photos, key=str):
         names = sorted(photos[entity])
         if len(names) >= 2:
-            held.update(rng.sample(names, min(len(names) - 1, max(1, round(share * len(names))))))
+            for photo in rng.sample(names, min(len(names) - 1, max(1, round(share * len(names))))):
+                if photo not in held and all(len(set(photos[e]) - held - {photo}) >= 1 for e in owners[photo]):
+                    held.add(photo)
     out = replace(splits, fvqa=[r for r in splits.fvqa if str(r.image) not in held],
                   held_back=[r for r in splits.fvqa if str(r.image) in held])
     if not [r for r in out.held_back if r.options]:
-        raise DataError("stop_forget_accuracy: no multiple-choice forget-VQA row to hold back (it needs a forget "
+        raise DataError("--stop-forget-accuracy: no multiple-choice forget-VQA row to hold back (it needs a forget "
                         "person with two or more photos and rows with options)")
     return out
 

@@ -6,12 +6,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from rowdata import write_photo_split
+from surgery.bench.evaluate import ImageCache, _answer_ids, _continuation_logprobs, _prefill, option_answer
 from surgery.config import Config
-from surgery.data import load_splits
+from surgery.data import load_jsonl, load_splits
 from surgery.distributed import World, checkpoint_llm, decoder_layers, launch
 from surgery.methods import teacher
 from surgery.methods.vkd import projector_features
-from surgery.models import answer_loss, load
+from surgery.models import Example, answer_loss, load
 from surgery.saliency import examples
 
 
@@ -68,6 +70,25 @@ def test_checkpoint_llm_gives_the_same_gradients(tiny_dirs, data):
     assert checkpointed_bytes < 0.8 * plain_bytes
     frozen = [p for n, p in adapter.model.named_parameters() if n not in params]
     assert frozen and all(p.grad is None for p in frozen)  # no gradient buffers for frozen weights
+
+
+def test_checkpointed_llm_scores_with_its_kv_cache(tiny_dirs, tmp_path):
+    """Without gradients (the held-back photos of --stop-forget-accuracy) a checkpointed layer runs as it is: the
+    options are scored after the prompt's KV cache, as without checkpointing (the wrapper used to drop the cache)."""
+    rows = [r for r in load_jsonl(write_photo_split(tmp_path / "photos.jsonl")) if r.options]
+    adapter = load(str(tiny_dirs["tiny-llava"]))
+    adapter.model.eval()
+
+    def option_scores():
+        images = ImageCache()
+        cache, mask, first = _prefill(adapter, [Example(r.prompt(), None, images(r)) for r in rows])
+        assert cache.get_seq_length() > 0
+        answers = [[_answer_ids(adapter, option_answer(r, letter)) for letter in sorted(r.options)] for r in rows]
+        return _continuation_logprobs(adapter, cache, mask, first, answers)
+    with torch.no_grad():
+        plain = option_scores()
+        checkpoint_llm(adapter)
+        torch.testing.assert_close(option_scores(), plain)
 
 
 @pytest.mark.parametrize("file_bytes", [teacher.FILE_BYTES, 1])

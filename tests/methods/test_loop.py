@@ -159,6 +159,10 @@ def test_stop_forget_loss_needs_a_method_that_logs_the_forget_answer_loss(tiny_d
         run(Config(method="npo", model=str(tiny_dirs["tiny-llava"]), forget=str(data[0]), retain=str(data[1]),
                    out=str(out), steps=3, stop_forget_loss=1.0, stop_window=10), progress=False)
     assert not out.exists() and not list(tmp_path.glob(".npo*"))
+    with pytest.raises(ValueError, match="manu does not train"):   # a training-free method: refused, nothing written
+        run(Config(method="manu", model=str(tiny_dirs["tiny-llava"]), forget=str(data[0]), retain=str(data[1]),
+                   out=str(out), stop_forget_accuracy=30), progress=False)
+    assert not out.exists()
     with pytest.raises(ValueError, match="stop_window=0"):   # refused before the model is loaded
         run(Config(method="vkd", model=str(tmp_path / "no-such-model"), out=str(out), stop_forget_loss=1.0,
                    stop_window=0), progress=False)
@@ -180,6 +184,13 @@ def test_hold_back_moves_a_share_of_each_persons_photos():
     assert len(out.fvqa) + len(out.held_back) == len(fvqa) and out.rvqa == splits.rvqa and not splits.held_back
     assert hold_back(splits, 0.2, seed=3) == out and hold_back(splits, 0.5, seed=3) != out
     assert len(photos(hold_back(splits, 0.99, seed=3).held_back, "ten")) == 9     # one photo always trains
+    # a photo of two people: held back only if each keeps another (p = {a, b}, q = {b, c}: never both of p's)
+    group = [row(e, 0) for e in "pq"]
+    for entity, photo in (("p", "a"), ("p", "b"), ("q", "b"), ("q", "c")):
+        group.append(Row("Q?", "a (A)", Path(f"/x/{photo}.png"), {"A": "a", "B": "b"}, "A", entity))
+    for seed in range(12):
+        out = hold_back(Splits(group[2:]), 0.5, seed=seed)
+        assert all(photos(out.fvqa, e) for e in "pq"), seed
     with pytest.raises(DataError, match="no multiple-choice forget-VQA row to hold back"):
         hold_back(Splits([row("one", 0), row("two", 0, options=False), row("two", 1, options=False)]), 0.5, 0)
 
