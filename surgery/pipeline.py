@@ -166,7 +166,6 @@ def run(cfg: Config, overwrite: bool = False, progress: bool = True) -> dict:
     """Unlearn with cfg.method: load -> the method's prepare (selection, pruning, masks) -> the shared loop -> save
     the model, the method's files and report.json into cfg.out (atomically: a failure leaves nothing)."""
     cfg, method = resolve(cfg)
-    check_stop(cfg)
     if not method.trains and (cfg.stop_forget_loss is not None or cfg.stop_forget_accuracy is not None):
         raise ValueError(f"{method.name} does not train: --stop-forget-loss / --stop-forget-accuracy do not apply")
     out = Path(cfg.out)

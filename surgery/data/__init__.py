@@ -113,12 +113,10 @@ def hold_back(splits: Splits, share: float, seed: int) -> Splits:
     of a person with one) kept out: every forget-VQA row about a held-back photo moves from fvqa to held_back.
     Rows without an entity count as one person. A photo several people share (a group photo) is held back only if
     each of them keeps another one. The photos are drawn with `seed`; the same rows give the same split."""
-    photos: dict[str | None, list[str]] = {}
-    owners: dict[str, set] = {}
+    photos: dict[str | None, set[str]] = {}      # person -> their photos
+    owners: dict[str, set] = {}                  # photo -> the people in it
     for r in splits.fvqa:
-        kept = photos.setdefault(r.entity, [])
-        if str(r.image) not in kept:
-            kept.append(str(r.image))
+        photos.setdefault(r.entity, set()).add(str(r.image))
         owners.setdefault(str(r.image), set()).add(r.entity)
     rng = random.Random(seed)
     held = set()
@@ -126,7 +124,7 @@ def hold_back(splits: Splits, share: float, seed: int) -> Splits:
         names = sorted(photos[entity])
         if len(names) >= 2:
             for photo in rng.sample(names, min(len(names) - 1, max(1, round(share * len(names))))):
-                if photo not in held and all(len(set(photos[e]) - held - {photo}) >= 1 for e in owners[photo]):
+                if photo not in held and all(photos[e] - held - {photo} for e in owners[photo]):
                     held.add(photo)
     out = replace(splits, fvqa=[r for r in splits.fvqa if str(r.image) not in held],
                   held_back=[r for r in splits.fvqa if str(r.image) in held])

@@ -200,18 +200,12 @@ def stop_early(cfg: Config, history: list[dict]) -> float | None:
     return mean if mean >= cfg.stop_forget_loss else None
 
 
-def held_back_accuracy(ctx: Context, images: ImageCache) -> float:
-    """The option-likelihood accuracy (%) of the held-back forget-VQA rows (`data.hold_back`) on the model as it is
-    now. Every rank scores every row (a sharded LLM needs the same forwards on every rank) and the counts are summed
-    over the ranks, so all of them stop at the same step."""
-    rows = [r for r in ctx.splits.held_back if r.options]
-    model = ctx.adapter.model
-    training = model.training
-    model.eval()
-    try:
-        hits = score_likelihood(ctx.adapter, rows, images)
-    finally:
-        model.train(training)
+def held_back_accuracy(ctx: Context, rows: list, images: ImageCache) -> float:
+    """The option-likelihood accuracy (%) of `rows`, the held-back multiple-choice forget-VQA rows (`data.hold_back`),
+    on the model as it is now (in eval mode, as throughout unlearning). Every rank scores every row (a sharded LLM
+    needs the same forwards on every rank) and the counts are summed over the ranks, so all of them stop at the same
+    step."""
+    hits = score_likelihood(ctx.adapter, rows, images)
     hits, count = ctx.world.all_reduce_(torch.tensor([float(sum(hits)), float(len(hits))], dtype=torch.float64)).tolist()
     return 100.0 * hits / count
 
@@ -276,13 +270,13 @@ def train(ctx: Context, method: Method, progress: bool = True) -> list[dict]:
         log.warning("%s: %d steps are fewer than --stop-window %d: the early stop cannot fire", method.name, steps,
                     cfg.stop_window)
     by_accuracy = cfg.stop_forget_accuracy is not None
-    if by_accuracy and not ctx.splits.held_back:
+    held, images = ([r for r in ctx.splits.held_back if r.options], ImageCache()) if by_accuracy else ([], None)
+    if by_accuracy and not held:
         raise ValueError("stop_forget_accuracy needs forget rows held back (`data.hold_back`, done by "
                          "`pipeline.prepare`)")
     if by_accuracy and steps < cfg.stop_every:
         log.warning("%s: %d steps are fewer than --stop-every %d: the early stop cannot fire", method.name, steps,
                     cfg.stop_every)
-    images = ImageCache()
     history, t0 = [], time.perf_counter()
     for step in tqdm(range(1, steps + 1), desc=method.name, disable=not (progress and world.main)):
         record, sums = {"step": step}, {}
@@ -316,7 +310,7 @@ def train(ctx: Context, method: Method, progress: bool = True) -> list[dict]:
                      method.name, step, steps, cfg.stop_window, mean, cfg.stop_forget_loss)
             break
         if by_accuracy and step % cfg.stop_every == 0:
-            record["held_back_accuracy"] = held_back_accuracy(ctx, images)
+            record["held_back_accuracy"] = held_back_accuracy(ctx, held, images)
             if record["held_back_accuracy"] <= cfg.stop_forget_accuracy:
                 log.info("%s: stopped after step %d of %d: the held-back forget photos' accuracy %.1f %% <= %g %%",
                          method.name, step, steps, record["held_back_accuracy"], cfg.stop_forget_accuracy)
