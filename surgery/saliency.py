@@ -75,14 +75,14 @@ def check_source(sal: Saliency, expected: dict, path) -> None:
     got = sal.source
     if not got:
         raise ValueError(f"--saliency {path}: records no source (written by an older surgery); collect it again")
-    for key, what in (("forget", "forget file"), ("retain", "retain file"), ("collect_batch_size", "collect batch size"),
-                      ("held_back", "set of held-back forget photos (--stop-forget-accuracy, --stop-holdout, --seed)")):
+    for key, what in (("forget", "forget file"), ("retain", "retain file"),
+                      ("collect_batch_size", f"collect batch size ({got.get('collect_batch_size')}, now "
+                                             f"{expected['collect_batch_size']})"),
+                      ("held_back", "set of held-back forget photos (--stop-forget-accuracy, --stop-holdout, --seed): "
+                                    "reuse the saliency.safetensors of a run with the same --stop-forget-accuracy, "
+                                    "--stop-holdout and --seed, or leave --saliency out")):
         if got.get(key) != expected.get(key):
-            now = "" if key != "collect_batch_size" else f" ({got.get(key)}, now {expected[key]})"
-            hint = "" if key != "held_back" else (": reuse the saliency.safetensors of a run with the same "
-                                                   "--stop-forget-accuracy, --stop-holdout and --seed, or leave "
-                                                   "--saliency out")
-            raise ValueError(f"--saliency {path}: collected with another {what}{now}{hint}")
+            raise ValueError(f"--saliency {path}: collected with another {what}")
     if set(got["weights"]) != set(expected["weights"]):
         raise ValueError(f"--saliency {path}: collected for other parameters (scope or --layers differ)")
     for name, (shape, *sums) in expected["weights"].items():

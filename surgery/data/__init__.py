@@ -128,7 +128,7 @@ def hold_back(splits: Splits, share: float, seed: int) -> Splits:
                     held.add(photo)
     out = replace(splits, fvqa=[r for r in splits.fvqa if str(r.image) not in held],
                   held_back=[r for r in splits.fvqa if str(r.image) in held])
-    if not [r for r in out.held_back if r.options]:
+    if not any(r.options for r in out.held_back):
         raise DataError("--stop-forget-accuracy: no multiple-choice forget-VQA row to hold back (it needs a forget "
                         "person with two or more photos and rows with options)")
     return out
