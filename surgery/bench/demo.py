@@ -44,7 +44,10 @@ log = logging.getLogger("surgery")
 # schedule (one update on forget + retain + distillation per step, the paper's) kept more on dev than MMUnlearner's
 # alternating one, with a lower AG. Checking every 5 steps rather than 10 (a second sweep of lr, α, d_F and the
 # check interval at this stop) stops a few steps nearer the line, for 3 s more per seed.
-UNLEARN = dict(lr=5e-4, steps=600, stop_forget_accuracy=35.0, stop_holdout=0.2, stop_every=5, alpha=2.5, beta=3.0,
+# On the build with 2048-wide tower MLPs and the projector-only alignment step, lr 5e-4 left seed 1's dev views at 44 %
+# after the 600-step cap, and 1e-3 at 43 %; lr 1e-3 with β 10 brought all three of seeds 0-2 to <= 40 % (28 / 36 / 38)
+# with the most retain + real-world VQA of the settings that did (README, "How the demo's settings were chosen").
+UNLEARN = dict(lr=1e-3, steps=600, stop_forget_accuracy=35.0, stop_holdout=0.2, stop_every=5, alpha=2.5, beta=10.0,
                schedule="combined")
 # the two relearning attacks (relearn.HOLD_OUTS) and the suffix of their keys: relearn[_people],
 # relearn_reference[_people] per seed, AG[_people] in the means

@@ -262,3 +262,30 @@ def test_train_loop_foreach_update_is_the_per_tensor_one(monkeypatch):
     _, slow = run()
     assert not any(torch.equal(a, b) for a, b in zip(start, fast))        # it trained
     assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+
+
+def test_alignment_first_trains_the_projector_alone(small_bench, tmp_path, monkeypatch):
+    """Stage c's first step (LLaVA's feature alignment) moves the projector and nothing of the LLM; the second
+    trains both. The step count is part of the alignment's key only: 0 leaves the key as it was without the step."""
+    import surgery.bench.finetune as ft
+    calls, real = [], ft.train_llm
+
+    def watched(adapter, rows, params, **kw):
+        model = adapter.model
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        out = real(adapter, rows, params, **kw)
+        moved = {k.removeprefix("model.").split(".")[0]
+                 for k, v in model.state_dict().items() if not v.equal(before[k])}
+        calls.append((kw["desc"], len(rows), moved, out))
+        return out
+
+    monkeypatch.setattr(ft, "train_llm", watched)
+    report = finetune(small_bench, tmp_path / "m", FinetuneConfig.quick(align_projector_epochs=2))
+    first, second = [c for c in calls if c[0].startswith("align")]
+    assert first[0].startswith("align, projector only") and first[2] == {"multi_modal_projector"}
+    assert first[1] == report["stages"]["align"]["vqa_rows"]            # the VQA rows alone: no image, no gradient
+    assert {"multi_modal_projector", "language_model", "lm_head"} <= second[2]
+    assert report["stages"]["align"]["projector_losses"] == first[3] and len(first[3]) == 2
+    keys = {n: stage_keys(small_bench, FinetuneConfig.quick(align_projector_epochs=n)) for n in (0, 1, 2)}
+    assert len({k["align"] for k in keys.values()}) == 3
+    assert all(k["tower"] == keys[0]["tower"] and k["text"] == keys[0]["text"] for k in keys.values())
