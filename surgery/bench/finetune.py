@@ -111,9 +111,8 @@ class FinetuneConfig:
         """Toy sizes and one short epoch per stage, for QUICK_BENCH: a wiring check in seconds, not a model."""
         return cls(**{**dict(seed=seed, vision_layers=2, vision_hidden=32, vision_intermediate=64, patch_size=8,
                               text_hidden=32, text_layers=1, vocab_size=512, llm_rows=64, llm_epochs=1, llm_inits=(0,),
-                              tower_epochs=1, text_epochs=1, align_epochs=1,
-                              align_projector_epochs=1, warmup_steps=1, tower_warmup_steps=1,
-                              replay_rows=16, threads=1), **kw})
+                              tower_epochs=1, text_epochs=1, align_projector_epochs=1, align_epochs=1,
+                              warmup_steps=1, tower_warmup_steps=1, replay_rows=16, threads=1), **kw})
 
 
 # The benchmark FinetuneConfig.quick() is meant for (make_bench keyword arguments).
@@ -365,8 +364,6 @@ def _finetune(bench: Path, image_size: int, out: Path | None, cfg: FinetuneConfi
 
     adapter = build_model(image_size, cfg)
     model = adapter.model
-    model.requires_grad_(False)   # each stage turns on what it trains: nothing else may gather gradients (a frozen
-                                  # LLM's, summed over the projector-only step, would enter the next step's update)
     if "tower" in wanted:
         weights, stages["tower"], cached["tower"] = _stage(cache, "tower", keys["tower"],
                                                            lambda: _pretrain_tower(adapter, bench, cfg))

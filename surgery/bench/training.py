@@ -107,7 +107,9 @@ def train_llm(adapter: Adapter, rows, params, *, features: dict | None = None, e
               batch_size: int, weight_decay: float, warmup_steps: int, seed: int, desc: str) -> list[float]:
     """Train `params` on `rows` (Rows) for `epochs` epochs; a VQA row reads `features[str(row.image)]` (the
     frozen tower's feature-layer patch tokens of its photo) instead of running the tower. Batches keep rows of one
-    kind (VQA or QA, multiple choice or free-form) together: similar lengths pad less."""
+    kind (VQA or QA, multiple choice or free-form) together: similar lengths pad less. Only `params` gather
+    gradients: every other parameter of the model is frozen first (a frozen LLM's gradients, summed over a
+    projector-only run, would otherwise enter the next run's first update)."""
     data = Encoded(adapter, rows)
 
     def loss(batch):
@@ -115,6 +117,7 @@ def train_llm(adapter: Adapter, rows, params, *, features: dict | None = None, e
         shown = [features[data.image[i]] for i in batch if data.image[i] is not None]
         return answer_loss_from_features(adapter, inputs, labels, torch.stack(shown) if shown else None).mean()
 
+    adapter.model.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
     adapter.model.train()
