@@ -237,12 +237,14 @@ def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict, 
     steps, models, lane = model_plan(bench, ft, cache, reference=cfg.reference)
     other = {"here": "there", "there": "here"}[lane]
     built = [s.name for s in steps if not s.name.startswith("model[")]
-    # where the vanilla model's evaluation and the reference's evaluation and attack go (lane seconds, 2 cores):
-    # with the models cached, beside β = 0 (75 and 76); with stage 0 cached, the vanilla one's after the demo's β
-    # and the reference's on its own lane (about 300 and 320 from the start); with stage 0 to train, both after
-    # the demo's β (about 360 and 370), the reference model is aligned last, there
+    # where β = 0, the vanilla and reference model's evaluation and the reference's attacks go (lane seconds on 2
+    # cores, from the seed's start): with the models cached, beside the demo's β (75 and 76); with stage 0 cached,
+    # the vanilla one's after the demo's β and the reference's after its alignment, on its own lane (about 285 and
+    # 275); with stage 0 to train, that lane aligns the reference model until about 340 while the vanilla lane ends
+    # the demo's β at about 325, so β = 0 and the reference's attacks go there (about 350 each)
+    trains_llm = "llm+text[vanilla]" in built
     vanilla_eval = lane if built else other
-    reference_work = lane if "llm+text[vanilla]" in built else other
+    ablation_lane, reference_attacks = (lane, lane) if trains_llm else (other, other)
     examples = qa_examples(bench, cfg.views)
     attack = dict(bench=bench, share=cfg.relearn_share, epochs=cfg.relearn_epochs, seed=seed, views=cfg.views)
     work = tmp / f"seed-{seed}"
@@ -260,20 +262,22 @@ def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict, 
         return [Step(f"unlearn[{name}]", where, prune_and_mask, (run,), {"progress": False}, after=("saliency",)),
                 evaluated(name, where, f"unlearn[{name}]")]
 
-    reference = [evaluated("reference", reference_work, "model[reference]"),
-                 *(Step(f"relearn_reference{suffix}", reference_work, relearn, (models["reference"],),
+    reference = [evaluated("reference", other, "model[reference]"),
+                 *(Step(f"relearn_reference{suffix}", reference_attacks, relearn, (models["reference"],),
                         {**attack, "hold_out": hold_out}, after=("model[reference]",))
                    for hold_out, suffix in ATTACKS.items())
                  ] if cfg.reference else []
+    ablation = unlearned("unlearned (beta=0)", ablation_lane, {**cfg.unlearn, "beta": 0.0}) if cfg.ablation else []
     # β changes nothing before unlearning: the saliency is collected once
     steps.append(Step("saliency", lane, collect_saliency, (base,), {"progress": False}, after=("model[vanilla]",)))
-    steps += reference if reference_work == other else []
-    steps += unlearned("unlearned (beta=0)", other, {**cfg.unlearn, "beta": 0.0}) if cfg.ablation else []
+    # a lane runs its steps in this list's order: the reference's work and β = 0 before the demo's β, except where
+    # stage 0 is trained: then the reference's alignment ends last, and its attacks wait at the vanilla lane's end
+    steps += [] if trains_llm else reference + ablation
     steps += [*unlearned("unlearned", lane, cfg.unlearn),
               *(Step(f"relearn{suffix}", lane, relearn, (models["unlearned"],), {**attack, "hold_out": hold_out},
                      after=("unlearn[unlearned]",)) for hold_out, suffix in ATTACKS.items()),
               evaluated("vanilla", vanilla_eval, "model[vanilla]")]
-    steps += reference if reference_work == lane else []
+    steps += ablation + reference if trains_llm else []
     values = run_plan(steps, pool, cfg.threads, timings, seed)
 
     vanilla_cached = values["model[vanilla]"][1]

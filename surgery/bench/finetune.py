@@ -438,12 +438,13 @@ def vanilla_model(bench, cfg: FinetuneConfig, cache: Path, reference: bool = Fal
 
 def model_plan(bench, cfg: FinetuneConfig, cache: Path, reference: bool = True) -> tuple[list, dict[str, Path], str]:
     """The steps (lanes.Step) that build the vanilla model (and, with `reference`, the reference model) as
-    `vanilla_model` builds them, over two lanes: with stage 0 cached, the vanilla tower and then the vanilla model's
-    alignment there, the text stage and the reference's tower and alignment here; with stage 0 to train, stage 0
-    and the text stage here while both towers train there, then the reference's alignment there and the vanilla
-    model's here. Every stage computes what it computes alone, so the models (and their cache entries) are the same
-    on any lane. Returns (steps, {name: model directory}, the lane of the vanilla model: work that reads only it goes
-    there). Each model step's value is (directory, whether the whole model was cached)."""
+    `vanilla_model` builds them, over two lanes: the vanilla tower and then the vanilla model's alignment there; the
+    text stage (with stage 0 before it when it is not cached), the reference's tower and its alignment here. The
+    two lanes take about as long: the towers are the longest stages, one on each (with stage 0 to train, laying both
+    towers on one lane left the other idle for a minute). Every stage computes what it computes alone, so the models
+    (and their cache entries) are the same on any lane. Returns (steps, {name: model directory}, the lane of the
+    vanilla model: work that reads only it goes there). Each model step's value is (directory, whether the whole
+    model was cached)."""
     from .lanes import Step
     names = ["vanilla", "reference"] if reference else ["vanilla"]
     cfgs = {name: replace(cfg, without_forget_images=name == "reference") for name in names}
@@ -461,16 +462,11 @@ def model_plan(bench, cfg: FinetuneConfig, cache: Path, reference: bool = True) 
 
     if not reference or all(_model_cached(cache, n, keys[n]) for n in names):
         return [model(n, "here") for n in names], paths, "here"
-    if _stage_cached(cache, "llm", keys["vanilla"]["llm"]):
-        steps = [stages("vanilla", {"tower"}, "there"), stages("vanilla", {"text"}, "here"),
-                 model("vanilla", "there", ("tower[vanilla]", "text[vanilla]")),
-                 stages("reference", {"tower"}, "here"), model("reference", "here", ("tower[reference]",))]
-        return steps, paths, "there"
-    steps = [stages("vanilla", {"tower"}, "there"), stages("reference", {"tower"}, "there"),
-             stages("vanilla", {"llm", "text"}, "here"),
-             model("reference", "there", ("tower[reference]", "llm+text[vanilla]")),
-             model("vanilla", "here", ("tower[vanilla]", "llm+text[vanilla]"))]
-    return steps, paths, "here"
+    text = stages("vanilla", {"text"} if _stage_cached(cache, "llm", keys["vanilla"]["llm"]) else {"llm", "text"},
+                  "here")
+    steps = [stages("vanilla", {"tower"}, "there"), text, model("vanilla", "there", ("tower[vanilla]", text.name)),
+             stages("reference", {"tower"}, "here"), model("reference", "here", ("tower[reference]",))]
+    return steps, paths, "there"
 
 
 def _stages_only(bench: str, cfg: FinetuneConfig, keys: dict, cache: str, only: set[str]) -> None:
