@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 import surgery.methods as methods
 from surgery.cli import main
@@ -233,6 +234,12 @@ def test_stop_forget_accuracy_measures_held_back_photos_and_stops_at_the_first_c
     b = json.loads(second.stdout)
     assert b["steps_run"] == (3 if a["losses"][2]["held_back_accuracy"] == 0 else 6)
     assert b["losses"][:3] == a["losses"]                       # the same held-back rows, the same first steps
+    # the cap changes nothing in a run that stops before it (the demo's cap was raised so): same steps, same weights
+    capped = json.loads(_prune_and_mask(tiny_dirs, data, tmp_path / "d", "--steps", "60", *every[2:],
+                                        "--stop-forget-accuracy", "100").stdout)
+    assert capped["steps_run"] == 3 and capped["losses"] == a["losses"]
+    w, w_capped = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("a", "d"))
+    assert w.keys() == w_capped.keys() and all(torch.equal(w[k], w_capped[k]) for k in w)
     # a saliency file collected with photos held back is refused for a run that holds back none
     res = _prune_and_mask(tiny_dirs, data, tmp_path / "c", "--steps", "2", "--saliency",
                           str(tmp_path / "a" / "saliency.safetensors"))
