@@ -244,8 +244,8 @@ def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict, 
     # where β = 0, the vanilla and reference model's evaluation and the reference's attacks go (lane seconds on 2
     # cores, from the seed's start): with the models cached, beside the demo's β (75 and 76); with stage 0 cached,
     # the vanilla one's after the demo's β and the reference's after its alignment, on its own lane (about 285 and
-    # 275); with stage 0 to train, that lane aligns the reference model until about 340 while the vanilla lane ends
-    # the demo's β at about 325, so β = 0 and the reference's attacks go there (about 350 each)
+    # 275); with stage 0 to train, that lane has aligned the reference model at about 283 and the vanilla lane has
+    # evaluated the vanilla model at 272, so β = 0 and the reference's attacks go there (both end near 290)
     trains_llm = "llm+text[vanilla]" in built
     vanilla_eval = lane if built else other
     ablation_lane, reference_attacks = (lane, lane) if trains_llm else (other, other)
