@@ -42,8 +42,8 @@ log = logging.getLogger("surgery")
 # its test views), because the loss says how far the trained photos are forgotten, not the others. β is 10 (3 on the
 # earlier build), not the paper's 0.3: our L_VKD is a mean over tokens and channels, so its scale differs from the
 # paper's. The combined schedule (one update on forget + retain + distillation per step, the paper's) kept more on
-# dev than MMUnlearner's alternating one, with a lower AG. Checking every 5 steps rather than 10 (a second sweep of lr, α, d_F and the
-# check interval at this stop) stops a few steps nearer the line, for 3 s more per seed.
+# dev than MMUnlearner's alternating one, with a lower AG. Checking every 5 steps rather than 10 (a second sweep of
+# lr, α, d_F and the check interval at this stop) stops a few steps nearer the line, for 3 s more per seed.
 # On the build with 2048-wide tower MLPs and the projector-only alignment step, lr 5e-4 left seed 1's dev views at 44 %
 # after the 600-step cap, and 1e-3 at 43 %; lr 1e-3 with β 10 brought all three of seeds 0-2 to <= 40 % (28 / 36 / 38)
 # with the most retain + real-world VQA of the settings that did (README, "How the demo's settings were chosen").
@@ -248,7 +248,7 @@ def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict, 
     # evaluated the vanilla model at 272, so β = 0 and the reference's attacks go there (both end near 290)
     trains_llm = "llm+text[vanilla]" in built
     vanilla_eval = lane if built else other
-    ablation_lane, reference_attacks = (lane, lane) if trains_llm else (other, other)
+    late = lane if trains_llm else other     # the lane of β = 0 and of the reference's attacks
     examples = qa_examples(bench, cfg.views)
     attack = dict(bench=bench, share=cfg.relearn_share, epochs=cfg.relearn_epochs, seed=seed, views=cfg.views)
     work = tmp / f"seed-{seed}"
@@ -267,11 +267,11 @@ def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict, 
                 evaluated(name, where, f"unlearn[{name}]")]
 
     reference = [evaluated("reference", other, "model[reference]"),
-                 *(Step(f"relearn_reference{suffix}", reference_attacks, relearn, (models["reference"],),
+                 *(Step(f"relearn_reference{suffix}", late, relearn, (models["reference"],),
                         {**attack, "hold_out": hold_out}, after=("model[reference]",))
                    for hold_out, suffix in ATTACKS.items())
                  ] if cfg.reference else []
-    ablation = unlearned("unlearned (beta=0)", ablation_lane, {**cfg.unlearn, "beta": 0.0}) if cfg.ablation else []
+    ablation = unlearned("unlearned (beta=0)", late, {**cfg.unlearn, "beta": 0.0}) if cfg.ablation else []
     # β changes nothing before unlearning: the saliency is collected once
     steps.append(Step("saliency", lane, collect_saliency, (base,), {"progress": False}, after=("model[vanilla]",)))
     # a lane runs its steps in this list's order: the reference's work and β = 0 before the demo's β, except where

@@ -393,13 +393,12 @@ def _finetune(bench: Path, image_size: int, out: Path | None, cfg: FinetuneConfi
 
     t = time.perf_counter()
     features = tower.features(adapter, bench, sorted({str(r.image) for r in vqa}))
-    projector_losses = []
+    projector, projector_losses = list(model.model.multi_modal_projector.parameters()), []
     if cfg.align_projector_epochs:
-        projector_losses = train_llm(adapter, vqa, list(model.model.multi_modal_projector.parameters()),
-                                     features=features, epochs=cfg.align_projector_epochs, lr=cfg.align_lr,
-                                     seed=cfg.seed + 2, desc="align, projector only (LLM frozen)", **settings)
-    losses = train_llm(adapter, vqa + qa + replay["align"],
-                       [*model.model.multi_modal_projector.parameters(), *llm_params],
+        projector_losses = train_llm(adapter, vqa, projector, features=features, epochs=cfg.align_projector_epochs,
+                                     lr=cfg.align_lr, seed=cfg.seed + 2, desc="align, projector only (LLM frozen)",
+                                     **settings)
+    losses = train_llm(adapter, vqa + qa + replay["align"], [*projector, *llm_params],
                        features=features, epochs=cfg.align_epochs, lr=cfg.align_lr, seed=cfg.seed + 1,
                        desc="align (VQA + QA + instruction rows, tower frozen)", **settings)
     stages["align"] = {"rows": len(vqa) + len(qa), "vqa_rows": len(vqa), "replay_rows": cfg.replay_rows,
