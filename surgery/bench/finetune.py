@@ -41,6 +41,7 @@ from torch import nn
 from ..data import load_jsonl
 from ..models import Adapter, Example, answer_loss, save
 from ..models.tiny import tiny_llava
+from ..numerics import cpu_has_avx512
 from . import llm_pretrain, tower
 from .make_bench import vocabulary
 from .training import train_llm, train_loop
@@ -224,9 +225,13 @@ def _versions(stage: str, threads: int = 1) -> list[str]:
     from .. import __version__
     version = [str(TRAINING_VERSION)] + ([f"{stage}-{STAGE_VERSIONS[stage]}"] if STAGE_VERSIONS[stage] else [])
     capability = torch.backends.cpu.get_cpu_capability()   # and on the CPU kernels' level (surgery/numerics.py)
+    # oneDNN's level: its own choice (AVX2 on an AVX2 machine, keyed as before) or a pin, which on an AVX-512 machine
+    # changes what it computes: those models (and earlier ones built there unpinned) do not share keys
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA") or "unpinned"
     return [__version__, torch.__version__, transformers.__version__, *version,
             *([f"threads-{threads}"] if threads != 1 else []),   # the numerics depend on the thread count
-            *([f"cpu-{capability}"] if capability != "AVX2" else [])]
+            *([f"cpu-{capability}"] if capability != "AVX2" else []),
+            *([f"onednn-{onednn}"] if cpu_has_avx512() or onednn not in ("AVX2", "unpinned") else [])]
 
 
 def _settings(cfg: FinetuneConfig, *names: str) -> dict:
