@@ -25,6 +25,8 @@ class Config:
     # unlearning (paper Eq. 3-5)
     alpha: float | None = None          # forget-term weight; None: the method's own (VKD: 1.25)
     beta: float = 0.3                   # VKD feature-distillation weight
+    distill_images: str | None = None   # VKD: also distil the projector features of these photos (JSONL of
+                                        # {"image"}: faces beyond the retain set, no labels), weight β
     lr: float = 1e-4
     weight_decay: float = 0.0
     steps: int | None = None            # optimizer steps ...

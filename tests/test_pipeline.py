@@ -13,6 +13,8 @@ from transformers import AutoModelForImageTextToText
 from surgery.cli import main
 from surgery.models import load
 
+from rowdata import write_split
+
 
 def run_cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
@@ -205,11 +207,11 @@ def test_saliency_reuse_refuses_another_source(tiny_dirs, data, tmp_path):
 
 
 def test_the_cli_computes_with_portable_cpu_numerics():
-    """`surgery` pins torch's CPU kernels to their AVX2 level and MKL to its AVX2 path before torch computes anything
-    (the benchmark's models differ between AVX2 and AVX-512 kernels); a level the user set is kept."""
+    """`surgery` pins torch's CPU kernels to their AVX2 level and MKL and oneDNN to their AVX2 paths before torch
+    computes anything (the benchmark's models differ between AVX2 and AVX-512 kernels); a level the user set is kept."""
     from surgery.numerics import CPU_NUMERICS
     code = ("import os, sys, torch; import surgery.cli; "
-            "print(torch.backends.cpu.get_cpu_capability(), os.environ['MKL_CBWR'])")
+            "print(torch.backends.cpu.get_cpu_capability(), os.environ['MKL_CBWR'], os.environ['ONEDNN_MAX_CPU_ISA'])")
     bare = {k: v for k, v in os.environ.items() if k not in CPU_NUMERICS}
 
     def run(env, code=code):
@@ -217,7 +219,43 @@ def test_the_cli_computes_with_portable_cpu_numerics():
                               check=True).stdout.split()
 
     unpinned = run(bare, "import torch; print(torch.backends.cpu.get_cpu_capability())")[0]
-    capability, cbwr = run(bare)
-    assert cbwr == "AVX2"
+    capability, cbwr, onednn = run(bare)
+    assert cbwr == "AVX2" and onednn == "AVX2"
     assert capability == ("AVX2" if unpinned in ("AVX2", "AVX512") else unpinned)   # never above AVX2
-    assert run({**bare, "ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}) == ["DEFAULT", "COMPATIBLE"]
+    assert run({**bare, "ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "SSE41"}) \
+        == ["DEFAULT", "COMPATIBLE", "SSE41"]
+
+
+def test_a_onednn_pin_that_changes_the_numerics_changes_the_cache_keys(monkeypatch):
+    """The stages' cache keys carry oneDNN's level where it changes what is computed (any pin on an AVX-512 machine,
+    a pin below AVX2 anywhere) and are unchanged where it does not (AVX2 or oneDNN's own choice on an AVX2 machine)."""
+    from surgery.bench import finetune
+    keys = {}
+    for avx512 in (False, True):
+        monkeypatch.setattr(finetune, "cpu_has_avx512", lambda: avx512)
+        for isa in ("AVX2", "", "SSE41"):
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+            keys[avx512, isa] = finetune._versions("tower")
+    assert keys[False, "AVX2"] == keys[False, ""]                       # an AVX2 machine: the same models
+    distinct = [keys[False, "AVX2"], keys[False, "SSE41"], keys[True, "AVX2"], keys[True, ""]]
+    assert len({tuple(v) for v in distinct}) == 4 and keys[True, "SSE41"] == keys[False, "SSE41"]
+
+
+def test_distill_images_on_the_cli(tiny_dirs, data, tmp_path):
+    """prune-and-mask --distill-images distils the photos (report.json counts them); a forget photo in the file is
+    refused naming its line, with nothing written; another method refuses the option."""
+    model_dir = tiny_dirs["tiny-llava"]
+    common = ["--model", model_dir, "--forget", data[0], "--retain", data[1], "--steps", 2]
+    photos = write_split(tmp_path / "photos.jsonl", 5, 0, seed=8, prefix="x")
+    res = run_cli("prune-and-mask", *common, "--distill-images", photos, "--out", tmp_path / "a", "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["config"]["distill_images"] == str(photos) and report["distill_images"] == 5
+    forget_photo = next(json.loads(line)["image"] for line in data[0].read_text().splitlines() if "image" in line)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(photos.read_text() + json.dumps({"image": str(data[0].parent / forget_photo)}) + "\n")
+    res = run_cli("prune-and-mask", *common, "--distill-images", bad, "--out", tmp_path / "b")
+    assert res.exit_code == 1 and "bad.jsonl:6:" in res.output and "is a forget photo" in res.output, res.output
+    assert not (tmp_path / "b").exists()
+    res = run_cli("unlearn", "--method", "ga", *common, "--distill-images", photos, "--out", tmp_path / "c")
+    assert res.exit_code == 2 and "--distill-images" in res.output and not (tmp_path / "c").exists(), res.output

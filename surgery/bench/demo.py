@@ -71,6 +71,8 @@ class DemoConfig:
     relearn_epochs: int = 5
     threads: int = 1                   # torch CPU threads for every step: the same numbers on every machine (0: as set)
     processes: int = 2                 # 2: a second process evaluates, attacks and runs β = 0 beside the main one
+    distill_extras: int = 0            # VKD also distils one photo each of this many of the tower's extra
+                                       # identities (--distill-images; 0: the paper's VKD, retain photos only)
     unlearn: dict = field(default_factory=lambda: dict(UNLEARN))
     bench: dict = field(default_factory=dict)       # make_bench arguments beyond its defaults
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -91,6 +93,10 @@ class DemoConfig:
             raise ValueError(f"--seeds: expected distinct non-negative seeds, got {list(self.seeds)}")
         if self.processes not in (1, 2):
             raise ValueError(f"--processes {self.processes}: choose 1 or 2")
+        batch = self.unlearn.get("batch_size", Config.batch_size)
+        if self.distill_extras < 0 or 0 < self.distill_extras < batch:
+            raise ValueError(f"--distill-extras {self.distill_extras}: expected 0 or at least the batch size {batch} "
+                             "(each step distils a batch of their photos)")
         if self.views not in ("test", "dev"):
             raise ValueError(f"--views {self.views!r}: choose test or dev")
         known = set(Config.__dataclass_fields__) - {"model", "forget", "retain", "out", "seed", "method", "saliency"}
@@ -108,6 +114,21 @@ def benchmark(seed: int, params: dict, cache: Path) -> tuple[Path, bool]:
         return path, True
     make_bench(path, seed=seed, overwrite=True, **params)
     return path, False
+
+
+def distill_file(bench: Path, extras: int, path: Path) -> Path:
+    """A --distill-images file at `path`: the first tower photo of each of the first `extras` extra identities of the
+    benchmark (faces only the tower's pretraining saw: no benchmark person, no label)."""
+    first = {}
+    for row in map(json.loads, (bench / "pretrain.jsonl").read_text(encoding="utf-8").splitlines()):
+        if row["entity"].startswith("x") and row["entity"] not in first:
+            first[row["entity"]] = row["image"]
+    if len(first) < extras:
+        raise ValueError(f"--distill-extras {extras}: the benchmark has {len(first)} extra identities")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"image": str((bench / image).resolve())}) + "\n"
+                            for image in list(first.values())[:extras]), encoding="utf-8")
+    return path
 
 
 def bench_digest(bench: Path, h=None) -> str:
@@ -254,6 +275,8 @@ def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict, 
     work = tmp / f"seed-{seed}"
     base = Config(model=str(models["vanilla"]), forget=str(bench / "forget.jsonl"),
                   retain=str(bench / "retain.jsonl"), out=str(work / "saliency"), seed=seed, **cfg.unlearn)
+    if cfg.distill_extras:
+        base.distill_images = str(distill_file(bench, cfg.distill_extras, work / "distill-images.jsonl"))
     saliency = str(work / "saliency" / "saliency.safetensors")
     runs = {"unlearned": "unlearned", **({"unlearned (beta=0)": "unlearned-beta0"} if cfg.ablation else {})}
     models.update({name: work / d for name, d in runs.items()})
@@ -271,7 +294,8 @@ def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict, 
                         {**attack, "hold_out": hold_out}, after=("model[reference]",))
                    for hold_out, suffix in ATTACKS.items())
                  ] if cfg.reference else []
-    ablation = unlearned("unlearned (beta=0)", late, {**cfg.unlearn, "beta": 0.0}) if cfg.ablation else []
+    ablation = unlearned("unlearned (beta=0)", late, {**cfg.unlearn, "beta": 0.0, "distill_images": None}) \
+        if cfg.ablation else []
     # β changes nothing before unlearning: the saliency is collected once
     steps.append(Step("saliency", lane, collect_saliency, (base,), {"progress": False}, after=("model[vanilla]",)))
     # a lane runs its steps in this list's order: the reference's work and β = 0 before the demo's β, except where

@@ -16,6 +16,9 @@ from .common import emit, friendly, main, seeds_option, settings_option
 @click.option("--cache", type=click.Path(), help="Where benchmarks and models are cached (default ~/.cache/surgery, "
                                                  "or $SURGERY_CACHE).")
 @click.option("--quick", is_flag=True, help="A tiny run of every stage (seconds): checks the wiring, measures nothing.")
+@click.option("--distill-extras", type=click.IntRange(min=0), default=0, show_default=True,
+              help="VKD also distils one photo each of this many of the tower's extra identities (faces no "
+                   "benchmark person has; prune-and-mask --distill-images). 0: the paper's VKD.")
 @click.option("--no-ablation", is_flag=True, help="Skip the beta=0 run.")
 @click.option("--no-reference", is_flag=True, help="Skip the model that never saw the forget people's faces.")
 @click.option("--processes", type=click.IntRange(1, 2), default=2, show_default=True,
@@ -25,13 +28,14 @@ from .common import emit, friendly, main, seeds_option, settings_option
 @click.option("--json", "as_json", is_flag=True)
 @click.option("-v", "--verbose", is_flag=True)
 @friendly
-def demo(out, seeds, views, settings, cache, quick, no_ablation, no_reference, processes, overwrite, as_json,
-         verbose):
+def demo(out, seeds, views, settings, cache, quick, distill_extras, no_ablation, no_reference, processes, overwrite,
+         as_json, verbose):
     """make-bench -> vanilla + reference model (cached) -> prune-and-mask -> eval -> relearn, per seed; table,
     report.json and demo.png."""
     from ..bench.demo import ATTACKED, ATTACKS, DemoConfig, demo as run
     cfg = DemoConfig.make(seeds=seeds, quick=quick, unlearn=settings, views=views, ablation=not no_ablation,
-                          reference=not no_reference, processes=processes)
+                          reference=not no_reference, processes=processes,
+                          distill_extras=distill_extras)
     report = run(out, cfg, cache, overwrite)
     click.echo(report["table"], err=True)
     for seed, r in report["per_seed"].items():

@@ -92,6 +92,9 @@ def selection_options(f):
         click.option("--mask-threshold", type=float, default=1.0, show_default=True, help="Fisher mask m = R >= this (d_F)."),
         click.option("--mask-frac", type=float, help="Or mask the top fraction of R."),
         click.option("--beta", type=float, default=0.3, show_default=True, help="VKD weight β."),
+        click.option("--distill-images", type=click.Path(exists=True, dir_okay=False),
+                     help="VKD: also distil the projector features of these photos (a JSONL file with an 'image' "
+                          "path per line; faces beyond the retain set, none of a forget person), weight β."),
         click.option("--saliency", type=click.Path(exists=True, dir_okay=False),
                      help="Reuse a saliency.safetensors (from `surgery collect` or an earlier run on the same model "
                           "and data) instead of collecting again."),
@@ -157,6 +160,8 @@ def run_method(kw: dict) -> None:
     if kw.get("vgid_sigma") is not None and not kw["vgid_sigma"] >= 0:
         raise click.BadParameter(f"must be >= 0, got {kw['vgid_sigma']}", param_hint="--vgid-sigma")
     cfg, method = resolve(config_from(kw))
+    if cfg.distill_images and method.name != "vkd":
+        raise click.BadParameter(f"is a setting of VKD, not of {method.name}", param_hint="--distill-images")
     cfg.prune_per_layer = not kw.get("prune_global", False)
     if kw.get("prune_threshold") is not None:
         cfg.prune_frac = None

@@ -72,22 +72,44 @@ def _row(obj, where: str, base: Path, check_images: bool) -> Row:
                None if obj.get("id") is None else str(obj["id"]), where)
 
 
-def load_jsonl(path, check_images: bool = True) -> list[Row]:
-    """Rows of a JSONL file; every problem raises DataError naming `file:line`."""
-    path = Path(path)
+def _objects(path: Path):
+    """(JSON value, "file:line") for every non-empty line of a JSONL file."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    rows = []
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path}:{n}"
             try:
-                obj = json.loads(line)
+                yield json.loads(line), where
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            rows.append(_row(obj, where, path.parent, check_images))
+
+
+def load_jsonl(path, check_images: bool = True) -> list[Row]:
+    """Rows of a JSONL file; every problem raises DataError naming `file:line`."""
+    path = Path(path)
+    rows = [_row(obj, where, path.parent, check_images) for obj, where in _objects(path)]
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def load_images(path, exclude: set[Path] = frozenset()) -> list[Row]:
+    """Photos without labels: a JSONL file with an "image" path per line (other fields are ignored), as rows with an
+    empty question and no answer. A photo in `exclude` (e.g. a forget photo) is refused; so is every problem a row of
+    `load_jsonl` would be refused for, naming `file:line`."""
+    path = Path(path)
+    rows = []
+    for obj, where in _objects(path):
+        if not isinstance(obj, dict) or not isinstance(obj.get("image"), str) or not obj["image"]:
+            raise DataError(f"{where}: expected a JSON object with an 'image' path")
+        image = _row({"question": "-", "answer": "", "image": obj["image"]}, where, path.parent, True).image
+        if image in exclude:
+            raise DataError(f"{where}: {obj['image']} is a forget photo: distilling it would keep what the run is to "
+                            "forget")
+        rows.append(Row("", None, image, where=where))
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows

@@ -6,6 +6,11 @@ prepare: collect activation statistics and Fisher diagonals, cache the teacher's
 neurons with the highest forget importance I_u, and set the Fisher mask m = F_fvqa / F_{fqa∪rvqa∪rqa} ≥ d_F.
 The mask gates only the forget gradient; L_VKD = mean ‖f − t‖² between the student's projector output on
 retain-VQA images and the vanilla model's, cached before pruning.
+
+`--distill-images` (ours, not the paper's): photos without labels (faces beyond the retain set, none of a forget
+person) whose projector features are distilled too, with the same β: each step adds a batch of them, as many as the
+retain batch, to the retain-VQA forward (one forward, so DDP and a sharded LLM see nothing new), and their rows get
+no cross-entropy. The retain term protects the retain people's faces only; this protects faces in general.
 """
 import inspect
 import logging
@@ -14,12 +19,13 @@ import time
 import torch
 from safetensors.torch import save_file
 
+from ..data import load_images
 from ..models import Adapter, answer_loss
 from ..prune import prune, pruned_entries
 from ..saliency import batches, collect_or_load, examples
 from ..select import fisher_mask, neuron_importance, select_neurons, union_splits
 from . import teacher
-from .loop import Context, Method, Term
+from .loop import Context, Method, Term, batches as row_batches
 
 log = logging.getLogger("surgery")
 
@@ -105,6 +111,7 @@ class VKD(Method):
     defaults = {"alpha": 1.25, "schedule": "combined"}
     forget_splits = ("fvqa",)
     retain_splits = ("fqa", "rvqa", "rqa")   # the forget people's facts in text are kept: L_fqa has a + sign
+    pool: list = []                          # --distill-images rows (`distil_images`)
 
     def prepare(self, ctx: Context) -> None:
         sal = saliency_of(ctx)
@@ -112,20 +119,47 @@ class VKD(Method):
         size = ctx.cfg.collect_batch_size
         self.teacher = teacher.cache(ctx, ctx.splits.rvqa, lambda rows: projector_features(ctx.adapter, rows, size),
                                      size)   # before pruning; in memory or memory-mapped (--teacher-memory)
+        self.distil_images(ctx)   # --distill-images, before pruning too
         ctx.timings["teacher_s"] = time.perf_counter() - t
         select_and_mask(ctx, sal)
+
+    def distil_images(self, ctx: Context) -> None:
+        """--distill-images: load the photos, cache their teacher features, and start their batch stream."""
+        self.pool, self.pool_teacher = [], None
+        if not ctx.cfg.distill_images:
+            return
+        size = ctx.cfg.collect_batch_size
+        forget = {r.image for r in (*ctx.splits.fvqa, *ctx.splits.held_back)}
+        self.pool = load_images(ctx.cfg.distill_images, exclude=forget)
+        per_step = min(ctx.cfg.batch_size, len(ctx.splits.rvqa))   # as many as the retain batch: one mean
+        if len(self.pool) < per_step:
+            raise ValueError(f"--distill-images {ctx.cfg.distill_images}: {len(self.pool)} photos, fewer than "
+                             f"the {per_step} of a retain batch (each step distils as many of them)")
+        self.pool_teacher = teacher.cache(ctx, self.pool, lambda rows: projector_features(ctx.adapter, rows, size),
+                                          size)
+        self.pool_stream = row_batches(len(self.pool), per_step, ctx.cfg.seed * 1000 + 7)
+        ctx.info["distill_images"] = len(self.pool)
+        log.info("VKD: also distilling %d photos from %s (%d per step)", len(self.pool), ctx.cfg.distill_images,
+                 per_step)
 
     def terms(self, ctx: Context, split: str, batch, rows: list[int]) -> dict[str, Term]:
         if split != "rvqa":
             ce = answer_loss(ctx.forward(batch), batch.labels)
             return {split: Term(ce, -ctx.cfg.alpha if split == "fvqa" else 1.0)}
+        pool = ctx.world.shard(next(self.pool_stream)) if self.pool else []
+        if pool:   # the retain rows, then this rank's share of a batch of the photos to distil, in one forward
+            chunk = [ctx.splits.rvqa[i] for i in rows] + [self.pool[j] for j in pool]
+            batch = ctx.adapter.encode(examples(chunk)).to(ctx.adapter.device)
         with capture(ctx.adapter.projector) as feats:
-            ce = answer_loss(ctx.forward(batch), batch.labels)
+            ce = answer_loss(ctx.forward(batch), batch.labels)[:len(rows)]
         student = split_rows(feats[0], batch.feature_counts)
+        teachers = [self.teacher[i] for i in rows] + [self.pool_teacher[j] for j in pool]
         # per-row mean squared error: β means the same at any feature width
-        vkd = torch.stack([(s.float() - self.teacher[i].to(s.device, torch.float32)).pow(2).mean()
-                           for s, i in zip(student, rows)])
-        return {"rvqa": Term(ce), "vkd": Term(vkd, ctx.cfg.beta)}
+        vkd = torch.stack([(s.float() - t.to(s.device, torch.float32)).pow(2).mean() for s, t in zip(student, teachers)])
+        terms = {"rvqa": Term(ce), "vkd": Term(vkd[:len(rows)], ctx.cfg.beta)}
+        if pool:
+            terms["vkd_images"] = Term(vkd[len(rows):], ctx.cfg.beta)
+        return terms
 
 
 METHOD = VKD()

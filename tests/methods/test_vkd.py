@@ -1,17 +1,21 @@
 """VKD on the shared loop against updates written out by hand with torch.optim.AdamW."""
 import copy
+import json
 
 import pytest
 import torch
 
 from surgery.config import Config
-from surgery.data import load_splits
+from surgery.data import DataError, load_images, load_jsonl, load_splits
 from surgery.methods import Context, train
 from surgery.models import answer_loss, load
 from surgery.prune import prune, pruned_entries
 from surgery.saliency import examples
 from surgery.methods.vkd import projector_features
 from surgery.pipeline import resolve
+
+from handwritten import perturb_
+from rowdata import write_split
 
 
 def setup(tiny_dirs, data, **cfg):
@@ -111,3 +115,56 @@ def test_pruned_entries_stay_exactly_zero(tiny_dirs, data):
     for n, p in params.items():
         assert (p[pruned[n]] == 0).all()
         assert not torch.equal(p[~pruned[n]], before[n][~pruned[n]])
+
+
+def test_distill_images_add_their_distillation_term(tiny_dirs, data, tmp_path):
+    """--distill-images: the retain term's step also distils a batch of unlabeled photos, as many as the retain batch,
+    with weight β: ∇(L_rvqa + β·L_VKD(retain) + β·L_VKD(photos)), checked against a hand-written AdamW step. The forget
+    gradient is masked out entirely, so the distillation terms carry the step."""
+    beta, lr, clip = 300.0, 1e-3, 10.0
+    pool_file = write_split(tmp_path / "pool.jsonl", 7, 0, seed=3, prefix="x")   # 7 photos, the 7 retain-VQA rows
+    adapter, splits, params, cfg = setup(tiny_dirs, data, beta=beta, lr=lr, max_grad_norm=clip, steps=1,
+                                         batch_size=16, distill_images=str(pool_file))
+    names = list(params)
+    photos = load_jsonl(pool_file)       # the same photos, with a question: the projector output does not read it
+    teacher, photo_teacher = projector_features(adapter, splits.rvqa), projector_features(adapter, photos)
+    mask = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in params.items()}
+    ctx, method = context(adapter, splits, params, cfg, mask, {}, teacher)
+    method.distil_images(ctx)            # before pruning, as prepare does
+    assert len(method.pool) == 7 and ctx.info["distill_images"] == 7
+    perturb_(params, seed=2, scale=0.1)  # the student moved away from its teachers: the distillation has a gradient
+    neurons = {1: torch.tensor([0, 4, 17]), 2: torch.tensor([3, 8, 100])}
+    prune(adapter, neurons)
+    ctx.pruned = pruned = pruned_entries(adapter, neurons, params)
+    ref = copy.deepcopy(adapter)
+    ref_params = [dict(ref.model.named_parameters())[n] for n in names]
+    photo_loss = vkd_loss(ref, photos, photo_teacher)
+    loss = mean_loss(ref, splits.rvqa) + beta * vkd_loss(ref, splits.rvqa, teacher) + beta * photo_loss
+    g_r = torch.autograd.grad(loss, ref_params, retain_graph=True)
+    g_photos = torch.autograd.grad(beta * photo_loss, ref_params)   # the part of the step the photos give
+    norm, _ = hand_step(ref, names, [gr * ~pruned[n] for n, gr in zip(names, g_r)], lr, clip)
+
+    hist = train(ctx, method, progress=False)
+    torch.testing.assert_close(hist[0]["loss_vkd_images"], photo_loss.item(), rtol=1e-5, atol=0)
+    assert photo_loss.item() > 0 and torch.linalg.vector_norm(torch.cat([g.flatten() for g in g_photos])) > 0.1 * norm
+    torch.testing.assert_close(hist[0]["grad_norm"], norm, rtol=1e-4, atol=0)
+    for n, p in zip(names, ref_params):
+        torch.testing.assert_close(params[n], p, rtol=1e-5, atol=1e-5)
+
+
+def test_distill_images_refuse_a_forget_photo_and_a_short_pool(tiny_dirs, data, tmp_path):
+    adapter, splits, params, _ = setup(tiny_dirs, data)
+    forget_photo = splits.fvqa[0].image
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"image": str(forget_photo)}) + "\n")
+    cfg = Config(forget=str(data[0]), retain=str(data[1]), distill_images=str(bad))
+    ctx, method = context(adapter, splits, params, cfg, None, {}, [])
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: .* is a forget photo"):
+        method.distil_images(ctx)
+    short = write_split(tmp_path / "short.jsonl", 2, 0, seed=4, prefix="s")
+    ctx.cfg.distill_images = str(short)
+    with pytest.raises(ValueError, match="2 photos, fewer than the 4 of a retain batch"):
+        method.distil_images(ctx)
+    (tmp_path / "nofield.jsonl").write_text('{"image": 3}\n')
+    with pytest.raises(DataError, match=r"nofield\.jsonl:1: expected a JSON object with an 'image' path"):
+        load_images(tmp_path / "nofield.jsonl")
