@@ -42,6 +42,20 @@ class Row:
             return im.convert("RGB")
 
 
+def _image(value: str, where: str, base: Path, check: bool) -> Path:
+    """The image path `value` resolved against `base`; with `check`, it must exist and decode."""
+    image = (base / value).resolve()
+    if check:
+        if not image.is_file():
+            raise DataError(f"{where}: 'image' file not found: {value}")
+        try:
+            with Image.open(image) as im:
+                im.verify()
+        except Exception as e:
+            raise DataError(f"{where}: 'image' cannot be decoded: {value} ({e})") from None
+    return image
+
+
 def _row(obj, where: str, base: Path, check_images: bool) -> Row:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
@@ -57,17 +71,7 @@ def _row(obj, where: str, base: Path, check_images: bool) -> Row:
     options, correct = obj.get("options"), obj.get("correct")
     if options is not None and correct is not None and correct not in options:
         raise DataError(f"{where}: 'correct' is {correct!r}, not one of the options {sorted(options)}")
-    image = None
-    if obj.get("image"):
-        image = (base / obj["image"]).resolve()
-        if check_images:
-            if not image.is_file():
-                raise DataError(f"{where}: 'image' file not found: {obj['image']}")
-            try:
-                with Image.open(image) as im:
-                    im.verify()
-            except Exception as e:
-                raise DataError(f"{where}: 'image' cannot be decoded: {obj['image']} ({e})") from None
+    image = _image(obj["image"], where, base, check_images) if obj.get("image") else None
     return Row(obj["question"], obj["answer"], image, options, correct, obj.get("entity"),
                None if obj.get("id") is None else str(obj["id"]), where)
 
@@ -105,7 +109,7 @@ def load_images(path, exclude: set[Path] = frozenset()) -> list[Row]:
     for obj, where in _objects(path):
         if not isinstance(obj, dict) or not isinstance(obj.get("image"), str) or not obj["image"]:
             raise DataError(f"{where}: expected a JSON object with an 'image' path")
-        image = _row({"question": "-", "answer": "", "image": obj["image"]}, where, path.parent, True).image
+        image = _image(obj["image"], where, path.parent, True)
         if image in exclude:
             raise DataError(f"{where}: {obj['image']} is a forget photo: distilling it would keep what the run is to "
                             "forget")

@@ -127,6 +127,10 @@ class Method:
     def prepare(self, ctx: Context) -> None:
         """Selection, pruning, masks, cached teachers: whatever happens once before training."""
 
+    def encode(self, ctx: Context, split: str, rows: list[int]) -> Batch:
+        """The model inputs `terms` gets for this rank's `rows` of `split` (a method may add rows of its own)."""
+        return ctx.encode(split, rows)
+
     def terms(self, ctx: Context, split: str, batch: Batch, rows: list[int]) -> dict[str, Term]:
         raise NotImplementedError
 
@@ -220,7 +224,7 @@ def _backward(ctx: Context, method: Method, group: list[str], streams: dict, sum
         local = ctx.world.shard(rows)
         last = k == len(group) - 1
         with nullcontext() if last else ctx.world.no_sync(ctx.model):
-            terms = method.terms(ctx, split, ctx.encode(split, local), local)
+            terms = method.terms(ctx, split, method.encode(ctx, split, local), local)
             loss = sum(t.weight * t.rows.sum() for t in terms.values()) * (ctx.world.size / len(rows))
             if last and ctx.synced:
                 loss = in_graph(loss, [ctx.params[n] for n in ctx.synced if not ctx.reaches_param(split, n)])

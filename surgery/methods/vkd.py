@@ -104,6 +104,12 @@ def saliency_of(ctx: Context, fisher: bool = True):
     return sal
 
 
+def teachers(ctx: Context, rows) -> "teacher.Features":
+    """The vanilla model's projector output for `rows` (VKD's t), cached as `teacher.cache` decides."""
+    size = ctx.cfg.collect_batch_size
+    return teacher.cache(ctx, rows, lambda chunk: projector_features(ctx.adapter, chunk, size), size)
+
+
 class VKD(Method):
     name = "vkd"
     paper = "Robust MLLM Unlearning via Visual Knowledge Distillation (arXiv 2512.11325)"
@@ -112,13 +118,12 @@ class VKD(Method):
     forget_splits = ("fvqa",)
     retain_splits = ("fqa", "rvqa", "rqa")   # the forget people's facts in text are kept: L_fqa has a + sign
     pool: list = []                          # --distill-images rows (`distil_images`)
+    drawn: list = []                         # the indices of them in the retain batch `encode` made last
 
     def prepare(self, ctx: Context) -> None:
         sal = saliency_of(ctx)
         t = time.perf_counter()
-        size = ctx.cfg.collect_batch_size
-        self.teacher = teacher.cache(ctx, ctx.splits.rvqa, lambda rows: projector_features(ctx.adapter, rows, size),
-                                     size)   # before pruning; in memory or memory-mapped (--teacher-memory)
+        self.teacher = teachers(ctx, ctx.splits.rvqa)   # before pruning; in memory or memory-mapped (--teacher-memory)
         self.distil_images(ctx)   # --distill-images, before pruning too
         ctx.timings["teacher_s"] = time.perf_counter() - t
         select_and_mask(ctx, sal)
@@ -128,34 +133,37 @@ class VKD(Method):
         self.pool, self.pool_teacher = [], None
         if not ctx.cfg.distill_images:
             return
-        size = ctx.cfg.collect_batch_size
         forget = {r.image for r in (*ctx.splits.fvqa, *ctx.splits.held_back)}
         self.pool = load_images(ctx.cfg.distill_images, exclude=forget)
         per_step = min(ctx.cfg.batch_size, len(ctx.splits.rvqa))   # as many as the retain batch: one mean
         if len(self.pool) < per_step:
             raise ValueError(f"--distill-images {ctx.cfg.distill_images}: {len(self.pool)} photos, fewer than "
                              f"the {per_step} of a retain batch (each step distils as many of them)")
-        self.pool_teacher = teacher.cache(ctx, self.pool, lambda rows: projector_features(ctx.adapter, rows, size),
-                                          size)
+        self.pool_teacher = teachers(ctx, self.pool)
         self.pool_stream = row_batches(len(self.pool), per_step, ctx.cfg.seed * 1000 + 7)
         ctx.info["distill_images"] = len(self.pool)
         log.info("VKD: also distilling %d photos from %s (%d per step)", len(self.pool), ctx.cfg.distill_images,
                  per_step)
 
+    def encode(self, ctx: Context, split: str, rows: list[int]):
+        """The retain-VQA rows, then this rank's share of the next batch of photos to distil: one forward for both."""
+        self.drawn = ctx.world.shard(next(self.pool_stream)) if split == "rvqa" and self.pool else []
+        if not self.drawn:
+            return ctx.encode(split, rows)
+        chunk = [ctx.splits.rvqa[i] for i in rows] + [self.pool[j] for j in self.drawn]
+        return ctx.adapter.encode(examples(chunk)).to(ctx.adapter.device)
+
     def terms(self, ctx: Context, split: str, batch, rows: list[int]) -> dict[str, Term]:
         if split != "rvqa":
             ce = answer_loss(ctx.forward(batch), batch.labels)
             return {split: Term(ce, -ctx.cfg.alpha if split == "fvqa" else 1.0)}
-        pool = ctx.world.shard(next(self.pool_stream)) if self.pool else []
-        if pool:   # the retain rows, then this rank's share of a batch of the photos to distil, in one forward
-            chunk = [ctx.splits.rvqa[i] for i in rows] + [self.pool[j] for j in pool]
-            batch = ctx.adapter.encode(examples(chunk)).to(ctx.adapter.device)
+        pool = self.drawn
         with capture(ctx.adapter.projector) as feats:
             ce = answer_loss(ctx.forward(batch), batch.labels)[:len(rows)]
         student = split_rows(feats[0], batch.feature_counts)
-        teachers = [self.teacher[i] for i in rows] + [self.pool_teacher[j] for j in pool]
+        targets = [self.teacher[i] for i in rows] + [self.pool_teacher[j] for j in pool]
         # per-row mean squared error: β means the same at any feature width
-        vkd = torch.stack([(s.float() - t.to(s.device, torch.float32)).pow(2).mean() for s, t in zip(student, teachers)])
+        vkd = torch.stack([(s.float() - t.to(s.device, torch.float32)).pow(2).mean() for s, t in zip(student, targets)])
         terms = {"rvqa": Term(ce), "vkd": Term(vkd[:len(rows)], ctx.cfg.beta)}
         if pool:
             terms["vkd_images"] = Term(vkd[len(rows):], ctx.cfg.beta)
