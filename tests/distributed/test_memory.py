@@ -1,6 +1,6 @@
 """In one process: --checkpoint-llm gives the plain path's gradients with fewer saved activations, frozen weights get no
-gradient buffer, the VKD teacher read from memory-mapped files equals the one held in memory, and how collection
-deals batches to ranks."""
+gradient buffer, the VKD teacher (one entry per photo) read from memory-mapped files equals the one held in memory and
+each row's own projector output, and how collection deals batches to ranks."""
 from types import SimpleNamespace
 
 import pytest
@@ -92,26 +92,33 @@ def test_checkpointed_llm_scores_with_its_kv_cache(tiny_dirs, tmp_path):
 
 
 @pytest.mark.parametrize("file_bytes", [teacher.FILE_BYTES, 1])
-def test_teacher_features_from_disk_equal_those_in_memory(tiny_dirs, data, tmp_path, monkeypatch, file_bytes):
+def test_teacher_features_from_disk_equal_those_in_memory(tiny_dirs, tmp_path, monkeypatch, file_bytes):
+    """Both hold one entry per photo (two rows ask about each photo here) and give every row its photo's features:
+    those `projector_features` computes for that row alone."""
     monkeypatch.setattr(teacher, "FILE_BYTES", file_bytes)    # 1: a file per batch
     adapter = load(str(tiny_dirs["tiny-llava"]))
-    rows = load_splits(*data).rvqa
+    rows = load_jsonl(write_photo_split(tmp_path / "photos.jsonl", people=2, photos=3))[::-1]
+    computed = []
 
     def features(chunk):
+        computed.extend(r.image for r in chunk)
         return projector_features(adapter, chunk, 3)
 
     def context(gb):
         cfg = Config(out=str(tmp_path / "out"), teacher_memory_gb=gb, teacher_cache=str(tmp_path / "cache"))
         return SimpleNamespace(cfg=cfg, world=World(), scratch=[])
     in_memory = teacher.cache(context(8.0), rows, features, 3)
+    assert sorted(computed[1:]) == sorted({r.image for r in rows}) and computed[0] == rows[0].image   # size probe first
     ctx = context(0.0)
     on_disk = teacher.cache(ctx, rows, features, 3)
-    assert in_memory.rows is not None and on_disk.rows is None
+    assert in_memory.photos is not None and on_disk.photos is None
     assert len(ctx.scratch) == 1 and ctx.scratch[0].parent == tmp_path / "cache"
-    assert len(list(ctx.scratch[0].glob("*.safetensors"))) == (3 if file_bytes == 1 else 1)
-    assert len(on_disk) == len(in_memory) == len(rows) == 7
-    for i in range(len(rows)):
-        assert torch.equal(on_disk[i], in_memory[i]), i
+    assert len(list(ctx.scratch[0].glob("*.safetensors"))) == (2 if file_bytes == 1 else 1)
+    assert len(on_disk) == len(in_memory) == len(rows) == 12
+    assert on_disk.entries() == in_memory.entries() == 6
+    for i, row in enumerate(rows):
+        alone = projector_features(adapter, [row])[0]
+        assert torch.equal(on_disk[i], in_memory[i]) and torch.equal(in_memory[i], alone), i
 
 
 def test_collection_deals_batches_round_robin_in_lockstep():
