@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from surgery.bench.demo import UNLEARN, DemoConfig, targets
 from surgery.bench.evaluate import ImageCache, percent, score_likelihood
+from surgery.bench.finetune import FinetuneConfig
 from surgery.bench.relearn import attack_rows, relearn
 from surgery.cli import main
 from surgery.data import load_jsonl
@@ -126,6 +127,7 @@ def test_demo_quick_end_to_end(tmp_path):
     assert rep["threads"] == 1 and torch.get_num_threads() == threads      # pinned for the run, then restored
     assert rep["config"]["unlearn"]["beta"] == UNLEARN["beta"] and "total_s" in rep["timings"] and rep["views"] == "test"
     assert rep["config"]["unlearn"]["stop_forget_accuracy"] == UNLEARN["stop_forget_accuracy"]    # early stop set
+    assert rep["config"]["unlearn"]["layers"] == [0, 0]     # the quick tower's one live layer, not UNLEARN's 4-6
     runs = seed["unlearn"].values()                    # ... but --quick's 4 steps are fewer than its check interval
     assert {u["steps_run"] for u in runs} == {4} == {len(u["losses"]) for u in runs}
     # from nothing, one plan: stage 0, text, the reference's tower here, the vanilla tower there, every step timed
@@ -166,6 +168,14 @@ def test_demo_quick_end_to_end(tmp_path):
     (other / "keep.txt").write_text("x")
     r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(other), "--cache", str(cache)])
     assert r.exit_code == 1 and "not a demo output" in r.output and (other / "keep.txt").exists()
+
+
+def test_demo_edits_the_towers_deepest_live_layers():
+    deepest = FinetuneConfig().vision_layers - 2            # LLaVA reads layer -2: the tower's last layer is dead
+    assert UNLEARN["layers"] == (deepest - 2, deepest) == DemoConfig.make().unlearn["layers"]
+    assert DemoConfig.make(quick=True).unlearn["layers"] == (FinetuneConfig.quick().vision_layers - 2,) * 2
+    assert DemoConfig.make(quick=True, unlearn={"layers": (0, 1)}).unlearn["layers"] == (0, 1)     # --set is kept
+    assert DemoConfig.make(unlearn={"layers": None}).unlearn["layers"] is None                      # every live layer
 
 
 def test_demo_seeds_dev_views_and_settings(tmp_path):
