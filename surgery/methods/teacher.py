@@ -85,6 +85,6 @@ def cache(ctx, rows: list, features, batch_size: int) -> Features:
     world.barrier()   # every rank's files are complete
     cached = Features(photo, files=sorted(directory.glob("*.safetensors")))
     if cached.entries() != len(photos):
-        raise RuntimeError(f"teacher cache {directory}: {cached.entries()} of {len(photos)} photos found (is the directory "
-                           "visible to every rank? pass --teacher-cache on a shared file system)")
+        raise RuntimeError(f"teacher cache {directory}: {cached.entries()} of {len(photos)} photos found (is the "
+                           "directory visible to every rank? pass --teacher-cache on a shared file system)")
     return cached

@@ -182,8 +182,8 @@ def test_demo_seeds_dev_views_and_settings(tmp_path):
     """--seeds: one benchmark and model set per seed, the mean and sample sd over them; --views dev; --set."""
     out, cache = tmp_path / "demo", tmp_path / "cache"
     r = CliRunner().invoke(main, ["demo", "--quick", "--no-ablation", "--no-reference", "--seeds", "1,2", "--views",
-                                  "dev", "--set", "alpha=2", "--set", "layers=null", "--out", str(out), "--cache", str(cache),
-                                  "--json"])
+                                  "dev", "--set", "alpha=2", "--set", "layers=null", "--out", str(out),
+                                  "--cache", str(cache), "--json"])
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     assert rep["seeds"] == [1, 2] and rep["views"] == "dev" and rep["config"]["unlearn"]["alpha"] == 2
