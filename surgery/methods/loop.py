@@ -39,8 +39,9 @@ from ..bench.evaluate import ImageCache, score_likelihood
 from ..config import Config
 from ..data import SPLITS, Splits
 from ..distributed import World, in_graph, replicate
-from ..models import Adapter, Batch, Example
+from ..models import Adapter, Batch
 from ..optim import MaskedAdamW
+from ..saliency import examples
 
 log = logging.getLogger("surgery")
 
@@ -84,8 +85,11 @@ class Context:
 
     def encode(self, split: str, rows: list[int]) -> Batch:
         """Rows `rows` of `split` as model inputs on the model's device."""
-        chunk = [self.splits[split][i] for i in rows]
-        return self.adapter.encode([Example(r.prompt(), r.answer, r.load_image()) for r in chunk]).to(self.adapter.device)
+        return self.encode_rows([self.splits[split][i] for i in rows])
+
+    def encode_rows(self, chunk: list) -> Batch:
+        """Data rows (`data.Row`, of any split or none) as model inputs on the model's device."""
+        return self.adapter.encode(examples(chunk)).to(self.adapter.device)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.model(**batch.inputs).logits

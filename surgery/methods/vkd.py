@@ -150,8 +150,7 @@ class VKD(Method):
         self.drawn = ctx.world.shard(next(self.pool_stream)) if split == "rvqa" and self.pool else []
         if not self.drawn:
             return ctx.encode(split, rows)
-        chunk = [ctx.splits.rvqa[i] for i in rows] + [self.pool[j] for j in self.drawn]
-        return ctx.adapter.encode(examples(chunk)).to(ctx.adapter.device)
+        return ctx.encode_rows([ctx.splits.rvqa[i] for i in rows] + [self.pool[j] for j in self.drawn])
 
     def terms(self, ctx: Context, split: str, batch, rows: list[int]) -> dict[str, Term]:
         if split != "rvqa":
