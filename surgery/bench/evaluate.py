@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..data import Row, load_jsonl
-from ..models import Adapter, Example
+from ..models import Adapter, Batch, Example
 
 log = logging.getLogger("surgery")
 SPLITS = ("forget", "retain", "realworld")
@@ -55,10 +55,12 @@ def _chunks(items, size):
 
 
 class ImageCache:
-    """Decode each image file once per evaluation."""
+    """Decode each image file once per evaluation. With `prompts=True`, also encode each chunk of rows' prompts once
+    (`prompts`), for one adapter: for rows scored again and again as the model changes (the held-back check of
+    --stop-forget-accuracy), whose inputs never do. Off by default: it holds every chunk's pixels."""
 
-    def __init__(self):
-        self.cache = {}
+    def __init__(self, prompts: bool = False):
+        self.cache, self.encoded = {}, {} if prompts else None
 
     def __call__(self, row: Row):
         if row.image is None:
@@ -66,6 +68,15 @@ class ImageCache:
         if row.image not in self.cache:
             self.cache[row.image] = row.load_image()
         return self.cache[row.image]
+
+    def prompts(self, adapter: Adapter, rows: list[Row]) -> Batch:
+        """The prompts of `rows` with their images, as `_prefill` runs them."""
+        if self.encoded is None:
+            return _prompts(adapter, [Example(r.prompt(), None, self(r)) for r in rows])
+        key = tuple(map(id, rows))
+        if key not in self.encoded:     # the rows are kept with their batch, so their ids stay theirs
+            self.encoded[key] = rows, _prompts(adapter, [Example(r.prompt(), None, self(r)) for r in rows])
+        return self.encoded[key][1]
 
 
 def bootstrap_ci(values, people, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> list[float]:
@@ -104,7 +115,7 @@ def generate(adapter: Adapter, examples: list[Example], max_new_tokens: int, bat
     """Greedy continuations of each prompt (answers are ignored), decoded without special tokens."""
     if adapter.family.style == "llava":
         return [text for chunk in _chunks(examples, batch_size)
-                for text in _greedy(adapter, *_prefill(adapter, chunk), max_new_tokens)]
+                for text in _greedy(adapter, *_prefill(adapter, _prompts(adapter, chunk)), max_new_tokens)]
     texts = []
     tok = adapter.tokenizer
     for chunk in _chunks([Example(e.prompt, None, e.image) for e in examples], batch_size):
@@ -115,11 +126,15 @@ def generate(adapter: Adapter, examples: list[Example], max_new_tokens: int, bat
     return texts
 
 
-def _prefill(adapter: Adapter, examples: list[Example]):
-    """Run the prompts once (left-padded, so every prompt ends at the last position). Returns the cache, the
-    attention mask and the log-probabilities of the first answer token [B, V]."""
-    batch = adapter.encode([Example(e.prompt, None, e.image) for e in examples], padding_side="left")
-    batch = batch.to(adapter.device)
+def _prompts(adapter: Adapter, examples: list[Example]) -> Batch:
+    """The examples' prompts and images (answers dropped), left-padded so that every prompt ends at the last
+    position, on the model's device."""
+    return adapter.encode([Example(e.prompt, None, e.image) for e in examples], padding_side="left").to(adapter.device)
+
+
+def _prefill(adapter: Adapter, batch: Batch):
+    """Run the prompts (`_prompts`) once. Returns the cache, the attention mask and the log-probabilities of the first
+    answer token [B, V]."""
     out = adapter.model(**batch.inputs, use_cache=True, logits_to_keep=1)
     return out.past_key_values, batch.inputs["attention_mask"], torch.log_softmax(out.logits[:, -1].float(), -1)
 
@@ -165,12 +180,6 @@ def _continuation_logprobs(adapter: Adapter, cache, mask, first: torch.Tensor, a
     return token_logp.sum(1).view(-1, k)
 
 
-def _answer_ids(adapter: Adapter, answer: str) -> list[int]:
-    """The answer's tokens as `Adapter.encode` appends them to a prompt (EOS included)."""
-    batch = adapter.encode([Example("", answer, None)])
-    return batch.inputs["input_ids"][0][batch.labels[0] != -100].tolist()
-
-
 def parse_letter(text: str) -> str | None:
     m = LETTER.search(text)
     return m.group(1) if m else None
@@ -199,14 +208,13 @@ def score_mc(adapter: Adapter, rows: list[Row], images=None, batch_size: int = 6
             return hits, None
         texts = generate(adapter, [Example(r.prompt(), None, images(r)) for r in rows], 12, batch_size)
         return hits, [parse_letter(t) == r.correct for t, r in zip(texts, rows)]
-    hits, letter_hits, ids = [], [], {}
+    hits, letter_hits = [], []
     for chunk in _chunks(rows, batch_size):
-        cache, mask, first = _prefill(adapter, [Example(r.prompt(), None, images(r)) for r in chunk])
+        cache, mask, first = _prefill(adapter, images.prompts(adapter, chunk))
         if letter:
             letter_hits += [parse_letter(t) == r.correct for t, r in zip(_greedy(adapter, cache, mask, first, 12), chunk)]
         letters = [sorted(r.options) for r in chunk]
-        answers = [[ids.setdefault(a, _answer_ids(adapter, a)) for a in (option_answer(r, l) for l in ls)]
-                   for r, ls in zip(chunk, letters)]
+        answers = [[adapter.answer_ids(option_answer(r, l)) for l in ls] for r, ls in zip(chunk, letters)]
         best = _continuation_logprobs(adapter, cache, mask, first, answers).argmax(1).tolist()
         hits += [ls[b] == r.correct for r, ls, b in zip(chunk, letters, best)]
     return hits, letter_hits if letter else None

@@ -90,6 +90,7 @@ class Adapter:
                                layer.mlp.get_submodule(self.family.mlp_out)) for i, layer in enumerate(layers)]
         self.projector = model.get_submodule(self.family.projector)
         self.live_layers = self._live_layers(len(layers))
+        self._answers: dict[str, tuple[int, ...]] = {}
 
     def _live_layers(self, n: int) -> range:
         """Layers whose output reaches the LLM. LLaVA reads hidden_states[vision_feature_layer] (default -2):
@@ -183,6 +184,13 @@ class Adapter:
             inputs["mm_token_type_ids"] = (inputs["input_ids"] == self.model.config.image_token_id).int()
         inputs.update(pixel_inputs)
         return Batch(inputs, labels, counts)
+
+    def answer_ids(self, answer: str) -> tuple[int, ...]:
+        """The answer's tokens as `encode` appends them to a prompt (EOS included); tokenized once per adapter."""
+        if answer not in self._answers:
+            batch = self.encode([Example("", answer, None)])
+            self._answers[answer] = tuple(batch.inputs["input_ids"][0][batch.labels[0] != -100].tolist())
+        return self._answers[answer]
 
     def _template_has_bos(self, text: str) -> bool:
         bos = self.tokenizer.bos_token

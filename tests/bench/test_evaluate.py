@@ -3,8 +3,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from surgery.bench.evaluate import (answer_logprobs, bootstrap_ci, evaluate, generate, option_answer, parse_letter,
-                                    score_letter, score_likelihood, score_rouge, table)
+from surgery.bench.evaluate import (ImageCache, answer_logprobs, bootstrap_ci, evaluate, generate, option_answer,
+                                    parse_letter, score_letter, score_likelihood, score_rouge, table)
 from surgery.cli import main
 from surgery.data import load_jsonl
 from surgery.models import Example, load
@@ -58,6 +58,24 @@ def test_likelihood_matches_one_by_one(model, small_bench):
     expect = [max(sorted(r.options), key=lambda l: single[4 * i + sorted(r.options).index(l)]) == r.correct
               for i, r in enumerate(rows)]
     assert hits == expect
+
+
+def test_kept_prompts_score_as_fresh_ones_on_a_changed_model(small_bench, tiny_dirs, monkeypatch):
+    """ImageCache(prompts=True) (the held-back check) encodes each chunk's prompts once, and scores as a fresh
+    encoding does after the model's weights change."""
+    adapter = load(str(tiny_dirs["tiny-llava"]))
+    rows = [r for r in load_jsonl(small_bench / "eval_forget.jsonl") if r.options]
+    kept, calls, encode = ImageCache(prompts=True), [], adapter.encode
+    monkeypatch.setattr(adapter, "encode", lambda examples, **kw: calls.append(len(examples)) or encode(examples, **kw))
+    for step in range(3):
+        with torch.no_grad():
+            for p in adapter.model.parameters():
+                p.add_(torch.randn_like(p), alpha=0.05 * step)
+        assert score_likelihood(adapter, rows, kept, batch_size=5) == score_likelihood(adapter, rows, batch_size=5)
+    # every answer tokenized once; the kept prompts encoded once per chunk, fresh ones once per chunk per call
+    chunks = -(-len(rows) // 5)
+    answers = {option_answer(r, l) for r in rows for l in r.options}
+    assert len(calls) == len(answers) + chunks + 3 * chunks
 
 
 def test_generation_and_letter_match_greedy_by_hand(model, small_bench):

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from rowdata import write_photo_split
-from surgery.bench.evaluate import ImageCache, _answer_ids, _continuation_logprobs, _prefill, option_answer
+from surgery.bench.evaluate import ImageCache, _continuation_logprobs, _prefill, option_answer
 from surgery.config import Config
 from surgery.data import load_jsonl, load_splits
 from surgery.distributed import World, checkpoint_llm, decoder_layers, launch
 from surgery.methods import teacher
 from surgery.methods.vkd import projector_features
-from surgery.models import Example, answer_loss, load
+from surgery.models import answer_loss, load
 from surgery.saliency import examples
 
 
@@ -81,9 +81,9 @@ def test_checkpointed_llm_scores_with_its_kv_cache(tiny_dirs, tmp_path):
 
     def option_scores():
         images = ImageCache()
-        cache, mask, first = _prefill(adapter, [Example(r.prompt(), None, images(r)) for r in rows])
+        cache, mask, first = _prefill(adapter, images.prompts(adapter, rows))
         assert cache.get_seq_length() > 0
-        answers = [[_answer_ids(adapter, option_answer(r, letter)) for letter in sorted(r.options)] for r in rows]
+        answers = [[adapter.answer_ids(option_answer(r, letter)) for letter in sorted(r.options)] for r in rows]
         return _continuation_logprobs(adapter, cache, mask, first, answers)
     with torch.no_grad():
         plain = option_scores()

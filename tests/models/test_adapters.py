@@ -67,6 +67,7 @@ def test_labels_cover_answer_tokens_only(name):
     for i, answer in enumerate(["Ada Lovelace", "Oslo"]):
         ids = batch.labels[i][batch.labels[i] != -100].tolist()
         assert tok.decode(ids[:-1]).strip() == answer and ids[-1] == adapter._eos_id()
+        assert adapter.answer_ids(answer) == tuple(ids)      # the tokens encode appends, whatever the prompt
     # padding is masked out of attention and labels; image tokens are never labels
     assert ((batch.inputs["attention_mask"] == 0) <= (batch.labels == -100)).all()
     image_id = adapter.model.config.image_token_id
@@ -74,6 +75,9 @@ def test_labels_cover_answer_tokens_only(name):
     assert (batch.inputs["input_ids"][0] == image_id).sum() == batch.feature_counts[0]
     out = adapter.model(**batch.inputs)
     assert torch.isfinite(out.logits).all()
+    # answer_ids tokenizes an answer once per adapter
+    adapter.encode = None
+    assert adapter.answer_ids("Oslo") == tuple(batch.labels[1][batch.labels[1] != -100].tolist())
 
 
 def test_dead_layer_request_warns(caplog):
