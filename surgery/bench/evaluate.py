@@ -71,12 +71,13 @@ class ImageCache:
 
     def prompts(self, adapter: Adapter, rows: list[Row]) -> Batch:
         """The prompts of `rows` with their images, as `_prefill` runs them."""
-        if self.encoded is None:
-            return _prompts(adapter, [Example(r.prompt(), None, self(r)) for r in rows])
         key = tuple(map(id, rows))
-        if key not in self.encoded:     # the rows are kept with their batch, so their ids stay theirs
-            self.encoded[key] = rows, _prompts(adapter, [Example(r.prompt(), None, self(r)) for r in rows])
-        return self.encoded[key][1]
+        if self.encoded is not None and key in self.encoded:
+            return self.encoded[key][1]
+        batch = _prompts(adapter, [Example(r.prompt(), None, self(r)) for r in rows])
+        if self.encoded is not None:     # the rows are kept with their batch, so their ids stay theirs
+            self.encoded[key] = rows, batch
+        return batch
 
 
 def bootstrap_ci(values, people, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> list[float]:

@@ -278,8 +278,8 @@ def train(ctx: Context, method: Method, progress: bool = True) -> list[dict]:
         log.warning("%s: %d steps are fewer than --stop-window %d: the early stop cannot fire", method.name, steps,
                     cfg.stop_window)
     by_accuracy = cfg.stop_forget_accuracy is not None
-    held, images = ([r for r in ctx.splits.held_back if r.options], ImageCache(prompts=True)) if by_accuracy \
-        else ([], None)
+    held = [r for r in ctx.splits.held_back if r.options] if by_accuracy else []
+    images = ImageCache(prompts=True) if by_accuracy else None
     if by_accuracy and not held:
         raise ValueError("stop_forget_accuracy needs forget rows held back (`data.hold_back`, done by "
                          "`pipeline.prepare`)")
