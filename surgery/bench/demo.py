@@ -59,7 +59,8 @@ log = logging.getLogger("surgery")
 # range (the smallest mean real-world drop on the dev views of seeds 0-2, if mean forget VQA <= 40, retain no more than
 # 1 point worse, real-world at least 2 better than every layer's), 4-6: dev mean forget / retain / real-world VQA
 # 36.7 / 91.0 / 87.2 against every layer's 31.7 / 89.1 / 84.3 (vanilla 93.7 / 92.9 / 94.3); 2-6 forgot too little
-# (40.7). It takes more steps (seed 2 runs to the cap of 3800). README, "How the demo's settings were chosen".
+# (40.7). It took more steps (at the combined schedule seed 2 ran to the cap of 3800). README, "How the demo's
+# settings were chosen".
 # At 4-6, lr 2e-3 (retain drop 3.2 points worse) and --distill-extras 100 (mean forget VQA 45.0) missed a further rule.
 # So did a smaller cap (1000-3000: only 2500 reaches mean forget VQA 40, keeping 1.5 real-world points, not 2) and
 # batch 8 (real-world drop 1.8 points worse). MMUnlearner's alternating schedule (a clipped update on the forget split,
