@@ -69,7 +69,7 @@ log = logging.getLogger("surgery")
 # drop 1.5 points smaller, retain drop 0.7 worse, in 3175 steps against 6135 (seed 2 now reaches the stop, at 2400).
 # Fisher mask d_F 0.5, not MMUnlearner's 1.0 (prune-and-mask's default): on an Intel machine, whose models differ from
 # the AMD machine's above (README, Reproducibility), d_F 1.0 left seed 0 at 66 % forget VQA after the 3800-step cap
-# (dev views; the distillation step undid the masked forget step, whatever alpha: 25 left it at 61 %), as it had left
+# (dev views; the distillation step undid the masked forget step; alpha 25 still left it at 61 %), as it had left
 # seed 21 on the AMD machine. By a rule written before the runs (README, "The Fisher mask's threshold"), of alpha 25,
 # every live layer and d_F 0.5, d_F 0.5 was taken: dev mean 30.7 / 89.7 / 86.2 against d_F 1.0's 43.0 / 89.8 / 83.8
 # (retain drop 2.4 against 2.3, real-world 6.7 against 9.0) in 1575 steps against 5140.
