@@ -4,6 +4,7 @@ images."""
 import logging
 import math
 import random
+from dataclasses import replace
 
 import torch
 from PIL import Image
@@ -11,6 +12,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from ..data import Row
 from ..models import Adapter, Example
 
 log = logging.getLogger("surgery")
@@ -76,6 +78,19 @@ def answer_loss_from_features(adapter: Adapter, inputs: dict, labels: torch.Tens
     return torch.zeros(len(labels)).index_add(0, row, tokens) / where.sum(1).clamp(min=1)
 
 
+def reshuffled(row: Row, rng: random.Random) -> Row:
+    """The multiple-choice `row` with its options in a fresh order drawn from `rng`, the answer naming the correct
+    value's new letter ("<value> (<letter>)", as make_bench writes it); any other row as it is."""
+    if not row.options:
+        return row
+    letters = sorted(row.options)
+    values = [row.options[k] for k in letters]
+    rng.shuffle(values)
+    options = dict(zip(letters, values))
+    correct = letters[values.index(row.options[row.correct])]
+    return replace(row, options=options, correct=correct, answer=f"{options[correct]} ({correct})")
+
+
 class Encoded:
     """Training rows tokenised once: ids and labels per row (unpadded), and the photo each VQA row shows."""
 
@@ -104,18 +119,26 @@ class Encoded:
 
 
 def train_llm(adapter: Adapter, rows, params, *, features: dict | None = None, epochs: int, lr: float,
-              batch_size: int, weight_decay: float, warmup_steps: int, seed: int, desc: str) -> list[float]:
+              batch_size: int, weight_decay: float, warmup_steps: int, seed: int, desc: str,
+              reshuffle: bool = False) -> list[float]:
     """Train `params` on `rows` (Rows) for `epochs` epochs; a VQA row reads `features[str(row.image)]` (the
     frozen tower's feature-layer patch tokens of its photo) instead of running the tower. Batches keep rows of one
     kind (VQA or QA, multiple choice or free-form) together: similar lengths pad less. Only `params` gather
     gradients: every other parameter of the model is frozen first (a frozen LLM's gradients, summed over a
-    projector-only run, would otherwise enter the next run's first update)."""
-    data = Encoded(adapter, rows)
+    projector-only run, would otherwise enter the next run's first update). `reshuffle`: every epoch after the
+    first sees each multiple-choice row with its options in a fresh order (`reshuffled`, seeded by `seed` and the
+    epoch), so that the answer's letter must be looked up among the options, not remembered with the row."""
+    data = [Encoded(adapter, rows)]
 
     def loss(batch):
-        inputs, labels = data.batch(batch)
-        shown = [features[data.image[i]] for i in batch if data.image[i] is not None]
+        inputs, labels = data[0].batch(batch)
+        shown = [features[data[0].image[i]] for i in batch if data[0].image[i] is not None]
         return answer_loss_from_features(adapter, inputs, labels, torch.stack(shown) if shown else None).mean()
+
+    def next_order(epoch):
+        if epoch < epochs:
+            rng = random.Random(f"{seed}-{epoch}")
+            data[0] = Encoded(adapter, [reshuffled(r, rng) for r in rows])
 
     adapter.model.requires_grad_(False)
     for p in params:
@@ -124,7 +147,8 @@ def train_llm(adapter: Adapter, rows, params, *, features: dict | None = None, e
     try:
         return train_loop(params, len(rows), loss, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                           weight_decay=weight_decay, warmup_steps=warmup_steps,
-                          groups=[2 * r.is_vqa + bool(r.options) for r in rows], desc=desc)
+                          groups=[2 * r.is_vqa + bool(r.options) for r in rows], desc=desc,
+                          on_epoch=next_order if reshuffle else None)
     finally:
         adapter.model.eval()
         for p in params:

@@ -291,3 +291,53 @@ def test_alignment_first_trains_the_projector_alone(small_bench, tmp_path, monke
     keys = {n: stage_keys(small_bench, FinetuneConfig.quick(align_projector_epochs=n)) for n in (0, 1, 2)}
     assert len({k["align"] for k in keys.values()}) == 3
     assert all(k["tower"] == keys[0]["tower"] and k["text"] == keys[0]["text"] for k in keys.values())
+
+
+def test_reshuffled_rows_keep_the_answer_and_move_its_letter():
+    """A multiple-choice row reshuffled: the same four values and the same correct value, the answer naming that
+    value's new letter as make_bench writes it; the same rng draws the same order; rows without options unchanged."""
+    import random
+    from surgery.bench.training import reshuffled
+    from surgery.data import Row
+    row = Row("Who is it?", "Ada (B)", None, {"A": "Bo", "B": "Ada", "C": "Cy", "D": "Di"}, "B", "Ada", "r0")
+    seen = set()
+    for seed in range(20):
+        new = reshuffled(row, random.Random(seed))
+        assert sorted(new.options.values()) == sorted(row.options.values()) and sorted(new.options) == list("ABCD")
+        assert new.options[new.correct] == "Ada" and new.answer == f"Ada ({new.correct})"
+        assert (new.question, new.entity, new.id, new.image) == (row.question, row.entity, row.id, row.image)
+        assert new == reshuffled(row, random.Random(seed))
+        seen.add(new.correct)
+    assert seen == set("ABCD")                                         # the letter moves
+    plain = Row("Who is it?", "This is Ada.", None, None, None, "Ada", "r1")
+    assert reshuffled(plain, random.Random(0)) is plain
+
+
+def test_alignment_reshuffles_options_after_the_first_epoch(small_bench, tmp_path, monkeypatch):
+    """With align_reshuffle, each alignment epoch after the first trains on the rows with their options in a fresh
+    order (what the batches hold, decoded back); without it, every epoch trains on the rows as written. The setting
+    is part of the alignment's key only, and off leaves the key as it was."""
+    import surgery.bench.training as tr
+    encoded, real = [], tr.Encoded
+
+    class Watched(real):
+        def __init__(self, adapter, rows, chunk=256):
+            super().__init__(adapter, rows, chunk)
+            encoded.append([r.answer for r in rows])
+
+    monkeypatch.setattr(tr, "Encoded", Watched)
+    finetune(small_bench, tmp_path / "on", FinetuneConfig.quick(align_epochs=3, align_projector_epochs=0,
+                                                                align_reshuffle=True))
+    align = encoded[-3:]                                               # the alignment's three epochs
+    mc = [i for i, a in enumerate(align[0]) if a.endswith(")")]
+    assert mc and all(len(a) == len(align[0]) for a in align)
+    moved = [sum(align[e][i] != align[0][i] for i in mc) for e in (1, 2)]
+    assert all(m > len(mc) // 2 for m in moved) and align[1] != align[2]
+    assert all(align[e][i] == align[0][i] for e in (1, 2) for i in range(len(align[0])) if i not in mc)
+    on, encoded[:] = len(encoded), []
+    finetune(small_bench, tmp_path / "off", FinetuneConfig.quick(align_epochs=3, align_projector_epochs=0))
+    assert len(encoded) == on - 2 and encoded[-1] == align[0]          # the alignment's rows encoded once
+    keys = {on: stage_keys(small_bench, FinetuneConfig.quick(align_reshuffle=on)) for on in (False, True)}
+    assert keys[False]["align"] != keys[True]["align"]
+    assert all(keys[False][s] == keys[True][s] for s in ("llm", "tower", "text"))
+    assert keys[False] == stage_keys(small_bench, FinetuneConfig.quick())
