@@ -315,8 +315,8 @@ def test_reshuffled_rows_keep_the_answer_and_move_its_letter():
 
 def test_alignment_reshuffles_options_after_the_first_epoch(small_bench, tmp_path, monkeypatch):
     """With align_reshuffle, each alignment epoch after the first trains on the rows with their options in a fresh
-    order (what the batches hold, decoded back); without it, every epoch trains on the rows as written. The setting
-    is part of the alignment's key only, and off leaves the key as it was."""
+    order; without it, every epoch trains on the rows as written. The setting is part of the alignment's key only
+    (off, the key the build before it had: the setting is left out of it)."""
     import surgery.bench.training as tr
     encoded, real = [], tr.Encoded
 
@@ -335,9 +335,10 @@ def test_alignment_reshuffles_options_after_the_first_epoch(small_bench, tmp_pat
     assert all(m > len(mc) // 2 for m in moved) and align[1] != align[2]
     assert all(align[e][i] == align[0][i] for e in (1, 2) for i in range(len(align[0])) if i not in mc)
     on, encoded[:] = len(encoded), []
-    finetune(small_bench, tmp_path / "off", FinetuneConfig.quick(align_epochs=3, align_projector_epochs=0))
+    finetune(small_bench, tmp_path / "off", FinetuneConfig.quick(align_epochs=3, align_projector_epochs=0,
+                                                                 align_reshuffle=False))
     assert len(encoded) == on - 2 and encoded[-1] == align[0]          # the alignment's rows encoded once
     keys = {on: stage_keys(small_bench, FinetuneConfig.quick(align_reshuffle=on)) for on in (False, True)}
     assert keys[False]["align"] != keys[True]["align"]
     assert all(keys[False][s] == keys[True][s] for s in ("llm", "tower", "text"))
-    assert keys[False] == stage_keys(small_bench, FinetuneConfig.quick())
+    assert keys[True] == stage_keys(small_bench, FinetuneConfig.quick())     # on by default
