@@ -97,7 +97,8 @@ class FinetuneConfig:
                                      # 99.5 % on its training VQA rows, 91.0 on the same rows reshuffled, 75.5-82.4
                                      # on its dev rows). Dev views of seeds 0-2: acceptance cells outside their
                                      # lines 2 -> 1, greedy letter on VQA 83.9 -> 84.8 and on QA 92.8 -> 97.0 %
-                                     # (README, "How this build was chosen"). False: the build until it (its keys)
+                                     # (README, "The options reshuffled in the alignment"). False: the build
+                                     # until it (and its cache keys)
     align_lr: float = 5e-3
     # instruction rows of stage 0 replayed in the text and align stages, so that learning the benchmark's facts
     # does not wear away the multiple-choice letter format (as instruction data is mixed into LLaVA's stage 2)
