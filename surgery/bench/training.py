@@ -14,6 +14,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..data import Row
 from ..models import Adapter, Example
+from .evaluate import option_answer
 
 log = logging.getLogger("surgery")
 _BLANK = Image.new("RGB", (8, 8), (128, 128, 128))  # stands in for a photo where only the token layout matters
@@ -80,15 +81,14 @@ def answer_loss_from_features(adapter: Adapter, inputs: dict, labels: torch.Tens
 
 def reshuffled(row: Row, rng: random.Random) -> Row:
     """The multiple-choice `row` with its options in a fresh order drawn from `rng`, the answer naming the correct
-    value's new letter ("<value> (<letter>)", as make_bench writes it); any other row as it is."""
+    value's new letter (`evaluate.option_answer`: what make_bench writes); any other row as it is."""
     if not row.options:
         return row
     letters = sorted(row.options)
     values = [row.options[k] for k in letters]
     rng.shuffle(values)
-    options = dict(zip(letters, values))
-    correct = letters[values.index(row.options[row.correct])]
-    return replace(row, options=options, correct=correct, answer=f"{options[correct]} ({correct})")
+    moved = replace(row, options=dict(zip(letters, values)), correct=letters[values.index(row.options[row.correct])])
+    return replace(moved, answer=option_answer(moved, moved.correct))
 
 
 class Encoded:
@@ -128,17 +128,18 @@ def train_llm(adapter: Adapter, rows, params, *, features: dict | None = None, e
     projector-only run, would otherwise enter the next run's first update). `reshuffle`: every epoch after the
     first sees each multiple-choice row with its options in a fresh order (`reshuffled`, seeded by `seed` and the
     epoch), so that the answer's letter must be looked up among the options, not remembered with the row."""
-    data = [Encoded(adapter, rows)]
+    data = Encoded(adapter, rows)
 
     def loss(batch):
-        inputs, labels = data[0].batch(batch)
-        shown = [features[data[0].image[i]] for i in batch if data[0].image[i] is not None]
+        inputs, labels = data.batch(batch)
+        shown = [features[data.image[i]] for i in batch if data.image[i] is not None]
         return answer_loss_from_features(adapter, inputs, labels, torch.stack(shown) if shown else None).mean()
 
     def next_order(epoch):
+        nonlocal data
         if epoch < epochs:
             rng = random.Random(f"{seed}-{epoch}")
-            data[0] = Encoded(adapter, [reshuffled(r, rng) for r in rows])
+            data = Encoded(adapter, [reshuffled(r, rng) for r in rows])
 
     adapter.model.requires_grad_(False)
     for p in params:
