@@ -70,7 +70,9 @@ def answer_loss_from_features(adapter: Adapter, inputs: dict, labels: torch.Tens
     if features is not None:
         projected = model.multi_modal_projector(features)
         extra["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=list(projected))}
-    hidden = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **extra).last_hidden_state
+    # no KV cache: training reads none back (building one only copies every layer's keys and values)
+    hidden = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
+                   **extra).last_hidden_state
     target = labels[:, 1:]
     where = target != -100
     tokens = nn.functional.cross_entropy(adapter.model.lm_head(hidden[:, :-1][where]).float(), target[where],
@@ -94,17 +96,11 @@ def reshuffled(row: Row, rng: random.Random) -> Row:
 class Encoded:
     """Training rows tokenised once: ids and labels per row (unpadded), and the photo each VQA row shows."""
 
-    def __init__(self, adapter: Adapter, rows, chunk: int = 256):
-        self.ids, self.labels, self.image = [], [], []
-        for i in range(0, len(rows), chunk):
-            part = rows[i:i + chunk]
-            # the image tokens are all that matters here (the features come from elsewhere): any image will do
-            batch = adapter.encode([Example(r.prompt(), r.answer, _BLANK if r.is_vqa else None) for r in part])
-            for k, r in enumerate(part):
-                keep = batch.inputs["attention_mask"][k].bool()
-                self.ids.append(batch.inputs["input_ids"][k][keep])
-                self.labels.append(batch.labels[k][keep])
-                self.image.append(str(r.image) if r.is_vqa else None)
+    def __init__(self, adapter: Adapter, rows):
+        # the image tokens are all that matters here (the features come from elsewhere): any image marks them
+        ids, labels = adapter.token_ids([Example(r.prompt(), r.answer, _BLANK if r.is_vqa else None) for r in rows])
+        self.ids, self.labels = [torch.tensor(x) for x in ids], [torch.tensor(x) for x in labels]
+        self.image = [str(r.image) if r.is_vqa else None for r in rows]
         self.pad = adapter.tokenizer.pad_token_id
 
     def batch(self, idx: list[int]) -> tuple[dict, torch.Tensor]:

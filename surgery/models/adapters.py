@@ -91,6 +91,7 @@ class Adapter:
         self.projector = model.get_submodule(self.family.projector)
         self.live_layers = self._live_layers(len(layers))
         self._answers: dict[str, tuple[int, ...]] = {}
+        self._chat_frames: dict[bool, tuple[str, str] | None] = {}
 
     def _live_layers(self, n: int) -> range:
         """Layers whose output reaches the LLM. LLaVA reads hidden_states[vision_feature_layer] (default -2):
@@ -153,12 +154,32 @@ class Adapter:
         return next(self.model.parameters()).device
 
     def chat(self, prompt: str, has_image: bool, answer: str | None = None) -> str:
+        """The user turn holding `prompt` (after an image when `has_image`), ready for the answer: the model's chat
+        template, rendered once per kind of turn when it holds the text verbatim (`_chat_frame`)."""
+        if has_image not in self._chat_frames:
+            self._chat_frames[has_image] = self._chat_frame(has_image)
+        frame = self._chat_frames[has_image]
+        return frame[0] + prompt + frame[1] if frame else self._render_chat(prompt, has_image)
+
+    def _render_chat(self, prompt: str, has_image: bool) -> str:
         content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": prompt}]
         messages = [{"role": "user", "content": content}]
         template_owner = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
         if getattr(template_owner, "chat_template", None):
             return template_owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return ("USER: <image>\n" if has_image else "USER: ") + prompt + " ASSISTANT:"
+
+    def _chat_frame(self, has_image: bool) -> tuple[str, str] | None:
+        """(prefix, suffix) such that the rendered turn is prefix + prompt + suffix, when the template places the
+        text verbatim: two probe texts (one with spaces and newlines at both ends, which a `trim` would cut) must
+        each come back framed by the same prefix and suffix. Else None: every turn is rendered (a jinja render per
+        row was half the time of tokenising the benchmark's training rows)."""
+        probes = [" \n\x00surgery-a\x00 \n", "\x00surgery-b\x00"]
+        rendered = [self._render_chat(p, has_image) for p in probes]
+        if rendered[1].count(probes[1]) != 1:
+            return None
+        frame = tuple(rendered[1].split(probes[1]))
+        return frame if rendered[0] == frame[0] + probes[0] + frame[1] else None
 
     def encode(self, examples: list[Example], padding_side: str = "right") -> Batch:
         """Token ids, attention mask, pixels, and labels covering the answer tokens (+EOS) only.
@@ -167,23 +188,53 @@ class Adapter:
             return self._encode_with_processor(examples, padding_side)
         images = [e.image for e in examples if e.image is not None]
         pixel_inputs, counts = self._pixels(images) if images else ({}, [])
-        seqs, labels, types, k = [], [], [], 0
-        for e in examples:
-            text = self.chat(e.prompt, e.image is not None)
-            if e.image is not None:
-                text = self._expand_image_tokens(text, counts[k]); k += 1
-            ids = self.tokenizer(text, add_special_tokens=not self._template_has_bos(text))["input_ids"]
-            lab = [-100] * len(ids)
-            if e.answer is not None:
-                ans = self.tokenizer(" " + e.answer if self.family.style == "llava" else e.answer,
-                                     add_special_tokens=False)["input_ids"] + [self._eos_id()]
-                ids, lab = ids + ans, lab + ans
-            seqs.append(ids); labels.append(lab)
-        inputs, labels = self._pad(seqs, labels, padding_side)
+        inputs, labels = self._pad(*self._token_ids(examples, counts), padding_side)
         if self.family.style == "qwen":
             inputs["mm_token_type_ids"] = (inputs["input_ids"] == self.model.config.image_token_id).int()
         inputs.update(pixel_inputs)
         return Batch(inputs, labels, counts)
+
+    def token_ids(self, examples: list[Example]) -> tuple[list[list[int]], list[list[int]]]:
+        """`encode`'s token ids and labels of each example, unpadded, without its pixels: for rows whose image
+        features come from elsewhere. LLaVA's image-token count is the config's, so no image is processed (an
+        example's image only says that it has one); other families count the tokens of the image given."""
+        if self.family.style == "processor":
+            raise ValueError(f"{self.model_type}: its processor expands the image tokens; use encode")
+        images = [e.image for e in examples if e.image is not None]
+        if self.family.style == "llava":
+            counts = [self._llava_image_tokens()] * len(images)
+        else:
+            counts = self._pixels(images)[1] if images else []
+        return self._token_ids(examples, counts)
+
+    def _token_ids(self, examples: list[Example], counts: list[int]) -> tuple[list[list[int]], list[list[int]]]:
+        """Prompt (chat template, image tokens expanded to `counts`) + answer + EOS ids per example, and labels
+        that are -100 on the prompt. One tokenizer call for every prompt and one for every answer."""
+        texts, k = [], 0
+        for e in examples:
+            text = self.chat(e.prompt, e.image is not None)
+            if e.image is not None:
+                text = self._expand_image_tokens(text, counts[k]); k += 1
+            texts.append(text)
+        seqs = self._tokenize(texts, [not self._template_has_bos(t) for t in texts])
+        labels = [[-100] * len(ids) for ids in seqs]
+        answered = [i for i, e in enumerate(examples) if e.answer is not None]
+        lead = " " if self.family.style == "llava" else ""
+        answers = self._tokenize([lead + examples[i].answer for i in answered], [False] * len(answered))
+        for i, ans in zip(answered, answers):
+            ans = ans + [self._eos_id()]
+            seqs[i], labels[i] = seqs[i] + ans, labels[i] + ans
+        return seqs, labels
+
+    def _tokenize(self, texts: list[str], special: list[bool]) -> list[list[int]]:
+        """`tokenizer(text, add_special_tokens=flag)["input_ids"]` of each text: one batched call per flag."""
+        out: list[list[int]] = [[] for _ in texts]
+        for flag in (True, False):
+            where = [i for i, f in enumerate(special) if f == flag]
+            if where:
+                for i, ids in zip(where, self.tokenizer([texts[i] for i in where], add_special_tokens=flag)["input_ids"]):
+                    out[i] = list(ids)
+        return out
 
     def answer_ids(self, answer: str) -> tuple[int, ...]:
         """The answer's tokens as `encode` appends them to a prompt (EOS included); tokenized once per adapter."""
@@ -206,14 +257,17 @@ class Adapter:
     def _pixels(self, images):
         if self.family.style == "llava":
             px = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-            vc = self.model.config.vision_config
-            n = (vc.image_size // vc.patch_size) ** 2
-            n += int(getattr(self.model.config, "vision_feature_select_strategy", "default") == "full")
-            return {"pixel_values": px}, [n] * len(images)
+            return {"pixel_values": px}, [self._llava_image_tokens()] * len(images)
         out = self.image_processor(images=images, return_tensors="pt")
         merge = self.model.config.vision_config.spatial_merge_size
         counts = [int(t.prod()) // merge**2 for t in out["image_grid_thw"]]
         return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}, counts
+
+    def _llava_image_tokens(self) -> int:
+        """Projector rows (= image tokens) LLaVA gives one image: its patches, and CLS with the 'full' strategy."""
+        vc = self.model.config.vision_config
+        n = (vc.image_size // vc.patch_size) ** 2
+        return n + int(getattr(self.model.config, "vision_feature_select_strategy", "default") == "full")
 
     def _expand_image_tokens(self, text: str, n: int) -> str:
         token = "<image>" if self.family.style == "llava" else "<|image_pad|>"

@@ -321,8 +321,8 @@ def test_alignment_reshuffles_options_after_the_first_epoch(small_bench, tmp_pat
     encoded, real = [], tr.Encoded
 
     class Watched(real):
-        def __init__(self, adapter, rows, chunk=256):
-            super().__init__(adapter, rows, chunk)
+        def __init__(self, adapter, rows):
+            super().__init__(adapter, rows)
             encoded.append([r.answer for r in rows])
 
     monkeypatch.setattr(tr, "Encoded", Watched)

@@ -8,7 +8,7 @@ from PIL import Image
 
 from surgery.models import Adapter, Example, answer_loss, family_of, load
 from surgery.models import loading
-from surgery.models.tokenizer import build_tokenizer
+from surgery.models.tokenizer import LLAVA_TEMPLATE, build_tokenizer
 
 TEXT = dict(vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=4, head_dim=16)
@@ -174,3 +174,61 @@ def test_answer_loss_on_cuda_matches_cpu():
     labels[torch.rand(4, 30, generator=g) < 0.5] = -100
     torch.testing.assert_close(answer_loss(logits.cuda(), labels.cuda()).cpu(), answer_loss(logits, labels),
                                rtol=1e-5, atol=1e-5)
+
+
+def _one_row_at_a_time(adapter, e: Example, count: int) -> tuple[list[int], list[int]]:
+    """encode's ids and labels of one example, written out: the chat template rendered for it, its image token
+    repeated `count` times, one tokenizer call for the prompt and one for the answer, then EOS."""
+    content = ([{"type": "image"}] if e.image is not None else []) + [{"type": "text", "text": e.prompt}]
+    owner = adapter.processor if getattr(adapter.processor, "chat_template", None) else adapter.tokenizer
+    text = owner.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                     tokenize=False)
+    if e.image is not None:
+        llava = adapter.family.style == "llava"
+        token = adapter.tokenizer.convert_ids_to_tokens(adapter.model.config.image_token_id) if llava \
+            else "<|image_pad|>"
+        text = text.replace("<image>" if llava else token, token * count, 1)
+    bos = adapter.tokenizer.bos_token
+    special = not (adapter.family.style == "qwen" or (bos is not None and text.startswith(bos)))
+    ids = adapter.tokenizer(text, add_special_tokens=special)["input_ids"]
+    answer = adapter.tokenizer((" " if adapter.family.style == "llava" else "") + e.answer,
+                               add_special_tokens=False)["input_ids"] + [adapter._eos_id()]
+    return ids + answer, [-100] * len(ids) + answer
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2-vl"])
+def test_token_ids_are_those_of_one_row_at_a_time(name):
+    """`token_ids` (batched tokenizer calls, the chat template's frame, no pixels for LLaVA) gives the ids a
+    row-by-row rendering and tokenisation gives, and `encode` pads exactly those."""
+    adapter = load(name)
+    rng = np.random.default_rng(1)
+    img = Image.fromarray((rng.random((30, 40, 3)) * 255).astype("uint8"))
+    examples = [Example("Who is this?\nA. Ada\nB. Bo", "A", img), Example("  Where was  she born? ", "Oslo"),
+                Example("What is\n\nthe job?", "a long answer, with punctuation!", img), Example("", "x")]
+    ids, labels = adapter.token_ids(examples)
+    batch = adapter.encode(examples)
+    counts = iter(batch.feature_counts)
+    for k, e in enumerate(examples):
+        expect = _one_row_at_a_time(adapter, e, next(counts) if e.image is not None else 0)
+        assert (ids[k], labels[k]) == expect
+        keep = batch.inputs["attention_mask"][k].bool()
+        assert batch.inputs["input_ids"][k][keep].tolist() == expect[0]
+        assert batch.labels[k][keep].tolist() == expect[1]
+
+
+def test_chat_frame_only_where_the_template_keeps_the_text_verbatim():
+    """The rendered frame stands in for the template only when the text comes back as it went in; a template that
+    trims the text (or has none) is rendered for every row, and both give what the template gives."""
+    adapter = load("tiny-llava")
+    prompts = ["Who is this?", "  spaced out \n", "\nnew\nlines\n", ""]
+    for has_image in (True, False):
+        assert all(adapter.chat(p, has_image) == adapter._render_chat(p, has_image) for p in prompts)
+    assert adapter._chat_frames[True] is not None
+    trimmed = Adapter(adapter.model, build_tokenizer(chat_template=LLAVA_TEMPLATE.replace(
+        "{{ c['text'] }}", "{{ c['text'] | trim }}")), adapter.image_processor)
+    for p in prompts:
+        content = [{"type": "image"}, {"type": "text", "text": p}]
+        assert trimmed.chat(p, True) == trimmed.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    assert trimmed._chat_frames[True] is None
+    assert trimmed.chat("  a  ", True).endswith("<image>\na ASSISTANT:")
