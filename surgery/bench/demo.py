@@ -295,14 +295,13 @@ def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict, 
     steps, models, lane = model_plan(bench, ft, cache, reference=cfg.reference)
     other = {"here": "there", "there": "here"}[lane]
     built = [s.name for s in steps if not s.name.startswith("model[")]
-    # where β = 0, the vanilla and reference model's evaluation and the reference's attacks go (lane seconds on 2
-    # cores, from the seed's start): with the models cached, beside the demo's β (75 and 76); with stage 0 cached,
-    # the vanilla one's after the demo's β and the reference's after its alignment, on its own lane (about 285 and
-    # 275); with stage 0 to train, that lane has aligned the reference model at about 283 and the vanilla lane has
-    # evaluated the vanilla model at 272, so β = 0 and the reference's attacks go there (both end near 290)
-    trains_llm = "llm+text[vanilla]" in built
+    # where β = 0, the vanilla and reference model's evaluation and the reference's attacks go: with the models
+    # cached, beside the demo's β; with stage 0 cached, the vanilla one's after the demo's β and the reference's
+    # after its alignment, on its own lane; with stage 0 to train, the same but for β = 0, which stays on the vanilla
+    # lane (that lane then trains the text stage, and the other lane stage 0: both end their alignment together)
+    trains_llm = "llm[vanilla]" in built
     vanilla_eval = lane if built else other
-    late = lane if trains_llm else other     # the lane of β = 0 and of the reference's attacks
+    late = lane if trains_llm else other     # the lane of β = 0
     examples = qa_examples(bench, cfg.views)
     attack = dict(bench=bench, share=cfg.relearn_share, epochs=cfg.relearn_epochs, seed=seed, views=cfg.views)
     work = tmp / f"seed-{seed}"
@@ -323,7 +322,7 @@ def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict, 
                 evaluated(name, where, f"unlearn[{name}]")]
 
     reference = [evaluated("reference", other, "model[reference]"),
-                 *(Step(f"relearn_reference{suffix}", late, relearn, (models["reference"],),
+                 *(Step(f"relearn_reference{suffix}", other, relearn, (models["reference"],),
                         {**attack, "hold_out": hold_out}, after=("model[reference]",))
                    for hold_out, suffix in ATTACKS.items())
                  ] if cfg.reference else []
@@ -332,7 +331,7 @@ def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict, 
     # β changes nothing before unlearning: the saliency is collected once
     steps.append(Step("saliency", lane, collect_saliency, (base,), {"progress": False}, after=("model[vanilla]",)))
     # a lane runs its steps in this list's order: the reference's work and β = 0 before the demo's β, except where
-    # stage 0 is trained: then the reference's alignment ends last, and its attacks wait at the vanilla lane's end
+    # stage 0 is trained: then β = 0 comes last on the vanilla lane
     steps += [] if trains_llm else reference + ablation
     steps += [*unlearned("unlearned", lane, cfg.unlearn),
               *(Step(f"relearn{suffix}", lane, relearn, (models["unlearned"],), {**attack, "hold_out": hold_out},

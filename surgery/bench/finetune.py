@@ -382,6 +382,8 @@ def _finetune(bench: Path, image_size: int, out: Path | None, cfg: FinetuneConfi
         weights, stages["tower"], cached["tower"] = _stage(cache, "tower", keys["tower"],
                                                            lambda: _pretrain_tower(adapter, bench, cfg))
         model.model.vision_tower.load_state_dict(_unprefixed(weights, "tower."))
+    if only is not None and "text" not in only:
+        return None
 
     rows = [r for r, _ in training_rows(bench, cfg.without_forget_images)]
     qa, vqa = [r for r in rows if not r.is_vqa], [r for r in rows if r.is_vqa]
@@ -453,9 +455,10 @@ def vanilla_model(bench, cfg: FinetuneConfig, cache: Path, reference: bool = Fal
 def model_plan(bench, cfg: FinetuneConfig, cache: Path, reference: bool = True) -> tuple[list, dict[str, Path], str]:
     """The steps (lanes.Step) that build the vanilla model (and, with `reference`, the reference model) as
     `vanilla_model` builds them, over two lanes: the vanilla tower and then the vanilla model's alignment there; the
-    text stage (with stage 0 before it when it is not cached), the reference's tower and its alignment here. The
-    two lanes take about as long: the towers are the longest stages, one on each (with stage 0 to train, laying both
-    towers on one lane left the other idle for a minute). Every stage computes what it computes alone, so the models
+    text stage, the reference's tower and its alignment here. The towers are the longest stages, one on each lane
+    (with stage 0 to train, laying both towers on one lane left the other idle for a minute); stage 0, when it is not
+    cached, goes here and the text stage there, after the vanilla tower (with stage 0 and the text stage both here,
+    that lane ended last, the other idle at the end). Every stage computes what it computes alone, so the models
     (and their cache entries) are the same on any lane. Returns (steps, {name: model directory}, the lane of the
     vanilla model: work that reads only it goes there). Each model step's value is (directory, whether the whole
     model was cached)."""
@@ -470,16 +473,20 @@ def model_plan(bench, cfg: FinetuneConfig, cache: Path, reference: bool = True) 
         return Step(f"model[{name}]", lane, vanilla_model, (str(bench), cfgs[name], str(cache), name == "reference",
                                                             keys[name]), after=after)
 
-    def stages(name, only, lane):
+    def stages(name, only, lane, after=()):
         return Step(f"{'+'.join(sorted(only))}[{name}]", lane, _stages_only,
-                    (str(bench), cfgs[name], keys[name], str(cache), only))
+                    (str(bench), cfgs[name], keys[name], str(cache), only), after=after)
 
     if not reference or all(_model_cached(cache, n, keys[n]) for n in names):
         return [model(n, "here") for n in names], paths, "here"
-    text = stages("vanilla", {"text"} if _stage_cached(cache, "llm", keys["vanilla"]["llm"]) else {"llm", "text"},
-                  "here")
-    steps = [stages("vanilla", {"tower"}, "there"), text, model("vanilla", "there", ("tower[vanilla]", text.name)),
-             stages("reference", {"tower"}, "here"), model("reference", "here", ("tower[reference]",))]
+    if _stage_cached(cache, "llm", keys["vanilla"]["llm"]):
+        steps = [stages("vanilla", {"tower"}, "there"), stages("vanilla", {"text"}, "here"),
+                 model("vanilla", "there", ("tower[vanilla]", "text[vanilla]"))]
+    else:   # stage 0 here, the text stage there after the vanilla tower: each lane trains about as long
+        steps = [stages("vanilla", {"llm"}, "here"), stages("vanilla", {"tower"}, "there"),
+                 stages("vanilla", {"text"}, "there", after=("llm[vanilla]",)),
+                 model("vanilla", "there", ("tower[vanilla]", "text[vanilla]"))]
+    steps += [stages("reference", {"tower"}, "here"), model("reference", "here", ("tower[reference]", "text[vanilla]"))]
     return steps, paths, "there"
 
 

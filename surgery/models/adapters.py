@@ -232,7 +232,8 @@ class Adapter:
         for flag in (True, False):
             where = [i for i, f in enumerate(special) if f == flag]
             if where:
-                for i, ids in zip(where, self.tokenizer([texts[i] for i in where], add_special_tokens=flag)["input_ids"]):
+                batch = self.tokenizer([texts[i] for i in where], add_special_tokens=flag)["input_ids"]
+                for i, ids in zip(where, batch):
                     out[i] = list(ids)
         return out
 

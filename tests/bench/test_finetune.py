@@ -81,17 +81,18 @@ def test_stages_are_cached_and_shared(small_bench, tmp_path):
 
 @pytest.mark.parametrize("processes", [2, 1])
 def test_model_plan_builds_the_one_process_models(small_bench, tmp_path, processes):
-    """model_plan's steps (the vanilla tower and alignment there; stage 0 when not cached, the text stage, the
-    reference's tower and alignment here) write the same models, bit for bit, as vanilla_model building them one
+    """model_plan's steps (the vanilla tower and alignment there; stage 0 when not cached here and the text stage
+    there, else the text stage here; the reference's tower and alignment here) write the same models, bit for bit, as vanilla_model building them one
     after the other; with everything cached, the plan only looks them up."""
     from surgery.bench.lanes import run_plan, spawned_process
     with spawned_process() if processes == 2 else nullcontext() as pool:
-        for seed, text in ((4, "llm+text"), (5, "text")):   # seed 5 finds seed 4's stage 0 in the cache
+        for seed, llm in ((4, True), (5, False)):   # seed 5 finds seed 4's stage 0 in the cache
             cfg = FinetuneConfig.quick(seed=seed)
             steps, paths, vanilla_lane = model_plan(small_bench, cfg, tmp_path / "two")
             assert vanilla_lane == "there" and {s.name: s.lane for s in steps} == {
-                "tower[vanilla]": "there", f"{text}[vanilla]": "here", "model[vanilla]": "there",
-                "tower[reference]": "here", "model[reference]": "here"}
+                **({"llm[vanilla]": "here"} if llm else {}), "text[vanilla]": "there" if llm else "here",
+                "tower[vanilla]": "there", "model[vanilla]": "there", "tower[reference]": "here",
+                "model[reference]": "here"}
             timings = {}
             values = run_plan(steps, pool, 1, timings, seed)
             assert {n: values[f"model[{n}]"] for n in paths} == {n: (p, False) for n, p in paths.items()}
