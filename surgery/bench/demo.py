@@ -301,7 +301,7 @@ def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict, 
     # lane (that lane then trains the text stage, and the other lane stage 0: both end their alignment together)
     trains_llm = "llm[vanilla]" in built
     vanilla_eval = lane if built else other
-    late = lane if trains_llm else other     # the lane of β = 0
+    ablation_lane = lane if trains_llm else other     # the lane of β = 0
     examples = qa_examples(bench, cfg.views)
     attack = dict(bench=bench, share=cfg.relearn_share, epochs=cfg.relearn_epochs, seed=seed, views=cfg.views)
     work = tmp / f"seed-{seed}"
@@ -326,7 +326,7 @@ def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict, 
                         {**attack, "hold_out": hold_out}, after=("model[reference]",))
                    for hold_out, suffix in ATTACKS.items())
                  ] if cfg.reference else []
-    ablation = unlearned("unlearned (beta=0)", late, {**cfg.unlearn, "beta": 0.0, "distill_images": None}) \
+    ablation = unlearned("unlearned (beta=0)", ablation_lane, {**cfg.unlearn, "beta": 0.0, "distill_images": None}) \
         if cfg.ablation else []
     # β changes nothing before unlearning: the saliency is collected once
     steps.append(Step("saliency", lane, collect_saliency, (base,), {"progress": False}, after=("model[vanilla]",)))

@@ -221,8 +221,9 @@ class Adapter:
         answered = [i for i, e in enumerate(examples) if e.answer is not None]
         lead = " " if self.family.style == "llava" else ""
         answers = self._tokenize([lead + examples[i].answer for i in answered], [False] * len(answered))
+        eos = self._eos_id()
         for i, ans in zip(answered, answers):
-            ans = ans + [self._eos_id()]
+            ans = ans + [eos]
             seqs[i], labels[i] = seqs[i] + ans, labels[i] + ans
         return seqs, labels
 

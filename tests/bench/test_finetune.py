@@ -82,8 +82,8 @@ def test_stages_are_cached_and_shared(small_bench, tmp_path):
 @pytest.mark.parametrize("processes", [2, 1])
 def test_model_plan_builds_the_one_process_models(small_bench, tmp_path, processes):
     """model_plan's steps (the vanilla tower and alignment there; stage 0 when not cached here and the text stage
-    there, else the text stage here; the reference's tower and alignment here) write the same models, bit for bit, as vanilla_model building them one
-    after the other; with everything cached, the plan only looks them up."""
+    there, else the text stage here; the reference's tower and alignment here) write the same models, bit for bit,
+    as vanilla_model building them one after the other; with everything cached, the plan only looks them up."""
     from surgery.bench.lanes import run_plan, spawned_process
     with spawned_process() if processes == 2 else nullcontext() as pool:
         for seed, llm in ((4, True), (5, False)):   # seed 5 finds seed 4's stage 0 in the cache
