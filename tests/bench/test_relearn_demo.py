@@ -132,7 +132,8 @@ def test_demo_quick_end_to_end(tmp_path):
     assert {u["steps_run"] for u in runs} == {4} == {len(u["losses"]) for u in runs}
     # from nothing, one plan: stage 0 and the reference's tower here, the vanilla tower and text there, all timed
     assert {"llm[vanilla]_s[0]", "text[vanilla]_s[0]", "tower[vanilla]_s[0]", "tower[reference]_s[0]",
-            "model[reference]_s[0]", "saliency_s[0]", "unlearn[unlearned (beta=0)]_s[0]", "eval[vanilla]_s[0]", "seed_s[0]"} <= set(rep["timings"])
+            "model[reference]_s[0]", "saliency_s[0]", "unlearn[unlearned (beta=0)]_s[0]", "eval[vanilla]_s[0]",
+            "seed_s[0]"} <= set(rep["timings"])
     assert rep["environment"]["cpu_capability"] in ("AVX2", "DEFAULT")   # never above AVX2 (surgery/numerics.py)
     assert seed["qa_logprob_max_abs_change"] == {"unlearned": 0.0, "unlearned (beta=0)": 0.0}
     van, unl = seed["results"]["vanilla"], seed["results"]["unlearned"]
