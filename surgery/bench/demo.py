@@ -4,8 +4,10 @@ Per benchmark seed: make-bench (cached) -> the vanilla and the reference model (
 content hash: finetune.model_plan) -> VKD prune-and-mask at the settings below (UNLEARN) and the β = 0 ablation ->
 evaluation of every model on the held-out views (or the dev views, for tuning) -> the relearning attack on the
 unlearned and the reference model, the paper's (rows of every forget person) and on held-out people (relearn.py),
-all as one plan of steps over two processes (lanes.py). Then the mean and
-spread over the seeds, the issue's targets checked on the means, table on stderr, report.json and demo.png in OUT; the unlearned models of every seed are kept in OUT/seed-<s>/ for re-evaluation.
+all as one plan of steps over two processes (lanes.py); the vanilla and reference model's evaluation and attacks are
+kept in the cache too (result_cache.py), an unlearned model's never. Then the mean and spread over the seeds, the
+issue's targets checked on the means, table on stderr, report.json and demo.png in OUT; the unlearned models of every
+seed are kept in OUT/seed-<s>/ for re-evaluation.
 
 The reference model never saw a forget person's face: it is what unlearning aims at, and its AG (the forget-VQA
 accuracy a relearning attack brings back) is the yardstick for the unlearned model's AG."""
@@ -16,6 +18,7 @@ import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,6 +33,7 @@ from .finetune import QUICK_BENCH, FinetuneConfig, cache_root, model_plan
 from .lanes import Step, run_plan, spawned_process
 from .make_bench import VERSION, make_bench
 from .relearn import relearn
+from .result_cache import cached, files_digest
 
 log = logging.getLogger("surgery")
 
@@ -166,11 +170,7 @@ def distill_file(bench: Path, extras: int, path: Path) -> Path:
 
 def bench_digest(bench: Path, h=None) -> str:
     """SHA-256 over every benchmark file (names and bytes): equal digests mean the same benchmark."""
-    h = h or hashlib.sha256()
-    for path in sorted(p for p in Path(bench).rglob("*") if p.is_file()):
-        h.update(path.relative_to(bench).as_posix().encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
+    return files_digest(bench, h)
 
 
 def targets(mean: dict, shifts: list[float], ag: dict, beta: float) -> dict:
@@ -274,11 +274,11 @@ def qa_examples(bench: Path, views: str) -> list[Example]:
             for r in load_jsonl(path) if r.options and not r.is_vqa for letter in sorted(r.options)]
 
 
-def score(path, bench: Path, views: str, seed: int, examples: list[Example]) -> tuple[dict, torch.Tensor]:
-    """A model's evaluation and the log-likelihood of every QA option (`examples`)."""
+def score(path, bench: Path, views: str, seed: int, examples: list[Example]) -> dict:
+    """A model's evaluation ("results") and the log-likelihood of every QA option (`examples`, "logprobs")."""
     adapter = load(str(path), seed=seed)
-    return (evaluate(adapter, bench, views=views, rouge=False),
-            torch.tensor(answer_logprobs(adapter, examples), dtype=torch.float64))
+    return {"results": evaluate(adapter, bench, views=views, rouge=False),
+            "logprobs": answer_logprobs(adapter, examples)}
 
 
 def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict, pool=None) -> dict:
@@ -302,8 +302,12 @@ def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict, 
     trains_llm = "llm[vanilla]" in built
     vanilla_eval = lane if built else other
     ablation_lane = lane if trains_llm else other     # the lane of β = 0
+    # with the models cached, the unlearned model's evaluation goes to the other lane, after β = 0's, while this
+    # lane attacks it: with it here, this lane's work took 102-107 s per seed of the main job, the other's 82-88 s
+    # (and with the vanilla and reference model's results kept, result_cache.py, about 28 s)
+    unlearned_eval = other if not built else lane
     examples = qa_examples(bench, cfg.views)
-    attack = dict(bench=bench, share=cfg.relearn_share, epochs=cfg.relearn_epochs, seed=seed, views=cfg.views)
+    attack = dict(share=cfg.relearn_share, epochs=cfg.relearn_epochs, seed=seed, views=cfg.views)
     work = tmp / f"seed-{seed}"
     base = Config(model=str(models["vanilla"]), forget=str(bench / "forget.jsonl"),
                   retain=str(bench / "retain.jsonl"), out=str(work / "saliency"), seed=seed, **cfg.unlearn)
@@ -313,44 +317,56 @@ def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict, 
     runs = {"unlearned": "unlearned", **({"unlearned (beta=0)": "unlearned-beta0"} if cfg.ablation else {})}
     models.update({name: work / d for name, d in runs.items()})
 
-    def evaluated(name, where, after):
-        return Step(f"eval[{name}]", where, score, (models[name], bench, cfg.views, seed, examples), after=(after,))
+    def kept(name, kind, where, fn, args, params, after):
+        """The step `kind` of the model `name`, a JSON value: the vanilla and reference model's kept in the cache
+        (result_cache.py), an unlearned model's computed on every run."""
+        keep = str(cache) if name in ("vanilla", "reference") else None
+        return Step(kind, where, cached, (keep, kind, models[name], bench, params, fn, *args), after=(after,))
 
-    def unlearned(name, where, kw):
+    def evaluated(name, where, after):
+        return kept(name, f"eval[{name}]", where, score, (models[name], bench, cfg.views, seed, examples),
+                    {"views": cfg.views, "seed": seed, "rouge": False}, after)
+
+    def attacked(name, where, hold_out, after):
+        kw = {**attack, "hold_out": hold_out}
+        return kept(name, f"{ATTACKED[name]}{ATTACKS[hold_out]}", where, partial(relearn, models[name], bench, **kw),
+                    (), kw, after)
+
+    def unlearned(name, where, kw, eval_lane):
         run = replace(base, out=str(models[name]), saliency=saliency, **kw)
         return [Step(f"unlearn[{name}]", where, prune_and_mask, (run,), {"progress": False}, after=("saliency",)),
-                evaluated(name, where, f"unlearn[{name}]")]
+                evaluated(name, eval_lane, f"unlearn[{name}]")]
 
     reference = [evaluated("reference", other, "model[reference]"),
-                 *(Step(f"relearn_reference{suffix}", other, relearn, (models["reference"],),
-                        {**attack, "hold_out": hold_out}, after=("model[reference]",))
-                   for hold_out, suffix in ATTACKS.items())
+                 *(attacked("reference", other, hold_out, "model[reference]") for hold_out in ATTACKS)
                  ] if cfg.reference else []
-    ablation = unlearned("unlearned (beta=0)", ablation_lane, {**cfg.unlearn, "beta": 0.0, "distill_images": None}) \
-        if cfg.ablation else []
+    ablation = unlearned("unlearned (beta=0)", ablation_lane, {**cfg.unlearn, "beta": 0.0, "distill_images": None},
+                         ablation_lane) if cfg.ablation else []
     # β changes nothing before unlearning: the saliency is collected once
     steps.append(Step("saliency", lane, collect_saliency, (base,), {"progress": False}, after=("model[vanilla]",)))
     # a lane runs its steps in this list's order: the reference's work and β = 0 before the demo's β, except where
     # stage 0 is trained: then β = 0 comes last on the vanilla lane
     steps += [] if trains_llm else reference + ablation
-    steps += [*unlearned("unlearned", lane, cfg.unlearn),
-              *(Step(f"relearn{suffix}", lane, relearn, (models["unlearned"],), {**attack, "hold_out": hold_out},
-                     after=("unlearn[unlearned]",)) for hold_out, suffix in ATTACKS.items()),
+    steps += [*unlearned("unlearned", lane, cfg.unlearn, unlearned_eval),
+              *(attacked("unlearned", lane, hold_out, "unlearn[unlearned]") for hold_out in ATTACKS),
               evaluated("vanilla", vanilla_eval, "model[vanilla]")]
     steps += ablation + reference if trains_llm else []
     values = run_plan(steps, pool, cfg.threads, timings, seed)
 
     vanilla_cached = values["model[vanilla]"][1]
-    scores = {name: values[f"eval[{name}]"] for name in ("vanilla", "reference") if f"eval[{name}]" in values}
-    scores.update({name: values[f"eval[{name}]"] for name in runs})
-    reports = {name: values[f"unlearn[{name}]"] for name in runs}
+    kinds = [s.name for s in steps if s.fn is cached]
+    kept_results = [kind for kind in kinds if values[kind][1]]       # read from the cache, not computed
+    values.update({kind: values[kind][0] for kind in kinds})
     results, logprobs = {}, {}
     for name in ["vanilla", *(["reference"] if cfg.reference else []), *runs]:   # the table's order
-        results[name], logprobs[name] = scores[name]
+        results[name] = values[f"eval[{name}]"]["results"]
+        logprobs[name] = torch.tensor(values[f"eval[{name}]"]["logprobs"], dtype=torch.float64)
+    reports = {name: values[f"unlearn[{name}]"] for name in runs}
     # text-only rows never reach the vision weights: every QA option's log-likelihood must be bit-identical
     shifts = {name: float((logprobs[name] - logprobs["vanilla"]).abs().max()) for name in runs}
     out = {"bench": str(bench), "bench_cached": bench_cached, "bench_digest": bench_digest(bench),
-           "vanilla_model": str(models["vanilla"]), "vanilla_cached": vanilla_cached, "results": results,
+           "vanilla_model": str(models["vanilla"]), "vanilla_cached": vanilla_cached, "results_cached": kept_results,
+           "results": results,
            "qa_logprob_max_abs_change": shifts,
            "unlearn": {name: {k: r[k] for k in ("pruned_neurons", "mask_density", "splits", "steps_run", "losses",
                                                 "timings")

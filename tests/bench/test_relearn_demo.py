@@ -8,12 +8,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from surgery.bench.demo import UNLEARN, DemoConfig, targets
-from surgery.bench.evaluate import ImageCache, percent, score_likelihood
+from surgery.bench.evaluate import ImageCache, evaluate, percent, score_likelihood
 from surgery.bench.finetune import FinetuneConfig
 from surgery.bench.relearn import attack_rows, relearn
 from surgery.cli import main
 from surgery.data import load_jsonl
 from surgery.models import load
+from surgery.pipeline import torch_threads
 
 
 def digest(d):
@@ -159,7 +160,17 @@ def test_demo_quick_end_to_end(tmp_path):
     assert rep["config"]["processes"] == 2 and rep2["config"]["processes"] == 1
     assert seed2["vanilla_cached"] and seed2["bench_cached"] and seed2["results"] == seed["results"]
     assert seed2["relearn"] == {**seed["relearn"], "seconds": seed2["relearn"]["seconds"]}
-    assert seed2["relearn_reference"]["forget_vqa"] == seed["relearn_reference"]["forget_vqa"]
+    # the vanilla and reference model's results were kept (result_cache.py), the unlearned models' computed again:
+    # computed afresh here, the kept ones are what they were
+    kept = {"eval[vanilla]", "eval[reference]", "relearn_reference", "relearn_reference_people"}
+    assert seed["results_cached"] == [] and set(seed2["results_cached"]) == kept
+    assert seed2["relearn_reference"] == seed["relearn_reference"]
+    with torch_threads(1):
+        reference = load(seed["reference_model"], seed=0)
+        assert json.loads(json.dumps(evaluate(reference, seed["bench"], views="test", rouge=False))) == \
+            seed2["results"]["reference"]
+        again = relearn(seed["reference_model"], seed["bench"], share=0.2, epochs=1, seed=0, hold_out="rows")
+    assert again["forget_vqa"] == seed2["relearn_reference"]["forget_vqa"]
     assert seed2["unlearn"]["unlearned"]["losses"] == seed["unlearn"]["unlearned"]["losses"]
     for d, weights in models.items():
         again = load_file(str(out / "seed-0" / d / "model.safetensors"))
