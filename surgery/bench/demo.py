@@ -356,6 +356,8 @@ def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict, 
     vanilla_cached = values["model[vanilla]"][1]
     kinds = [s.name for s in steps if s.fn is cached]
     kept_results = [kind for kind in kinds if values[kind][1]]       # read from the cache, not computed
+    if kept_results:
+        log.info("seed %d: %s read from the cache (%s)", seed, ", ".join(kept_results), cache / "results")
     values.update({kind: values[kind][0] for kind in kinds})
     results, logprobs = {}, {}
     for name in ["vanilla", *(["reference"] if cfg.reference else []), *runs]:   # the table's order

@@ -110,7 +110,7 @@ def _attack(model, train: list, eval_rows: list, *, epochs: int, lr: float, batc
             device: str, desc: str) -> list[float]:
     """One attack from the model on disk: forget-VQA accuracy on `eval_rows` before and after every epoch."""
     adapter = load(str(model), device=device, seed=seed)
-    images = ImageCache()
+    images = ImageCache(prompts=True)       # the measured rows' prompts, encoded once for every epoch's measurement
 
     def accuracy() -> float:
         return percent(score_likelihood(adapter, eval_rows, images))

@@ -4,10 +4,11 @@ instead of computing them again, as it reads the models themselves (finetune.py)
 never kept: what a method does is computed on every run.
 
 A result's key is a digest of the model directory's files, the benchmark's files, the step's arguments, this
-package's Python source (surgery and surgery.kernels) and the numeric environment the step runs in (torch,
-transformers, numpy, CPU, instruction sets, threads): a change to any of them computes the result again. Results are
-JSON, written to a temporary file and renamed; the value a run uses is read back from that JSON either way, so a
-computed and a cached result are the same objects. Delete CACHE/results/ to compute every result again."""
+package's code (the Python source of surgery and surgery.kernels, the compiled extension) and the numeric environment
+the step runs in (torch, transformers, numpy, CPU, instruction sets, threads): a change to any of them computes the
+result again. Results are JSON, written to a temporary file and renamed; the value a run uses is read back from that
+JSON either way, so a computed and a cached result are the same objects. Delete CACHE/results/ to compute every
+result again."""
 import hashlib
 import json
 import os
@@ -27,11 +28,11 @@ def files_digest(root, h=None) -> str:
 
 
 def source_digest() -> str:
-    """SHA-256 over the Python source of surgery and surgery.kernels."""
+    """SHA-256 over the Python source of surgery and surgery.kernels and the compiled extension surgery._C."""
     h = hashlib.sha256()
     for package in (surgery, surgery.kernels):
         root = Path(package.__file__).parent
-        for path in sorted(root.rglob("*.py")):
+        for path in sorted([*root.rglob("*.py"), *root.glob("_C.*.so"), *root.glob("_C.*.pyd")]):
             h.update(f"{package.__name__}/{path.relative_to(root).as_posix()}".encode())
             h.update(path.read_bytes())
     return h.hexdigest()[:16]
