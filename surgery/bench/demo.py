@@ -303,8 +303,8 @@ def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict, 
     vanilla_eval = lane if built else other
     ablation_lane = lane if trains_llm else other     # the lane of β = 0
     # with the models cached, the unlearned model's evaluation goes to the other lane, after β = 0's, while this
-    # lane attacks it: with it here, this lane's work took 102-107 s per seed of the main job, the other's 82-88 s
-    # (and with the vanilla and reference model's results kept, result_cache.py, about 28 s)
+    # lane attacks it: with it here, this lane's work took 102-107 s per seed of the main job and the other's 82-88 s,
+    # 54-58 s of which were the vanilla and reference model's results, now kept in the cache (result_cache.py)
     unlearned_eval = other if not built else lane
     examples = qa_examples(bench, cfg.views)
     attack = dict(share=cfg.relearn_share, epochs=cfg.relearn_epochs, seed=seed, views=cfg.views)

@@ -9,6 +9,7 @@ the step runs in (torch, transformers, numpy, CPU, instruction sets, threads): a
 result again. Results are JSON, written to a temporary file and renamed; the value a run uses is read back from that
 JSON either way, so a computed and a cached result are the same objects. Delete CACHE/results/ to compute every
 result again."""
+import functools
 import hashlib
 import json
 import os
@@ -27,8 +28,10 @@ def files_digest(root, h=None) -> str:
     return h.hexdigest()[:16]
 
 
+@functools.cache
 def source_digest() -> str:
-    """SHA-256 over the Python source of surgery and surgery.kernels and the compiled extension surgery._C."""
+    """SHA-256 over the Python source of surgery and surgery.kernels and the compiled extension surgery._C, read once
+    per process (at its first kept result): files edited while a run goes on do not change its later keys."""
     h = hashlib.sha256()
     for package in (surgery, surgery.kernels):
         root = Path(package.__file__).parent
