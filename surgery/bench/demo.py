@@ -307,6 +307,7 @@ def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict, 
     # 54-58 s of which were the vanilla and reference model's results, now kept in the cache (result_cache.py)
     unlearned_eval = other if not built else lane
     examples = qa_examples(bench, cfg.views)
+    digest = bench_digest(bench)
     attack = dict(share=cfg.relearn_share, epochs=cfg.relearn_epochs, seed=seed, views=cfg.views)
     work = tmp / f"seed-{seed}"
     base = Config(model=str(models["vanilla"]), forget=str(bench / "forget.jsonl"),
@@ -321,7 +322,7 @@ def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict, 
         """The step `kind` of the model `name`, a JSON value: the vanilla and reference model's kept in the cache
         (result_cache.py), an unlearned model's computed on every run."""
         keep = str(cache) if name in ("vanilla", "reference") else None
-        return Step(kind, where, cached, (keep, kind, models[name], bench, params, fn, *args), after=(after,))
+        return Step(kind, where, cached, (keep, kind, models[name], digest, params, fn, *args), after=(after,))
 
     def evaluated(name, where, after):
         return kept(name, f"eval[{name}]", where, score, (models[name], bench, cfg.views, seed, examples),
@@ -366,7 +367,7 @@ def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict, 
     reports = {name: values[f"unlearn[{name}]"] for name in runs}
     # text-only rows never reach the vision weights: every QA option's log-likelihood must be bit-identical
     shifts = {name: float((logprobs[name] - logprobs["vanilla"]).abs().max()) for name in runs}
-    out = {"bench": str(bench), "bench_cached": bench_cached, "bench_digest": bench_digest(bench),
+    out = {"bench": str(bench), "bench_cached": bench_cached, "bench_digest": digest,
            "vanilla_model": str(models["vanilla"]), "vanilla_cached": vanilla_cached, "results_cached": kept_results,
            "results": results,
            "qa_logprob_max_abs_change": shifts,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import surgery
 import surgery.kernels
+from ..pipeline import environment
 
 
 def files_digest(root, h=None) -> str:
@@ -41,23 +42,23 @@ def source_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def key_of(kind: str, model, bench, params: dict) -> str:
-    """The cache key of `kind` (e.g. eval[reference]) of the model directory `model` on the benchmark `bench` with
-    `params`, in this process's environment."""
-    from ..pipeline import environment
+def key_of(kind: str, model, bench_digest: str, params: dict) -> str:
+    """The cache key of `kind` (e.g. eval[reference]) of the model directory `model` on the benchmark whose
+    files_digest is `bench_digest` (taken once per benchmark by the caller: it reads every image), with `params`, in
+    this process's environment."""
     env = {k: v for k, v in environment("cpu").items() if k not in ("surgery", "platform")}
-    parts = {"kind": kind, "model": files_digest(model), "bench": files_digest(bench), "params": params,
+    parts = {"kind": kind, "model": files_digest(model), "bench": bench_digest, "params": params,
              "source": source_digest(), "environment": env}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def cached(cache, kind: str, model, bench, params: dict, fn, *args, **kw) -> tuple:
+def cached(cache, kind: str, model, bench_digest: str, params: dict, fn, *args, **kw) -> tuple:
     """(fn(*args, **kw), whether it was read from `cache`): the JSON value of the step `kind` of the model directory
-    `model` on the benchmark `bench`, where `params` are every argument of the step beyond those two. `cache` None:
-    computed, not kept."""
+    `model` on the benchmark with files_digest `bench_digest`, where `params` are every argument of the step beyond
+    those two. `cache` None: computed, not kept."""
     if cache is None:
         return json.loads(json.dumps(fn(*args, **kw))), False
-    path = Path(cache) / "results" / f"{kind.replace('[', '-').rstrip(']')}-{key_of(kind, model, bench, params)}.json"
+    path = Path(cache) / "results" / f"{kind.replace('[', '-').rstrip(']')}-{key_of(kind, model, bench_digest, params)}.json"
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8")), True
     text = json.dumps(fn(*args, **kw))
