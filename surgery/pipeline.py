@@ -19,7 +19,7 @@ from .config import Config
 from .data import hold_back, load_splits
 from .methods.loop import check_stop
 from .models import load, save
-from .saliency import collect_or_load
+from .saliency import Saliency, collect, collect_or_load, halfway, merge, source_of
 
 log = logging.getLogger("surgery")
 
@@ -66,8 +66,7 @@ def seed_everything(seed: int) -> None:
 def atomic_dir(out: Path, overwrite: bool):
     """Yield a temporary sibling of `out`; rename it to `out` only when the block completes."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"--out {out} already exists (pass --overwrite to replace it)")
+    check_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -169,8 +168,7 @@ def run(cfg: Config, overwrite: bool = False, progress: bool = True) -> dict:
     if not method.trains and (cfg.stop_forget_loss is not None or cfg.stop_forget_accuracy is not None):
         raise ValueError(f"{method.name} does not train: --stop-forget-loss / --stop-forget-accuracy do not apply")
     out = Path(cfg.out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"--out {out} already exists (pass --overwrite to replace it)")
+    check_out(out, overwrite)
     if Path(cfg.model).is_dir() and out.resolve() == Path(cfg.model).resolve():
         raise ValueError("--out must differ from --model: the input checkpoint is never modified")
     with distributed.launch(cfg.device) as (world, device):
@@ -228,22 +226,60 @@ def scratch():
 def collect_saliency(cfg: Config, overwrite: bool = False, progress: bool = True) -> dict:
     """Activation statistics and Fisher diagonals per split into cfg.out/saliency.safetensors, with report.json
     (atomically). Under torchrun the batches are spread over the ranks and rank 0 writes. Returns the report."""
-    out = Path(cfg.out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"--out {out} already exists (pass --overwrite to replace it)")
+    check_out(cfg.out, overwrite)
     with distributed.launch(cfg.device) as (world, device):
         cfg = replace(cfg, device=device)
         splits, adapter, params, _ = prepare(cfg, world)
         timings = {}
-        with atomic_dir(out, overwrite) if world.main else nullcontext() as tmp:
-            sal = collect_or_load(adapter, splits, params, cfg.forget, cfg.retain, cfg.collect_batch_size,
-                                  timings=timings, world=world, progress=progress)
-            report = {"config": cfg.to_dict(), "world_size": world.size, "timings": timings, "splits": splits.counts()}
-            if world.main:
-                sal.save(tmp / "saliency.safetensors")
-                (tmp / "report.json").write_text(json.dumps(report, indent=2))
-            world.barrier()
+        sal = collect_or_load(adapter, splits, params, cfg.forget, cfg.retain, cfg.collect_batch_size,
+                              timings=timings, world=world, progress=progress)
+        report = {"config": cfg.to_dict(), "world_size": world.size, "timings": timings, "splits": splits.counts()}
+        if world.main:
+            write_saliency(cfg.out, sal, report, overwrite)
+        world.barrier()
     return report
+
+
+def saliency_half(cfg: Config, half: str) -> tuple[Saliency, dict]:
+    """One half ("head" or "tail", cut at saliency.halfway) of collect_saliency's pass, in this process: the demo runs
+    the two in its two processes and `save_saliency` joins them, bit-identical to one pass. Returns the part and the
+    split counts."""
+    if half not in ("head", "tail"):
+        raise ValueError(f"saliency_half: half must be head or tail, not {half!r}")
+    t = time.perf_counter()
+    splits, adapter, params, _ = prepare(cfg, distributed.World())
+    cut = halfway(splits, cfg.collect_batch_size)
+    span = {"stop": cut} if half == "head" else {"start": cut, "record": True}
+    sal = collect(adapter, splits, params, cfg.collect_batch_size, progress=False, world=distributed.World(), **span)
+    sal.source = source_of(cfg.forget, cfg.retain, params, cfg.collect_batch_size, splits.held_back)
+    log.info("saliency %s: the batches %s position %s in %.1fs", half, "before" if half == "head" else "from", cut,
+             time.perf_counter() - t)
+    return sal, splits.counts()
+
+
+def save_saliency(cfg: Config, head: tuple[Saliency, dict], tail: tuple[Saliency, dict],
+                  overwrite: bool = False) -> dict:
+    """collect_saliency's output from the two halves of its pass (`saliency_half`). Returns the report."""
+    check_out(cfg.out, overwrite)
+    t = time.perf_counter()
+    sal = merge(head[0], tail[0])
+    tail[0].records.clear()    # every tail batch's gradients (hundreds of MB in the demo): added, no longer needed
+    report = {"config": cfg.to_dict(), "world_size": 1, "timings": {"merge_s": time.perf_counter() - t},
+              "splits": head[1], "collected_in": "two halves (saliency_half)"}
+    write_saliency(cfg.out, sal, report, overwrite)
+    return report
+
+
+def check_out(out, overwrite: bool) -> None:
+    if Path(out).exists() and not overwrite:
+        raise FileExistsError(f"--out {out} already exists (pass --overwrite to replace it)")
+
+
+def write_saliency(out, sal: Saliency, report: dict, overwrite: bool) -> None:
+    """OUT/saliency.safetensors and OUT/report.json, atomically."""
+    with atomic_dir(Path(out), overwrite) as tmp:
+        sal.save(tmp / "saliency.safetensors")
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
 
 
 def prune_and_mask(cfg: Config, overwrite: bool = False, progress: bool = True) -> dict:

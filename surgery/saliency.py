@@ -31,6 +31,7 @@ class Saliency:
     fisher: dict = field(default_factory=dict)
     batches: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)  # what it was collected from: see `source_of`
+    records: dict = field(default_factory=dict)  # collect(record=True): per split, per batch {"stats", "grads"}
 
     def save(self, path) -> None:
         tensors, meta = {}, {"tokens": self.tokens, "batches": self.batches, "source": self.source}
@@ -101,7 +102,8 @@ def batches(rows: list[Row], size: int):
 
 
 def collect(adapter: Adapter, splits: Splits, params: dict[str, torch.nn.Parameter], batch_size: int = 8,
-            progress: bool = True, fisher: bool = True, world: World | None = None) -> Saliency:
+            progress: bool = True, fisher: bool = True, world: World | None = None, start: tuple[int, int] = (0, 0),
+            stop: tuple[int, int] | None = None, record: bool = False) -> Saliency:
     """Activation statistics of every vision MLP and the Fisher diagonal of `params`, per split
     (`fisher=False`: statistics only, forward passes without gradients).
 
@@ -109,28 +111,41 @@ def collect(adapter: Adapter, splits: Splits, params: dict[str, torch.nn.Paramet
     plain model: each rank squares its own batches' gradients (DDP's averaged gradient squared is not the Fisher), and
     the sums (statistics, token counts, Fisher) are all-reduced once per split, in a fixed order. Every rank runs the
     same number of batches (a rank without a batch in the last round runs batch 0 of the split and discards it), so
-    the collectives of an FSDP-sharded LLM stay matched."""
+    the collectives of an FSDP-sharded LLM stay matched.
+
+    One process may take part of the pass: the batches at positions (index in SPLITS, batch index) in [start, stop)
+    (`halfway`), summed, or with `record` kept one by one in `records` (each batch's statistics and gradients: the
+    gradients of every batch are held) for `merge` to add onto the sums of the batches before them."""
     device = adapter.device
     world = world or World.current()
+    whole = start == (0, 0) and stop is None
+    if world.size > 1 and not (whole and not record):
+        raise ValueError("collect: start, stop and record are for one process (under torchrun every rank takes a "
+                         "share of each split's batches)")
     sal = Saliency()
-    current: dict = {"skip": False}
+    current: dict = {"skip": False, "record": None}
     hooks = []
     for mlp in adapter.mlps:
         def stats_hook(module, args, layer=mlp.layer):
             if current["skip"]:
                 return
             z = args[0].detach()
-            kernels.activation_stats(z, out=current["stats"][layer])
+            if current["record"] is not None:
+                current["record"]["stats"][layer] = kernels.activation_stats(z)
+            else:
+                kernels.activation_stats(z, out=current["stats"][layer])
             current["tokens"][layer] += z.numel() // z.shape[-1]
         hooks.append(mlp.fc_out.register_forward_pre_hook(stats_hook))
     for name, p in params.items() if fisher else ():
         def fisher_hook(p, name=name):
-            if not current["skip"]:
+            if current["record"] is not None:
+                current["record"]["grads"][name] = p.grad
+            elif not current["skip"]:
                 kernels.fisher_accumulate_([current["fisher"][name]], [p.grad], scale=current["scale"])
             p.grad = None
         hooks.append(p.register_post_accumulate_grad_hook(fisher_hook))
     try:
-        for split in SPLITS:
+        for k, split in enumerate(SPLITS):
             rows = splits[split]
             current["stats"] = {m.layer: torch.zeros(4, m.hidden, device=device) for m in adapter.mlps}
             current["tokens"] = {m.layer: 0 for m in adapter.mlps}
@@ -139,9 +154,14 @@ def collect(adapter: Adapter, splits: Splits, params: dict[str, torch.nn.Paramet
             chunks = list(batches(rows, batch_size))
             n_batches = len(chunks)
             current["scale"] = 1.0 / max(n_batches, 1)
-            for i in tqdm(world.rounds(n_batches), desc=f"collect {split}", disable=not (progress and world.main),
-                          leave=False):
+            mine = world.rounds(n_batches) if whole else \
+                [i for i in range(n_batches) if start <= (k, i) and (stop is None or (k, i) < stop)]
+            records = sal.records.setdefault(split, []) if record else None
+            for i in tqdm(mine, desc=f"collect {split}", disable=not (progress and world.main), leave=False):
                 current["skip"] = i is None
+                if record:
+                    current["record"] = {"stats": {}, "grads": {}}
+                    records.append(current["record"])
                 batch = adapter.encode(examples(chunks[0 if i is None else i])).to(device)
                 if not fisher:
                     with torch.no_grad():
@@ -154,13 +174,47 @@ def collect(adapter: Adapter, splits: Splits, params: dict[str, torch.nn.Paramet
                                  "the vision encoder): its Fisher and vision activation statistics are zero", split)
                     break
                 loss.backward()
-            current["skip"] = False
+            current["skip"], current["record"] = False, None
             _all_reduce_split(world, current, device)
             sal.stats[split], sal.tokens[split] = current["stats"], current["tokens"]
             sal.fisher[split], sal.batches[split] = current["fisher"], n_batches
     finally:
         for h in hooks:
             h.remove()
+    return sal
+
+
+def halfway(splits: Splits, batch_size: int) -> tuple[int, int]:
+    """The position (index in SPLITS, batch index) before which half of the batches with images lie: where a pass
+    split over two processes is cut (text-only splits cost one forward each)."""
+    sizes = [math.ceil(sum(r.image is not None for r in splits[s]) / batch_size) for s in SPLITS]
+    half = sum(sizes) // 2
+    for k, n in enumerate(sizes):
+        if half < n:
+            return k, half
+        half -= n
+    return len(SPLITS), 0
+
+
+def merge(head: Saliency, tail: Saliency) -> Saliency:
+    """The saliency of one pass from its two parts: `head` summed the batches before a position, `tail` recorded
+    those from it on (collect(start=..., record=True)). Each recorded batch is added onto head's sums in order, by
+    the additions one pass makes: the result is bit-identical to it wherever a batch's statistics go into their sums
+    in one addition (the reference path of `activation_stats`, on the CPU; test_saliency.py)."""
+    if head.source != tail.source or head.batches != tail.batches:
+        raise ValueError("merge: the two parts were collected from different data, weights or batch sizes")
+    sal = Saliency(tokens={}, batches=dict(head.batches), source=head.source)
+    for split in head.stats:
+        stats = {layer: t.clone() for layer, t in head.stats[split].items()}
+        fisher = {name: t.clone() for name, t in head.fisher[split].items()}
+        scale = 1.0 / max(head.batches[split], 1)
+        for rec in tail.records.get(split, []):
+            for layer, s in rec["stats"].items():
+                stats[layer].add_(s)
+            for name, g in rec["grads"].items():
+                kernels.fisher_accumulate_([fisher[name]], [g], scale=scale)
+        sal.stats[split], sal.fisher[split] = stats, fisher
+        sal.tokens[split] = {layer: n + tail.tokens[split][layer] for layer, n in head.tokens[split].items()}
     return sal
 
 

@@ -4,7 +4,7 @@ import torch
 
 from surgery.data import SPLITS, load_splits
 from surgery.models import load
-from surgery.saliency import Saliency, collect, examples
+from surgery.saliency import Saliency, collect, examples, halfway, merge
 
 
 def hidden_z(adapter, mlp, x):
@@ -72,3 +72,29 @@ def test_collect_matches_independent_computation(name, tiny_dirs, data, tmp_path
     assert all(sal.fisher["rqa"][n].abs().sum() == 0 for n in params)
     assert all(sal.fisher["fvqa"][n].abs().sum() > 0 for n in params)
     assert sal.batches == {"fvqa": 2, "fqa": 1, "rvqa": 3, "rqa": 2}
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2.5-vl"])
+def test_a_pass_in_two_halves_merges_to_the_bits_of_one_pass(name, tiny_dirs, data):
+    """collect(stop=cut) + collect(start=cut, record=True), merged: bit-identical to one pass, wherever the cut falls
+    (batches of 3: fvqa 2, fqa 1, rvqa 3, rqa 2)."""
+    adapter = load(str(tiny_dirs[name]))
+    splits = load_splits(*data)
+    params = adapter.scope_params("mlp")
+    adapter.train_only(params)
+    whole = collect(adapter, splits, params, batch_size=3, progress=False)
+    assert halfway(splits, 3) == (2, 0)        # 5 image batches: the first 2 (fvqa) before it, 3 (rvqa) from it
+    for cut in [(0, 1), (2, 2), (3, 1)]:         # in fvqa, in rvqa, in rqa (text only)
+        head = collect(adapter, splits, params, batch_size=3, progress=False, stop=cut)
+        tail = collect(adapter, splits, params, batch_size=3, progress=False, start=cut, record=True)
+        for split in ("fvqa", "rvqa"):       # every image batch from the cut on, recorded
+            assert len(tail.records[split]) == sum((SPLITS.index(split), i) >= cut for i in range(whole.batches[split]))
+        sal = merge(head, tail)
+        assert sal.tokens == whole.tokens and sal.batches == whole.batches
+        for split in SPLITS:
+            assert all(sal.stats[split][l].equal(t) for l, t in whole.stats[split].items()), (cut, split)
+            assert all(sal.fisher[split][n].equal(t) for n, t in whole.fisher[split].items()), (cut, split)
+    assert any(t.abs().sum() > 0 for t in whole.fisher["rvqa"].values())
+    tail.source = {"forget": "another file"}
+    with pytest.raises(ValueError, match="different data"):
+        merge(head, tail)

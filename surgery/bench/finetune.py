@@ -136,15 +136,18 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "surgery"
 
 
+def raw_rows(path) -> list[dict]:
+    """The JSON objects of a benchmark file, unchecked (load_jsonl checks them, and opens every image)."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def bench_rows(path) -> list[tuple]:
     """(Row, raw JSON object) pairs of a benchmark file: the raw object keeps our extra keys (task, attribute)."""
-    rows = load_jsonl(path)
-    raw = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    return list(zip(rows, raw))
+    return list(zip(load_jsonl(path), raw_rows(path)))
 
 
 def forget_people(bench) -> set[str]:
-    return {raw.get("entity") for _, raw in bench_rows(Path(bench) / "forget.jsonl")}
+    return {raw.get("entity") for raw in raw_rows(Path(bench) / "forget.jsonl")}
 
 
 def training_rows(bench: Path, without_forget_images: bool = False) -> list[tuple]:
@@ -265,10 +268,13 @@ def stage_keys(bench: Path, cfg: FinetuneConfig) -> dict[str, str]:
                             _settings(cfg, "seed", *VISION_SIZES, *TEXT_SIZES, "tower_epochs", "tower_lr",
                                       "tower_batch_size", "tower_weight_decay", "tower_warmup_steps"),
                             files=[bench / r["image"] for r in photos])
-    qa = [raw for r, raw in training_rows(bench) if not r.is_vqa]
+    # the JSON objects alone (a row with an image is a VQA row, as in Row.is_vqa): opening train.jsonl's ~20k images
+    # to check them took 4-5 s of every seed's demo with its models cached; a stage that trains checks them
+    train = raw_rows(bench / "train.jsonl")
+    qa = [raw for raw in train if not raw.get("image")]
     keys["text"] = _digest("text", _versions("text", n), keys["llm"], qa,
                            _settings(cfg, "text_epochs", "text_lr", "replay_rows", *llm_train))
-    vqa = [raw for r, raw in training_rows(bench, cfg.without_forget_images) if r.is_vqa]
+    vqa = [raw for raw in train if raw.get("image") and raw.get("entity") not in without]
     keys["align"] = _digest("align", _versions("align", n), keys["tower"], keys["text"], vqa,
                             _settings(cfg, "seed", "align_epochs", "align_lr", "replay_rows", *llm_train,
                                      *(("align_projector_epochs",) if cfg.align_projector_epochs else ()),

@@ -1,6 +1,7 @@
 """Two lanes of work for the demo: this process and one spawned beside it, and a plan of steps run over them.
 
-A step is a top-level function with its arguments, a lane ("here" or "there") and the steps it must come `after`.
+A step is a top-level function with its arguments (among them, as `From`, values of steps it comes after), a lane
+("here" or "there") and the steps it must come `after`.
 `run_plan` runs a step here as soon as what it comes after has finished, and queues a step there as soon as what it
 comes after has finished or is queued there before it (the spawned process runs its queue in order). Every step
 seeds itself and runs at the demo's thread count, so its result does not depend on its lane or on what ran beside
@@ -42,6 +43,13 @@ def _in_lane(threads: int, fn, *args, **kw) -> tuple:
         return fn(*args, **kw), time.perf_counter() - t
 
 
+@dataclass(frozen=True)
+class From:
+    """An argument of a step: the value of the step `name`, which that step must come after (and which travels to the
+    spawned process when the step runs there)."""
+    name: str
+
+
 @dataclass
 class Step:
     name: str
@@ -50,6 +58,10 @@ class Step:
     args: tuple = ()
     kw: dict = field(default_factory=dict)
     after: tuple[str, ...] = ()
+
+    def needs(self) -> set[str]:
+        """The steps whose values are among this step's arguments."""
+        return {a.name for a in (*self.args, *self.kw.values()) if isinstance(a, From)}
 
 
 def run_plan(steps: list[Step], pool, threads: int, timings: dict, seed: int) -> dict:
@@ -63,6 +75,8 @@ def run_plan(steps: list[Step], pool, threads: int, timings: dict, seed: int) ->
             raise ValueError(f"plan: step {s.name!r}: lane must be here or there, not {s.lane!r}")
         if missing := [d for d in s.after if d not in names[:k]]:
             raise ValueError(f"plan: step {s.name!r} comes after {missing}, which do not come before it")
+        if unordered := sorted(s.needs() - set(s.after)):
+            raise ValueError(f"plan: step {s.name!r} takes the value of {unordered} but does not come after it")
 
     def key(name):
         return f"{name}_s[{seed}]"
@@ -84,13 +98,22 @@ def run_plan(steps: list[Step], pool, threads: int, timings: dict, seed: int) ->
             collect(name)
         return name in values
 
+    def resolved(s):
+        """s's arguments with each From replaced by the value of its step."""
+        def value(a):
+            return values[a.name] if isinstance(a, From) else a
+        return tuple(map(value, s.args)), {k: value(a) for k, a in s.kw.items()}
+
     while queue or local:
-        while queue and all(finished(d) or (d in futures) for d in queue[0].after):   # queue there, in order
+        # queue there, in order, behind what is queued there before it (but not behind a step whose value it takes)
+        while queue and all(finished(d) or (d in futures and d not in queue[0].needs()) for d in queue[0].after):
             s = queue.pop(0)
-            futures[s.name] = pool.submit(_in_lane, threads, s.fn, *s.args, **s.kw)
+            args, kw = resolved(s)
+            futures[s.name] = pool.submit(_in_lane, threads, s.fn, *args, **kw)
         if local and all(finished(d) for d in local[0].after):
             s = local.pop(0)
-            values[s.name], timings[key(s.name)] = _in_lane(threads, s.fn, *s.args, **s.kw)
+            args, kw = resolved(s)
+            values[s.name], timings[key(s.name)] = _in_lane(threads, s.fn, *args, **kw)
             continue
         if not futures:   # cannot happen for a plan in the order checked above; never spin
             raise RuntimeError(f"plan: nothing runs and {(local or queue)[0].name!r} waits")

@@ -1,5 +1,4 @@
 """The method commands: inspect, collect, prune-and-mask (VKD), unlearn (any method)."""
-from pathlib import Path
 
 import click
 
@@ -140,7 +139,7 @@ def method_options(f):
 
 def run_method(kw: dict) -> None:
     """Check the options, then run (or, with --dry-run, plan) the method in kw["method"]."""
-    from ..pipeline import prepare, resolve, run
+    from ..pipeline import check_out, prepare, resolve, run
     for name in ("prune_frac", "mask_frac"):
         if kw.get(name) is not None and not 0 <= kw[name] <= 1:
             raise click.BadParameter(f"must be in [0, 1], got {kw[name]}", param_hint=f"--{name.replace('_', '-')}")
@@ -168,8 +167,7 @@ def run_method(kw: dict) -> None:
     if kw.get("mask_frac") is not None:
         cfg.mask_threshold = None
     if kw["dry_run"]:
-        if Path(cfg.out).exists() and not kw["overwrite"]:
-            raise FileExistsError(f"--out {cfg.out} already exists (pass --overwrite to replace it)")
+        check_out(cfg.out, kw["overwrite"])
         splits, adapter, params, layers = prepare(cfg)
         return emit({"method": method.name, "trains": method.trains, "splits": splits.counts(),
                      "parameters": len(params), "layers": layers, "config": cfg.to_dict()}, kw["as_json"])

@@ -1,9 +1,12 @@
 """The demo's plan of steps over two lanes: order, timings, and plans that cannot run."""
 import os
+from contextlib import nullcontext
 
 import pytest
 
-from surgery.bench.lanes import LaneDied, Step, run_plan, spawned_process
+import torch
+
+from surgery.bench.lanes import From, LaneDied, Step, run_plan, spawned_process
 
 
 def _square(x):
@@ -35,7 +38,28 @@ def test_two_processes_give_every_value_and_wait_where_a_step_needs_the_other_la
     assert values == {"x": 16, "y": 3, "z": 5, "w": 4}
 
 
+def _ones(n):
+    return torch.ones(n)
+
+
+def _total(*tensors, scale=1.0):
+    return float(sum(t.sum() for t in tensors)) * scale
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_step_takes_the_values_of_the_steps_it_comes_after_on_either_lane(processes):
+    """From: a value made here goes there and one made there (a tensor) comes here; a step there that takes the value
+    of a step queued there before it waits for it to finish."""
+    steps = [Step("there1", "there", _ones, (3,)), Step("here1", "here", _ones, (4,)),
+             Step("there2", "there", _total, (From("there1"), From("here1")), after=("there1", "here1")),
+             Step("here2", "here", _total, (From("there1"),), {"scale": From("there2")}, after=("there1", "there2"))]
+    with spawned_process() if processes == 2 else nullcontext() as pool:
+        values = run_plan(steps, pool, 1, {}, seed=0)
+    assert values["there2"] == 7.0 and values["here2"] == 21.0 and values["there1"].equal(torch.ones(3))
+
+
 @pytest.mark.parametrize("steps, message", [
+    ([Step("a", "here", _square, (1,)), Step("b", "here", _square, (From("a"),))], "takes the value of \\['a'\\]"),
     ([Step("a", "here", _square, (1,), after=("b",)), Step("b", "here", _square, (1,))], "do not come before it"),
     ([Step("a", "elsewhere", _square, (1,))], "lane must be here or there"),
     ([Step("a", "here", _square, (1,)), Step("a", "there", _square, (1,))], "names must be unique"),

@@ -159,6 +159,9 @@ def test_demo_quick_end_to_end(tmp_path):
     seed2 = rep2["per_seed"]["0"]
     assert rep["config"]["processes"] == 2 and rep2["config"]["processes"] == 1
     assert seed2["vanilla_cached"] and seed2["bench_cached"] and seed2["results"] == seed["results"]
+    # with the models cached the saliency is collected in two halves (one per lane) and merged: the same models below
+    assert {"saliency[head]_s[0]", "saliency[tail]_s[0]", "saliency_s[0]"} <= set(rep2["timings"])
+    assert "saliency[head]_s[0]" not in rep["timings"]
     assert seed2["relearn"] == {**seed["relearn"], "seconds": seed2["relearn"]["seconds"]}
     # the vanilla and reference model's results were kept (result_cache.py), the unlearned models' computed again:
     # computed afresh here, the kept ones are what they were
