@@ -178,6 +178,18 @@ def test_demo_quick_end_to_end(tmp_path):
     for d, weights in models.items():
         again = load_file(str(out / "seed-0" / d / "model.safetensors"))
         assert all(again[k].equal(w) for k, w in weights.items())
+    # third run, two processes, the models cached: the saliency's halves on the two lanes, the first half's sums sent
+    # from the spawned process; the same saliency file and models as the one pass of the first run
+    saliency = load_file(str(out / "seed-0" / "unlearned" / "saliency.safetensors"))
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    rep3 = json.loads(r.stdout)
+    assert rep3["per_seed"]["0"]["results"] == seed["results"] and "saliency[head]_s[0]" in rep3["timings"]
+    again = load_file(str(out / "seed-0" / "unlearned" / "saliency.safetensors"))
+    assert again.keys() == saliency.keys() and all(again[k].equal(t) for k, t in saliency.items())
+    for d, weights in models.items():
+        again = load_file(str(out / "seed-0" / d / "model.safetensors"))
+        assert all(again[k].equal(w) for k, w in weights.items())
     other = tmp_path / "mine"
     other.mkdir()
     (other / "keep.txt").write_text("x")
