@@ -19,7 +19,7 @@ from .config import Config
 from .data import hold_back, load_splits
 from .methods.loop import check_stop
 from .models import load, save
-from .saliency import Saliency, collect, collect_or_load, halfway, merge, source_of
+from .saliency import Saliency, collect_or_load, halfway, merge
 
 log = logging.getLogger("surgery")
 
@@ -246,21 +246,21 @@ def saliency_half(cfg: Config, half: str) -> tuple[Saliency, dict]:
     split counts."""
     if half not in ("head", "tail"):
         raise ValueError(f"saliency_half: half must be head or tail, not {half!r}")
-    t = time.perf_counter()
-    splits, adapter, params, _ = prepare(cfg, distributed.World())
+    world = distributed.World()
+    splits, adapter, params, _ = prepare(cfg, world)
     cut = halfway(splits, cfg.collect_batch_size)
     span = {"stop": cut} if half == "head" else {"start": cut, "record": True}
-    sal = collect(adapter, splits, params, cfg.collect_batch_size, progress=False, world=distributed.World(), **span)
-    sal.source = source_of(cfg.forget, cfg.retain, params, cfg.collect_batch_size, splits.held_back)
+    timings = {}
+    sal = collect_or_load(adapter, splits, params, cfg.forget, cfg.retain, cfg.collect_batch_size, timings=timings,
+                          world=world, progress=False, **span)
     log.info("saliency %s: the batches %s position %s in %.1fs", half, "before" if half == "head" else "from", cut,
-             time.perf_counter() - t)
+             timings["collect_s"])
     return sal, splits.counts()
 
 
 def save_saliency(cfg: Config, head: tuple[Saliency, dict], tail: tuple[Saliency, dict],
                   overwrite: bool = False) -> dict:
     """collect_saliency's output from the two halves of its pass (`saliency_half`). Returns the report."""
-    check_out(cfg.out, overwrite)
     t = time.perf_counter()
     sal = merge(head[0], tail[0])
     tail[0].records.clear()    # every tail batch's gradients (hundreds of MB in the demo): added, no longer needed
@@ -277,7 +277,7 @@ def check_out(out, overwrite: bool) -> None:
 
 def write_saliency(out, sal: Saliency, report: dict, overwrite: bool) -> None:
     """OUT/saliency.safetensors and OUT/report.json, atomically."""
-    with atomic_dir(Path(out), overwrite) as tmp:
+    with atomic_dir(out, overwrite) as tmp:
         sal.save(tmp / "saliency.safetensors")
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
 

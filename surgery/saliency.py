@@ -119,7 +119,7 @@ def collect(adapter: Adapter, splits: Splits, params: dict[str, torch.nn.Paramet
     device = adapter.device
     world = world or World.current()
     whole = start == (0, 0) and stop is None
-    if world.size > 1 and not (whole and not record):
+    if world.size > 1 and (record or not whole):
         raise ValueError("collect: start, stop and record are for one process (under torchrun every rank takes a "
                          "share of each split's batches)")
     sal = Saliency()
@@ -233,9 +233,9 @@ def _all_reduce_split(world: World, current: dict, device) -> None:
 
 def collect_or_load(adapter: Adapter, splits: Splits, params: dict[str, torch.nn.Parameter], forget, retain,
                     batch_size: int, saliency=None, timings: dict | None = None, fisher: bool = True,
-                    world: World | None = None, progress: bool = True) -> Saliency:
+                    world: World | None = None, progress: bool = True, **span) -> Saliency:
     """Collect saliency, or reuse the file `saliency` when it was collected from the same data, batch size and
-    weights (refused otherwise)."""
+    weights (refused otherwise). `span`: collect's start, stop and record (a part of the pass)."""
     timings = {} if timings is None else timings
     t = time.perf_counter()
     source = source_of(forget, retain, params, batch_size, splits.held_back)
@@ -245,7 +245,8 @@ def collect_or_load(adapter: Adapter, splits: Splits, params: dict[str, torch.nn
         log.info("saliency reused from %s", saliency)
         timings["saliency_load_s"] = time.perf_counter() - t
         return sal
-    sal = collect(adapter, splits, params, batch_size=batch_size, progress=progress, fisher=fisher, world=world)
+    sal = collect(adapter, splits, params, batch_size=batch_size, progress=progress, fisher=fisher, world=world,
+                  **span)
     sal.source = source
     timings["collect_s"] = time.perf_counter() - t
     return sal
