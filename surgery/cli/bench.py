@@ -1,4 +1,4 @@
-"""The benchmark commands: make-bench, finetune, eval, relearn, import-mllmu."""
+"""The benchmark commands: make-bench, finetune, eval, accept, relearn, import-mllmu."""
 import logging
 
 import click
@@ -148,6 +148,73 @@ def eval_cmd(bench, models, views, ablate, device, batch_size, no_letter, no_rou
     click.echo(f"{views} views" + (f", vision {ablate} ablated" if ablate else ""), err=True)
     click.echo(table(results), err=True)
     emit(results, as_json)
+
+
+def _accept_targets(report, bench, vanilla, reference) -> dict[str, tuple[str, str, str]]:
+    """{label: (bench, vanilla, reference)} from a demo report.json or from the three directories."""
+    import json
+    from pathlib import Path
+    if report is None:
+        if not (bench and vanilla and reference):
+            raise click.UsageError("give --report, or all of --bench, --vanilla and --reference")
+        return {str(bench): (bench, vanilla, reference)}
+    if bench or vanilla or reference:
+        raise click.UsageError("--report names the benchmarks and models itself: drop --bench, --vanilla, --reference")
+    try:
+        seeds = json.loads(Path(report).read_text())["per_seed"]
+    except (ValueError, KeyError, TypeError):
+        raise click.BadParameter(f"{report}: not a `surgery demo` report.json (no per_seed)", param_hint="--report") \
+            from None
+    out = {}
+    for seed, run in seeds.items():
+        if not run.get("reference_model"):
+            raise click.BadParameter(f"{report}: seed {seed} has no reference model (a demo run with "
+                                     f"--no-reference)", param_hint="--report")
+        out[f"seed {seed}"] = (run["bench"], run["vanilla_model"], run["reference_model"])
+    return out
+
+
+@main.command()
+@click.option("--report", type=click.Path(exists=True, dir_okay=False),
+              help="A `surgery demo` report.json: accept every seed's benchmark with its vanilla and reference model.")
+@click.option("--bench", type=click.Path(), help="The benchmark directory (instead of --report).")
+@click.option("--vanilla", type=click.Path(), help="Its vanilla model directory.")
+@click.option("--reference", type=click.Path(), help="Its reference model directory (never saw the forget faces).")
+@click.option("--views", type=click.Choice(["test", "dev"]), default="test", show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="torch CPU threads (0: as set). The README's acceptance tables are measured on one.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--resamples", type=int, default=1000, show_default=True, help="Bootstrap draws for the intervals.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("-v", "--verbose", is_flag=True)
+@friendly
+def accept(report, bench, vanilla, reference, views, threads, device, batch_size, resamples, seed, as_json, verbose):
+    """The benchmark's acceptance, on the vanilla and reference models alone: 19 cells per benchmark (the vanilla
+    model's VQA, QA and greedy-letter accuracy, its VQA with the vision MLPs or everything but the embeddings
+    ablated, the reference model's forget VQA and its distance to the vanilla model). Exit status 1 when a cell
+    misses."""
+    from ..pipeline import check_device, torch_threads
+    from ..bench.acceptance import accept as run, render
+    from ..bench.evaluate import split_files
+    check_device(device)
+    if resamples < 1 or threads < 0:
+        raise click.BadParameter("--resamples must be >= 1 and --threads >= 0")
+    targets = _accept_targets(report, bench, vanilla, reference)
+    for b, *_ in targets.values():
+        split_files(b, views)           # a bad benchmark fails before any model loads
+    reports = {}
+    with torch_threads(threads):
+        for label, (b, v, r) in targets.items():
+            reports[label] = run(b, v, r, views=views, device=device, batch_size=batch_size, resamples=resamples,
+                                 seed=seed)
+            click.echo((f"{label}: " if report else "") + render(reports[label]), err=True)
+    emit(reports, as_json)
+    missed = sum(r["cells_total"] - r["met"] for r in reports.values())
+    if missed:
+        raise click.ClickException(f"{missed} of {sum(r['cells_total'] for r in reports.values())} acceptance cells "
+                                   f"missed")
 
 
 @main.command()

@@ -1,0 +1,78 @@
+"""The benchmark's acceptance: judged on the vanilla and reference models alone, never on an unlearned one.
+
+Nineteen cells per benchmark seed, each a number and the line it must reach (chance: four options, 25 %):
+
+  vanilla             VQA (option likelihood) forget / retain / real-world >= 85; QA >= 95;
+                      MLLMU-Bench's greedy letter on VQA and on QA, each split, >= 80
+  vanilla, ablated    `--ablate mlp` and `--ablate embeddings`: forget and retain VQA <= chance + 10
+  reference           forget VQA <= chance + 10; retain and real-world VQA within 3 of the vanilla model's
+
+The vanilla model is scored four ways (as it is, each ablation) and the reference once, each as `surgery eval`
+scores it, without ROUGE, and the greedy letter for the vanilla model only.
+"""
+from pathlib import Path
+
+from ..models import load
+from .ablation import ablated
+from .evaluate import CHANCE, evaluate
+
+VQA_MIN, QA_MIN, LETTER_MIN = 85.0, 95.0, 80.0
+OVER_CHANCE = 10.0          # the ablated vanilla model and the reference model on faces: at most chance + 10
+REFERENCE_WITHIN = 3.0      # the reference model's retain and real-world VQA against the vanilla model's
+SPLITS = ("forget", "retain", "realworld")
+RUNS = {"vanilla": None, "vanilla (ablate mlp)": "mlp", "vanilla (ablate embeddings)": "embeddings",
+        "reference": None}
+
+
+def cells(results: dict) -> list[dict]:
+    """The acceptance cells of `results` ({run name in RUNS: `evaluate`'s result}), in the README table's order:
+    [{"cell", "value", "line", "met"}]."""
+    out = []
+
+    def add(name, value, line, met):
+        out.append({"cell": name, "value": value, "line": line, "met": bool(met)})
+
+    vanilla, reference = results["vanilla"], results["reference"]
+    for key, line in (("vqa", VQA_MIN), ("qa", QA_MIN), ("vqa_letter", LETTER_MIN), ("qa_letter", LETTER_MIN)):
+        for split in SPLITS:
+            value = vanilla[split][key]
+            add(f"vanilla {key.replace('_', ' ')} {split}", value, f">= {line:g}", value >= line)
+    ceiling = CHANCE + OVER_CHANCE
+    for kind in ("mlp", "embeddings"):
+        for split in ("forget", "retain"):
+            value = results[f"vanilla (ablate {kind})"][split]["vqa"]
+            add(f"ablate {kind}: vqa {split}", value, f"<= {ceiling:g}", value <= ceiling)
+    value = reference["forget"]["vqa"]
+    add("reference vqa forget", value, f"<= {ceiling:g}", value <= ceiling)
+    for split in ("retain", "realworld"):
+        gap = reference[split]["vqa"] - vanilla[split]["vqa"]
+        add(f"reference - vanilla vqa {split}", gap, f"within {REFERENCE_WITHIN:g}", abs(gap) <= REFERENCE_WITHIN)
+    return out
+
+
+def accept(bench, vanilla, reference, *, views: str = "test", device: str = "cpu", batch_size: int = 64,
+           resamples: int = 1000, seed: int = 0) -> dict:
+    """Score the vanilla model (directory) as it is and under each ablation, and the reference model, on `bench`'s
+    `views`: {"results": {run: evaluate's result}, "cells": `cells`, "met": how many, "cells_total"}."""
+    from ..pipeline import seed_everything
+    results = {}
+    for name, ablate in RUNS.items():
+        seed_everything(seed)
+        adapter = load(str(reference if name == "reference" else vanilla), device=device, seed=seed)
+        with ablated(adapter, ablate):
+            results[name] = evaluate(adapter, Path(bench), batch_size=batch_size, letter=name == "vanilla",
+                                     rouge=False, kinds=("vqa", "qa") if ablate is None else ("vqa",), views=views,
+                                     resamples=resamples, seed=seed)
+    table = cells(results)
+    return {"bench": str(bench), "vanilla": str(vanilla), "reference": str(reference), "views": views,
+            "results": results, "cells": table, "met": sum(c["met"] for c in table), "cells_total": len(table)}
+
+
+def render(report: dict) -> str:
+    """One line per cell: name, value, line, met or MISSED."""
+    width = max(len(c["cell"]) for c in report["cells"])
+    lines = [f"{report['views']} views of {report['bench']}"]
+    lines += [f"  {c['cell']:<{width}}  {c['value']:>6.1f}  {c['line']:<10}  {'met' if c['met'] else 'MISSED'}"
+              for c in report["cells"]]
+    lines.append(f"  {report['met']} of {report['cells_total']} cells met")
+    return "\n".join(lines)
