@@ -163,13 +163,16 @@ def _accept_targets(report, bench, vanilla, reference) -> dict[str, tuple[str, s
     try:
         seeds = json.loads(Path(report).read_text())["per_seed"]
     except (ValueError, KeyError, TypeError):
-        raise click.BadParameter(f"{report}: not a `surgery demo` report.json (no per_seed)", param_hint="--report") \
-            from None
+        seeds = None
+    if not isinstance(seeds, dict) or not all(isinstance(run, dict) for run in seeds.values()):
+        raise click.BadParameter(f"{report}: not a `surgery demo` report.json (no per_seed)", param_hint="--report")
     out = {}
     for seed, run in seeds.items():
         if not run.get("reference_model"):
             raise click.BadParameter(f"{report}: seed {seed} has no reference model (a demo run with "
                                      f"--no-reference)", param_hint="--report")
+        if not (run.get("bench") and run.get("vanilla_model")):
+            raise click.BadParameter(f"{report}: seed {seed} names no bench or vanilla_model", param_hint="--report")
         out[f"seed {seed}"] = (run["bench"], run["vanilla_model"], run["reference_model"])
     return out
 
