@@ -76,6 +76,24 @@ def test_accept_scores_as_the_likelihoods_say(small_bench, tiny_dirs):
     assert table["reference - vanilla vqa realworld"]["met"]
 
 
+def test_accept_reads_a_demo_report(small_bench, tiny_dirs, tmp_path):
+    """--report takes each seed's benchmark and models from a demo report.json and labels them by seed: the same
+    cells as the directories given by hand."""
+    path = str(tiny_dirs["tiny-llava"])
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"per_seed": {"5": {"bench": str(small_bench), "vanilla_model": path,
+                                                     "reference_model": path}}}))
+
+    def cells_of(*args):
+        r = CliRunner().invoke(main, ["accept", *args, "--resamples", "20", "--json"])
+        return r, json.loads(r.stdout[r.stdout.index("{"):r.stdout.rindex("}") + 1])
+
+    r, by_report = cells_of("--report", str(report))
+    assert list(by_report) == ["seed 5"] and "seed 5: test views of" in r.output
+    _, by_hand = cells_of("--bench", str(small_bench), "--vanilla", path, "--reference", path)
+    assert by_report["seed 5"]["cells"] == by_hand[str(small_bench)]["cells"]
+
+
 def test_accept_refuses_bad_input(tmp_path, small_bench):
     run = lambda *args: CliRunner().invoke(main, ["accept", *map(str, args)])
     r = run("--bench", small_bench)
