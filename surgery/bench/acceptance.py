@@ -30,23 +30,26 @@ def cells(results: dict) -> list[dict]:
     out = []
 
     def add(name, value, line, met):
-        out.append({"cell": name, "value": value, "line": line, "met": bool(met)})
+        """A cell whose split or rows the benchmark lacks (value None) is missed."""
+        out.append({"cell": name, "value": value, "line": line, "met": value is not None and bool(met(value))})
 
-    vanilla, reference = results["vanilla"], results["reference"]
+    def score(run, split, key):
+        return (results[run].get(split) or {}).get(key)
+
     for key, line in (("vqa", VQA_MIN), ("qa", QA_MIN), ("vqa_letter", LETTER_MIN), ("qa_letter", LETTER_MIN)):
         for split in SPLITS:
-            value = vanilla[split][key]
-            add(f"vanilla {key.replace('_', ' ')} {split}", value, f">= {line:g}", value >= line)
+            add(f"vanilla {key.replace('_', ' ')} {split}", score("vanilla", split, key), f">= {line:g}",
+                lambda v: v >= line)
     ceiling = CHANCE + OVER_CHANCE
     for kind in ("mlp", "embeddings"):
         for split in ("forget", "retain"):
-            value = results[f"vanilla (ablate {kind})"][split]["vqa"]
-            add(f"ablate {kind}: vqa {split}", value, f"<= {ceiling:g}", value <= ceiling)
-    value = reference["forget"]["vqa"]
-    add("reference vqa forget", value, f"<= {ceiling:g}", value <= ceiling)
+            add(f"ablate {kind}: vqa {split}", score(f"vanilla (ablate {kind})", split, "vqa"), f"<= {ceiling:g}",
+                lambda v: v <= ceiling)
+    add("reference vqa forget", score("reference", "forget", "vqa"), f"<= {ceiling:g}", lambda v: v <= ceiling)
     for split in ("retain", "realworld"):
-        gap = reference[split]["vqa"] - vanilla[split]["vqa"]
-        add(f"reference - vanilla vqa {split}", gap, f"within {REFERENCE_WITHIN:g}", abs(gap) <= REFERENCE_WITHIN)
+        pair = score("reference", split, "vqa"), score("vanilla", split, "vqa")
+        add(f"reference - vanilla vqa {split}", None if None in pair else pair[0] - pair[1],
+            f"within {REFERENCE_WITHIN:g}", lambda v: abs(v) <= REFERENCE_WITHIN)
     return out
 
 
@@ -72,7 +75,8 @@ def render(report: dict) -> str:
     """One line per cell: name, value, line, met or MISSED."""
     width = max(len(c["cell"]) for c in report["cells"])
     lines = [f"{report['views']} views of {report['bench']}"]
-    lines += [f"  {c['cell']:<{width}}  {c['value']:>6.1f}  {c['line']:<10}  {'met' if c['met'] else 'MISSED'}"
+    value = lambda v: "no rows" if v is None else f"{v:.1f}"
+    lines += [f"  {c['cell']:<{width}}  {value(c['value']):>7}  {c['line']:<10}  {'met' if c['met'] else 'MISSED'}"
               for c in report["cells"]]
     lines.append(f"  {report['met']} of {report['cells_total']} cells met")
     return "\n".join(lines)

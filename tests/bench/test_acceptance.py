@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from surgery.bench.ablation import ablated
-from surgery.bench.acceptance import cells
+from surgery.bench.acceptance import cells, render
 from surgery.bench.evaluate import score_likelihood
 from surgery.cli import main
 from surgery.data import load_jsonl
@@ -49,6 +49,15 @@ def test_nineteen_cells_each_at_its_line():
         "reference - vanilla vqa retain", "reference - vanilla vqa realworld"]
     gap = {c["cell"]: c["value"] for c in cells(results(**{"reference/retain/vqa": 88.0}))}
     assert gap["reference - vanilla vqa retain"] == -2.0
+    # a benchmark without a split's rows (evaluate gives None, or no split at all): its cells miss, with no value
+    res = results(**{"vanilla/forget/qa_letter": None})
+    del res["reference"]["realworld"]
+    table = {c["cell"]: c for c in cells(res)}
+    assert [name for name, c in table.items() if not c["met"]] == ["vanilla qa letter forget",
+                                                                 "reference - vanilla vqa realworld"]
+    assert table["reference - vanilla vqa realworld"]["value"] is None
+    assert "no rows" in render({"views": "test", "bench": "B", "cells": list(table.values()), "met": 17,
+                                "cells_total": 19})
 
 
 def test_accept_scores_as_the_likelihoods_say(small_bench, tiny_dirs):
