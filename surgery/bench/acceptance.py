@@ -13,7 +13,6 @@ scores it, without ROUGE, and the greedy letter for the vanilla model only.
 from pathlib import Path
 
 from ..models import load
-from .ablation import ablated
 from .evaluate import CHANCE, evaluate
 
 VQA_MIN, QA_MIN, LETTER_MIN = 85.0, 95.0, 80.0
@@ -58,14 +57,15 @@ def accept(bench, vanilla, reference, *, views: str = "test", device: str = "cpu
     """Score the vanilla model (directory) as it is and under each ablation, and the reference model, on `bench`'s
     `views`: {"results": {run: evaluate's result}, "cells": `cells`, "met": how many, "cells_total"}."""
     from ..pipeline import seed_everything
-    results = {}
+    results, models = {}, {}
     for name, ablate in RUNS.items():
+        path = str(reference if name == "reference" else vanilla)
         seed_everything(seed)
-        adapter = load(str(reference if name == "reference" else vanilla), device=device, seed=seed)
-        with ablated(adapter, ablate):
-            results[name] = evaluate(adapter, Path(bench), batch_size=batch_size, letter=name == "vanilla",
-                                     rouge=False, kinds=("vqa", "qa") if ablate is None else ("vqa",), views=views,
-                                     resamples=resamples, seed=seed)
+        if path not in models:          # the ablations are hooks, removed after each run: one load per directory
+            models[path] = load(path, device=device, seed=seed)
+        results[name] = evaluate(models[path], Path(bench), batch_size=batch_size, letter=name == "vanilla",
+                                 rouge=False, kinds=("vqa", "qa") if ablate is None else ("vqa",), views=views,
+                                 resamples=resamples, seed=seed, ablate=ablate)
     table = cells(results)
     return {"bench": str(bench), "vanilla": str(vanilla), "reference": str(reference), "views": views,
             "results": results, "cells": table, "met": sum(c["met"] for c in table), "cells_total": len(table)}

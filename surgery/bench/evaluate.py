@@ -23,6 +23,7 @@ import torch
 
 from ..data import Row, load_jsonl
 from ..models import Adapter, Batch, Example
+from .ablation import ablated
 
 log = logging.getLogger("surgery")
 SPLITS = ("forget", "retain", "realworld")
@@ -249,38 +250,40 @@ def percent(xs) -> float | None:
 
 def evaluate(adapter: Adapter, bench_dir, batch_size: int = 64, splits=SPLITS, letter: bool = True,
              rouge: bool = True, kinds=("vqa", "qa"), views: str = "test", resamples: int = 1000,
-             seed: int = 0) -> dict:
+             seed: int = 0, ablate: str | None = None) -> dict:
     """{split: {"vqa", "qa": likelihood accuracy %, "vqa_letter", "qa_letter": generation-style accuracy %,
     "rougeL_vqa", "rougeL_qa": ROUGE-L F x100, each also as "<key>_ci": [lo, hi], the per-person bootstrap 95 %
-    interval (`resamples` draws, seeded), "n": row and people counts}} for each evaluation file of `views`."""
-    files = split_files(bench_dir, views)
-    adapter.model.eval()
-    results = {}
-    for split in [s for s in splits if s in files]:
-        rows = load_jsonl(files[split])
-        images = ImageCache()
-        res, counts = {}, {"people": len({r.entity for r in rows})}
+    interval (`resamples` draws, seeded), "n": row and people counts}} for each evaluation file of `views`; with
+    `ablate` ("mlp", "embeddings"), of the model with its vision encoder ablated so (ablation.py)."""
+    with ablated(adapter, ablate):
+        files = split_files(bench_dir, views)
+        adapter.model.eval()
+        results = {}
+        for split in [s for s in splits if s in files]:
+            rows = load_jsonl(files[split])
+            images = ImageCache()
+            res, counts = {}, {"people": len({r.entity for r in rows})}
 
-        def put(key, values, scored_rows):
-            res[key] = percent(values) if scored_rows else None
-            res[f"{key}_ci"] = bootstrap_ci(values, [r.entity for r in scored_rows], resamples, seed) \
-                if scored_rows else None
+            def put(key, values, scored_rows):
+                res[key] = percent(values) if scored_rows else None
+                res[f"{key}_ci"] = bootstrap_ci(values, [r.entity for r in scored_rows], resamples, seed) \
+                    if scored_rows else None
 
-        for kind in kinds:
-            group = [r for r in rows if r.is_vqa == (kind == "vqa")]
-            mc, gen = [r for r in group if r.options], [r for r in group if not r.options]
-            counts[kind], counts[f"{kind}_gen"] = len(mc), len(gen)
-            hits, letter_hits = score_mc(adapter, mc, images, batch_size, letter) if mc else ([], [])
-            put(kind, hits, mc)
-            if letter:
-                put(f"{kind}_letter", letter_hits, mc)
-            if rouge:
-                put(f"rougeL_{kind}", score_rouge(adapter, gen, images, batch_size) if gen else [], gen)
-        res["n"] = counts
-        results[split] = res
-        log.info("eval %s (%s views): %s", split, views,
-                 {k: round(v, 1) for k, v in res.items() if isinstance(v, float)})
-    return results
+            for kind in kinds:
+                group = [r for r in rows if r.is_vqa == (kind == "vqa")]
+                mc, gen = [r for r in group if r.options], [r for r in group if not r.options]
+                counts[kind], counts[f"{kind}_gen"] = len(mc), len(gen)
+                hits, letter_hits = score_mc(adapter, mc, images, batch_size, letter) if mc else ([], [])
+                put(kind, hits, mc)
+                if letter:
+                    put(f"{kind}_letter", letter_hits, mc)
+                if rouge:
+                    put(f"rougeL_{kind}", score_rouge(adapter, gen, images, batch_size) if gen else [], gen)
+            res["n"] = counts
+            results[split] = res
+            log.info("eval %s (%s views): %s", split, views,
+                     {k: round(v, 1) for k, v in res.items() if isinstance(v, float)})
+        return results
 
 
 def _cell(res: dict, key: str) -> str:

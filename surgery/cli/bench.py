@@ -131,7 +131,6 @@ def eval_cmd(bench, models, views, ablate, device, batch_size, no_letter, no_rou
     per-person bootstrap 95 % interval."""
     from ..models import load
     from ..pipeline import check_device, seed_everything
-    from ..bench.ablation import ablated
     from ..bench.evaluate import evaluate, split_files, table
     check_device(device)
     if resamples < 1:
@@ -141,10 +140,9 @@ def eval_cmd(bench, models, views, ablate, device, batch_size, no_letter, no_rou
     for name, path in models.items():
         seed_everything(seed)
         adapter = load(path, device=device, seed=seed)
-        with ablated(adapter, ablate):
-            results[name + (f" (ablate {ablate})" if ablate else "")] = evaluate(
-                adapter, bench, batch_size=batch_size, letter=not no_letter, rouge=not no_rouge, views=views,
-                resamples=resamples, seed=seed)
+        results[name + (f" (ablate {ablate})" if ablate else "")] = evaluate(
+            adapter, bench, batch_size=batch_size, letter=not no_letter, rouge=not no_rouge, views=views,
+            resamples=resamples, seed=seed, ablate=ablate)
     click.echo(f"{views} views" + (f", vision {ablate} ablated" if ablate else ""), err=True)
     click.echo(table(results), err=True)
     emit(results, as_json)
