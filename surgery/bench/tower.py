@@ -103,15 +103,23 @@ class PretrainHead(nn.Module):
 
 
 def pretrain(adapter: Adapter, bench, rows: list[dict], *, epochs: int, lr: float, batch_size: int, seed: int,
-             weight_decay: float, warmup_steps: int, desc: str = "tower") -> tuple[dict, dict]:
+             weight_decay: float, warmup_steps: int, desc: str = "tower",
+             paired_without: set[str] = frozenset()) -> tuple[dict, dict]:
     """Train the tower's live layers (and a fresh head) to name the identity and facial attributes of every
-    photo in `rows`. Returns (report, head weights); the report lists the identities in the head's order."""
+    photo in `rows`. Returns (report, head weights); the report lists the identities in the head's order.
+    `paired_without`: people whose photos are never opened nor shown, the run otherwise paired with the one over
+    every row (`training.train_loop`'s skip: the same batches and steps, less their photos; the head keeps a class
+    for each of them, never a target)."""
     t0 = time.perf_counter()
     identities = sorted({r["entity"] for r in rows})
     index = {e: i for i, e in enumerate(identities)}
     keys = sorted(rows[0]["face"])
     values = {k: FACE[k] for k in keys}
-    pixels = pixel_values(adapter, bench, [r["image"] for r in rows])
+    shown = [i for i, r in enumerate(rows) if r["entity"] not in paired_without]
+    skip = frozenset(range(len(rows))) - frozenset(shown)
+    at = torch.zeros(len(rows), dtype=torch.long)      # row -> its photo among those opened
+    at[shown] = torch.arange(len(shown))
+    pixels = pixel_values(adapter, bench, [rows[i]["image"] for i in shown])
     target = torch.tensor([index[r["entity"]] for r in rows])
     attrs = torch.tensor([[r["face"][k] for k in keys] for r in rows])
     torch.manual_seed(seed)
@@ -123,19 +131,20 @@ def pretrain(adapter: Adapter, bench, rows: list[dict], *, epochs: int, lr: floa
     tower.train()
 
     def loss(batch: list[int]) -> torch.Tensor:
-        logits, attr_logits = head(feature_layer_output(adapter, pixels[batch]))
+        logits, attr_logits = head(feature_layer_output(adapter, pixels[at[batch]]))
         return nn.functional.cross_entropy(logits, target[batch]) + sum(
             nn.functional.cross_entropy(attr_logits[k], attrs[batch, j]) for j, k in enumerate(keys))
 
     losses = train_loop(params, len(rows), loss, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                        weight_decay=weight_decay, warmup_steps=warmup_steps, desc=desc)
+                        weight_decay=weight_decay, warmup_steps=warmup_steps, desc=desc, skip=skip)
     tower.eval()
     for p in params:
         p.requires_grad_(False)
-    accuracy = 100.0 * int((predict(adapter, head, pixels) == target).sum()) / len(rows)
+    accuracy = 100.0 * int((predict(adapter, head, pixels) == target[shown]).sum()) / len(shown)
     log.info("%s: %d photos of %d identities, %d epochs: loss %.3f, identity accuracy on them %.1f %%",
-             desc, len(rows), len(identities), epochs, losses[-1] if losses else float("nan"), accuracy)
-    report = {"photos": len(rows), "identities": identities, "losses": losses,
+             desc, len(shown), len(identities) - len(paired_without & set(identities)), epochs,
+             losses[-1] if losses else float("nan"), accuracy)
+    report = {"photos": len(shown), "identities": identities, "losses": losses,
               "train_identity_accuracy": accuracy, "seconds": time.perf_counter() - t0}
     return report, {k: v.detach().clone() for k, v in head.state_dict().items()}
 

@@ -4,6 +4,7 @@ images."""
 import logging
 import math
 import random
+import warnings
 from dataclasses import replace
 
 import torch
@@ -22,10 +23,13 @@ _BLANK = Image.new("RGB", (8, 8), (128, 128, 128))  # stands in for a photo wher
 
 def train_loop(params, n: int, loss, *, epochs: int, lr: float, batch_size: int, seed: int,
                weight_decay: float = 0.0, warmup_steps: int = 0, groups: list[int] | None = None,
-               desc: str = "train", on_epoch=None) -> list[float]:
+               desc: str = "train", on_epoch=None, skip=frozenset()) -> list[float]:
     """AdamW over `params` for `epochs` shuffled passes over items 0..n-1. `loss(indices)` gives a batch's mean
-    loss. `groups` (one id per item): batches never mix groups (rows of similar length pad less). Returns the mean
-    loss per epoch; `on_epoch(epoch)` runs after each epoch."""
+    loss. `groups` (one id per item): batches never mix groups (rows of similar length pad less). `skip`: items
+    never shown: the batches, the steps and the learning-rate schedule are drawn over all n items, and each batch
+    then drops its skipped items, so a run that skips some items sees every other item in the same batch at the
+    same step as the run over all of them (a paired run; a batch left empty is not stepped). Returns the mean loss
+    per epoch over the items shown; `on_epoch(epoch)` runs after each epoch."""
     rng = random.Random(seed)
     groups = groups or [0] * n
     members = {g: [i for i in range(n) if groups[i] == g] for g in sorted(set(groups))}
@@ -43,8 +47,15 @@ def train_loop(params, n: int, loss, *, epochs: int, lr: float, batch_size: int,
             rng.shuffle(m)
             batches += [m[i:i + batch_size] for i in range(0, len(m), batch_size)]
         rng.shuffle(batches)
+        if skip:
+            batches = [[i for i in b if i not in skip] for b in batches]
         total, bar = 0.0, tqdm(batches, desc=f"{desc} {epoch}/{epochs}", leave=False)
         for batch in bar:
+            if not batch:                           # the schedule goes on as in the run over every item
+                with warnings.catch_warnings():         # (torch warns of a schedule step before any update)
+                    warnings.simplefilter("ignore", UserWarning)
+                    sched.step()
+                continue
             value = loss(batch)
             value.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -53,7 +64,7 @@ def train_loop(params, n: int, loss, *, epochs: int, lr: float, batch_size: int,
             opt.zero_grad(set_to_none=True)
             total += value.item() * len(batch)
             bar.set_postfix(loss=f"{value.item():.3f}")
-        losses.append(total / n)
+        losses.append(total / max(n - len(skip), 1))
         log.info("%s epoch %d/%d: loss %.4f", desc, epoch, epochs, losses[-1])
         if on_epoch is not None:
             on_epoch(epoch)
@@ -116,14 +127,16 @@ class Encoded:
 
 def train_llm(adapter: Adapter, rows, params, *, features: dict | None = None, epochs: int, lr: float,
               batch_size: int, weight_decay: float, warmup_steps: int, seed: int, desc: str,
-              reshuffle: bool = False) -> list[float]:
+              reshuffle: bool = False, skip=frozenset()) -> list[float]:
     """Train `params` on `rows` (Rows) for `epochs` epochs; a VQA row reads `features[str(row.image)]` (the
     frozen tower's feature-layer patch tokens of its photo) instead of running the tower. Batches keep rows of one
     kind (VQA or QA, multiple choice or free-form) together: similar lengths pad less. Only `params` gather
     gradients: every other parameter of the model is frozen first (a frozen LLM's gradients, summed over a
     projector-only run, would otherwise enter the next run's first update). `reshuffle`: every epoch after the
     first sees each multiple-choice row with its options in a fresh order (`reshuffled`, seeded by `seed` and the
-    epoch), so that the answer's letter must be looked up among the options, not remembered with the row."""
+    epoch), so that the answer's letter must be looked up among the options, not remembered with the row. `skip`:
+    indices of `rows` never shown (`train_loop`: a run paired with the one over every row); their photos need no
+    features."""
     data = Encoded(adapter, rows)
 
     def loss(batch):
@@ -145,7 +158,7 @@ def train_llm(adapter: Adapter, rows, params, *, features: dict | None = None, e
         return train_loop(params, len(rows), loss, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                           weight_decay=weight_decay, warmup_steps=warmup_steps,
                           groups=[2 * r.is_vqa + bool(r.options) for r in rows], desc=desc,
-                          on_epoch=next_order if reshuffle else None)
+                          on_epoch=next_order if reshuffle else None, skip=skip)
     finally:
         adapter.model.eval()
         for p in params:

@@ -70,7 +70,9 @@ def make_bench_cmd(out, seed, overwrite, as_json, verbose, **params):
               help="Keep each stage by content hash in this directory and reuse what is there.")
 @click.option("--without-forget-images", is_flag=True,
               help="Leave out the forget people's photos in every stage: the reference model that knows them by "
-                   "name but has never seen their faces (what unlearning aims at).")
+                   "name but has never seen their faces (what unlearning aims at), trained paired with the vanilla "
+                   "model (the same batches at the same steps, less those photos; --set paired_reference=false: a "
+                   "fresh shuffle of the rows it keeps).")
 @click.option("--set", "settings", multiple=True, callback=settings_option, metavar="FIELD=VALUE",
               help="Another value for a field of FinetuneConfig (sizes, epochs, learning rates, weight decay), e.g. "
                    "--set vision_layers=6 --set weight_decay=0.01 (repeatable).")

@@ -343,3 +343,88 @@ def test_alignment_reshuffles_options_after_the_first_epoch(small_bench, tmp_pat
     assert keys[False]["align"] != keys[True]["align"]
     assert all(keys[False][s] == keys[True][s] for s in ("llm", "tower", "text"))
     assert keys[True] == stage_keys(small_bench, FinetuneConfig.quick())     # on by default
+
+
+def test_train_loop_skip_shows_the_full_runs_batches_less_the_skipped_items():
+    """With `skip`, train_loop steps through the batches of the run over every item, each less its skipped items,
+    at the same steps (a batch left empty is not stepped) and with the same learning rate at each; the epoch's loss
+    is the mean over the items shown."""
+    import surgery.bench.training as training
+
+    def run(skip):
+        seen, rates = [], []
+        w = torch.nn.Parameter(torch.ones(3))
+
+        def loss(batch):
+            seen.append(list(batch))
+            rates.append(opt_lr())
+            return (w.sum() * 0 + torch.tensor([float(i) for i in batch]).mean())
+
+        real = torch.optim.AdamW
+        made = []
+
+        def adamw(*a, **kw):
+            made.append(real(*a, **kw))
+            return made[-1]
+
+        def opt_lr():
+            return made[-1].param_groups[0]["lr"]
+
+        torch.optim.AdamW = adamw
+        try:
+            losses = training.train_loop([w], 48, loss, epochs=2, lr=1e-2, batch_size=8, seed=3, warmup_steps=3,
+                                         groups=[i % 2 for i in range(48)], skip=skip)
+        finally:
+            torch.optim.AdamW = real
+        return seen, rates, losses
+
+    full, full_rates, full_losses = run(frozenset())
+    assert all(len(b) == 8 for b in full) and len(full) == 12
+    first = frozenset(full[0])                                   # empties the first batch
+    skip = first | {i for i in range(48) if i % 7 == 0}
+    seen, rates, losses = run(skip)
+    expect = [([i for i in b if i not in skip], r) for b, r in zip(full, full_rates)]
+    assert [(b, r) for b, r in zip(seen, rates)] == [(b, r) for b, r in expect if b]
+    assert len(seen) < len(full) and not any(i in skip for b in seen for i in b)
+    shown = [i for i in range(48) if i not in skip]
+    for epoch, batches in enumerate((seen[:len(seen) // 2], seen[len(seen) // 2:])):
+        assert sorted(i for b in batches for i in b) == shown
+        want = sum(sum(b) / len(b) * len(b) for b in batches) / len(shown)
+        assert losses[epoch] == pytest.approx(want)
+    assert full_losses[0] == pytest.approx(sum(range(48)) / 48)
+
+
+def test_paired_reference_never_opens_a_forget_photo_and_walks_the_vanillas_rows(small_bench, tmp_path,
+                                                                                  monkeypatch):
+    """The paired reference (FinetuneConfig.paired_reference) opens no photo of a forget person in any stage, trains
+    on every other photo and row the vanilla model trains on, and has keys of its own that do not read the forget
+    photos; the flag leaves the vanilla model's keys alone."""
+    import shutil
+    import surgery.bench.finetune as ft
+    opened, real = [], tower.pixel_values
+    monkeypatch.setattr(tower, "pixel_values", lambda a, b, images, **kw: opened.extend(images) or real(a, b, images,
+                                                                                                           **kw))
+    forget = forget_people(small_bench)
+    owner = {r["image"]: r["entity"] for r in tower.pretrain_rows(small_bench)}
+    owner.update({raw["image"]: raw["entity"] for raw in ft.raw_rows(small_bench / "train.jsonl") if raw.get("image")})
+    cfg = FinetuneConfig.quick(without_forget_images=True)
+    paired = finetune(small_bench, tmp_path / "paired", cfg)
+    assert opened and not [p for p in opened if owner.get(p) in forget]
+    unpaired = finetune(small_bench, tmp_path / "unpaired", FinetuneConfig.quick(without_forget_images=True,
+                                                                                   paired_reference=False))
+    vanilla = finetune(small_bench, tmp_path / "vanilla", FinetuneConfig.quick())
+    assert paired["rows"] == unpaired["rows"] and paired["stages"]["align"]["vqa_rows"] == \
+        unpaired["stages"]["align"]["vqa_rows"]
+    assert paired["stages"]["tower"]["photos"] == unpaired["stages"]["tower"]["photos"]
+    keys = {n: r["stage_keys"] for n, r in (("paired", paired), ("unpaired", unpaired), ("vanilla", vanilla))}
+    assert len({k["tower"] for k in keys.values()}) == 3 and len({k["align"] for k in keys.values()}) == 3
+    assert keys["paired"]["text"] == keys["vanilla"]["text"]
+    assert stage_keys(small_bench, FinetuneConfig.quick(paired_reference=False)) == keys["vanilla"]
+    changed = tmp_path / "bench"                                  # a forget photo's bytes are not in its keys
+    shutil.copytree(small_bench, changed)
+    photo = next(p for p, e in owner.items() if e in forget)
+    (changed / photo).write_bytes((changed / photo).read_bytes() + b"\0")
+    assert stage_keys(changed, cfg) == keys["paired"]
+    assert stage_keys(changed, FinetuneConfig.quick(without_forget_images=True, paired_reference=False)) == \
+        keys["unpaired"]
+    assert stage_keys(changed, FinetuneConfig.quick()) != keys["vanilla"]
