@@ -142,6 +142,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "surgery"
 
 
+def _unseen(bench, cfg: FinetuneConfig) -> set[str]:
+    """The people whose photos the model never sees: the forget people for the reference model, nobody else."""
+    return forget_people(bench) if cfg.without_forget_images else set()
+
+
 def _paired(cfg: FinetuneConfig) -> bool:
     return cfg.without_forget_images and cfg.paired_reference
 
@@ -272,7 +277,7 @@ def stage_keys(bench: Path, cfg: FinetuneConfig) -> dict[str, str]:
     keys = {"llm": _digest("llm", _versions("llm", n), vocabulary(),
                            _settings(cfg, *TEXT_SIZES, "llm_rows", "llm_epochs", "llm_lr", "llm_weight_decay",
                                      "llm_inits", "llm_target", "batch_size", "warmup_steps"))}
-    without = forget_people(bench) if cfg.without_forget_images else set()
+    without = _unseen(bench, cfg)
     # a paired reference's run depends on where the forget people's rows sit among the others (not on their photos)
     paired = ["paired"] if _paired(cfg) else []
     photos = tower.pretrain_rows(bench, set() if paired else without)
@@ -355,7 +360,7 @@ def _pretrain_llm(image_size: int, cfg: FinetuneConfig):
 def _pretrain_tower(adapter: Adapter, bench: Path, cfg: FinetuneConfig):
     """Stage a on every photo the model may see. The report has the tower's identity accuracy on the dev views:
     how well the tower alone tells the benchmark's people apart."""
-    without = forget_people(bench) if cfg.without_forget_images else set()
+    without = _unseen(bench, cfg)
     paired = _paired(cfg)
     rows = tower.pretrain_rows(bench, set() if paired else without)
     report, head = tower.pretrain(adapter, bench, rows, epochs=cfg.tower_epochs, lr=cfg.tower_lr,
@@ -407,10 +412,10 @@ def _finetune(bench: Path, image_size: int, out: Path | None, cfg: FinetuneConfi
     if only is not None and "text" not in only:
         return None
 
-    rows = [r for r, _ in training_rows(bench, cfg.without_forget_images and not _paired(cfg))]
+    unseen = _unseen(bench, cfg)
+    rows = [r for r, _ in training_rows(bench, bool(unseen) and not cfg.paired_reference)]
     qa, vqa = [r for r in rows if not r.is_vqa], [r for r in rows if r.is_vqa]
     # a paired reference walks the vanilla model's VQA rows and skips the forget people's (their photos unopened)
-    unseen = forget_people(bench) if _paired(cfg) else set()
     skip = frozenset(i for i, r in enumerate(vqa) if r.entity in unseen)
     # fresh instruction rows (not stage 0's own, which the LLM knows by heart): they keep teaching the option lookup
     replay = {stage: llm_pretrain.instruction_rows(cfg.replay_rows, seed=llm_pretrain.LLM_SEED + k)

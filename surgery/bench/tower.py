@@ -115,8 +115,8 @@ def pretrain(adapter: Adapter, bench, rows: list[dict], *, epochs: int, lr: floa
     index = {e: i for i, e in enumerate(identities)}
     keys = sorted(rows[0]["face"])
     values = {k: FACE[k] for k in keys}
-    shown = [i for i, r in enumerate(rows) if r["entity"] not in paired_without]
-    skip = frozenset(range(len(rows))) - frozenset(shown)
+    skip = frozenset(i for i, r in enumerate(rows) if r["entity"] in paired_without)
+    shown = [i for i in range(len(rows)) if i not in skip]
     at = torch.zeros(len(rows), dtype=torch.long)      # row -> its photo among those opened
     at[shown] = torch.arange(len(shown))
     pixels = pixel_values(adapter, bench, [rows[i]["image"] for i in shown])

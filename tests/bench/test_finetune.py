@@ -345,7 +345,7 @@ def test_alignment_reshuffles_options_after_the_first_epoch(small_bench, tmp_pat
     assert keys[True] == stage_keys(small_bench, FinetuneConfig.quick())     # on by default
 
 
-def test_train_loop_skip_shows_the_full_runs_batches_less_the_skipped_items():
+def test_train_loop_skip_shows_the_full_runs_batches_less_the_skipped_items(monkeypatch):
     """With `skip`, train_loop steps through the batches of the run over every item, each less its skipped items,
     at the same steps (a batch left empty is not stepped) and with the same learning rate at each; the epoch's loss
     is the mean over the items shown."""
@@ -360,23 +360,15 @@ def test_train_loop_skip_shows_the_full_runs_batches_less_the_skipped_items():
             rates.append(opt_lr())
             return (w.sum() * 0 + torch.tensor([float(i) for i in batch]).mean())
 
-        real = torch.optim.AdamW
-        made = []
-
-        def adamw(*a, **kw):
-            made.append(real(*a, **kw))
-            return made[-1]
-
         def opt_lr():
             return made[-1].param_groups[0]["lr"]
 
-        torch.optim.AdamW = adamw
-        try:
-            losses = training.train_loop([w], 48, loss, epochs=2, lr=1e-2, batch_size=8, seed=3, warmup_steps=3,
-                                         groups=[i % 2 for i in range(48)], skip=skip)
-        finally:
-            torch.optim.AdamW = real
+        losses = training.train_loop([w], 48, loss, epochs=2, lr=1e-2, batch_size=8, seed=3, warmup_steps=3,
+                                     groups=[i % 2 for i in range(48)], skip=skip)
         return seen, rates, losses
+
+    made, real = [], torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **kw: made.append(real(*a, **kw)) or made[-1])
 
     full, full_rates, full_losses = run(frozenset())
     assert all(len(b) == 8 for b in full) and len(full) == 12
