@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from . import kernels
 from .data import SPLITS, Row, Splits
 from .distributed import World
 from .models import Adapter, Example, answer_loss
+from .progress import progress_bar
 
 log = logging.getLogger("surgery")
 
@@ -157,7 +157,7 @@ def collect(adapter: Adapter, splits: Splits, params: dict[str, torch.nn.Paramet
             mine = world.rounds(n_batches) if whole else \
                 [i for i in range(n_batches) if start <= (k, i) and (stop is None or (k, i) < stop)]
             records = sal.records.setdefault(split, []) if record else None
-            for i in tqdm(mine, desc=f"collect {split}", disable=not (progress and world.main), leave=False):
+            for i in progress_bar(mine, f"collect {split}", show=progress and world.main, leave=False):
                 current["skip"] = i is None
                 if record:
                     current["record"] = {"stats": {}, "grads": {}}

@@ -10,11 +10,11 @@ from dataclasses import replace
 import torch
 from PIL import Image
 from torch import nn
-from tqdm import tqdm
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..data import Row
 from ..models import Adapter, Example
+from ..progress import progress_bar
 from .evaluate import option_answer
 
 log = logging.getLogger("surgery")
@@ -49,7 +49,7 @@ def train_loop(params, n: int, loss, *, epochs: int, lr: float, batch_size: int,
         rng.shuffle(batches)
         if skip:
             batches = [[i for i in b if i not in skip] for b in batches]
-        total, bar = 0.0, tqdm(batches, desc=f"{desc} {epoch}/{epochs}", leave=False)
+        total, bar = 0.0, progress_bar(batches, f"{desc} {epoch}/{epochs}", leave=False)
         for batch in bar:
             if not batch:                           # the schedule goes on as in the run over every item
                 with warnings.catch_warnings():         # (torch warns of a schedule step before any update)
@@ -63,7 +63,7 @@ def train_loop(params, n: int, loss, *, epochs: int, lr: float, batch_size: int,
             sched.step()
             opt.zero_grad(set_to_none=True)
             total += value.item() * len(batch)
-            bar.set_postfix(loss=f"{value.item():.3f}")
+            bar.set_postfix(loss=f"{value.item():.3f}", refresh=False)   # drawn with the bar's next redraw
         losses.append(total / max(n - len(skip), 1))
         log.info("%s epoch %d/%d: loss %.4f", desc, epoch, epochs, losses[-1])
         if on_epoch is not None:

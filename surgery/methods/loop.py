@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from ..bench.evaluate import ImageCache, score_likelihood
 from ..config import Config
@@ -41,6 +40,7 @@ from ..data import SPLITS, Splits
 from ..distributed import World, in_graph, replicate
 from ..models import Adapter, Batch
 from ..optim import MaskedAdamW
+from ..progress import progress_bar
 from ..saliency import examples
 
 log = logging.getLogger("surgery")
@@ -287,7 +287,7 @@ def train(ctx: Context, method: Method, progress: bool = True) -> list[dict]:
         log.warning("%s: %d steps are fewer than --stop-every %d: the early stop cannot fire", method.name, steps,
                     cfg.stop_every)
     history, t0 = [], time.perf_counter()
-    for step in tqdm(range(1, steps + 1), desc=method.name, disable=not (progress and world.main)):
+    for step in progress_bar(range(1, steps + 1), method.name, show=progress and world.main):
         record, sums = {"step": step}, {}
         for group in groups:
             opt.zero_grad(set_to_none=True)
