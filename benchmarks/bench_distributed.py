@@ -154,12 +154,18 @@ def measure(mode: str, args, world: distributed.World, device: str, folder: Path
     if cfg.checkpoint_llm:
         distributed.checkpoint_llm(adapter)
     cuda = device.startswith("cuda")
+    held = {}  # bytes allocated after each stage (CUDA): where the peak's floor comes from
+    if cuda:
+        held["model"] = torch.cuda.memory_allocated(device)
     ctx = methods.Context(cfg, adapter, splits, params, [m.layer for m in mlps], world=world)
     method.prepare(ctx)
+    if cuda:
+        held["prepared"] = torch.cuda.memory_allocated(device)
     ctx.cfg = replace(cfg, steps=1)
     methods.train(ctx, method, progress=False)        # warm-up: one step (DDP is built here under torchrun)
     if cuda:
         torch.cuda.synchronize(device)
+        held["after_warm_up_step"] = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     ctx.cfg = replace(cfg, steps=args.steps)
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
@@ -177,7 +183,7 @@ def measure(mode: str, args, world: distributed.World, device: str, folder: Path
     peak = torch.cuda.max_memory_allocated(device) if cuda else pipeline.peak_memory(device)["rss_bytes"]
     return {"mode": mode, "method": cfg.method, "scope": cfg.scope, "world_size": world.size, "peak_bytes": peak,
             "peak_kind": "cuda_max_allocated" if cuda else "rss (monotonic: only the first mode's is its own)",
-            "step_s": step_s, "trainable_weights": sum(p.numel() for p in params.values()),
+            "step_s": step_s, "trainable_weights": sum(p.numel() for p in params.values()), "held_bytes": held,
             "loss_last": {k: v for k, v in history[-1].items() if k.startswith("loss")}}
 
 

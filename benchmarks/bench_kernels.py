@@ -172,29 +172,40 @@ SWEEP_STATS = [  # block_h, block_r, unroll, num_stages, num_warps, programs_per
                            (512, 4, 2, 1, 4), (512, 4, 4, 1, 4), (256, 4, 4, 1, 4), (1024, 4, 2, 1, 8),
                            (256, 8, 2, 1, 4)] for pps in (2, 3, 4)],
     (256, 8, 1, 4, 4, 8), (256, 4, 4, 1, 4, 8), (512, 4, 2, 1, 4, 8), (256, 8, 2, 3, 4, 8)]
+SWEEP_FINISH = [(1024, 1), (256, 8), (256, 16), (128, 8), (128, 16), (128, 32), (64, 32), (64, 64)]  # the finish
 
 
 def sweep(peak):
-    """Launch shapes for activation_stats (CLIP-L bf16) and the multi-tensor Fisher kernel (bf16 grads)."""
+    """Launch shapes for activation_stats (CLIP-L bf16: the finish first, then the partial kernel) and the
+    multi-tensor Fisher kernel (bf16 grads)."""
+    import triton.testing
     mod_s, mod_f = sys.modules["surgery.kernels.activation_stats"], sys.modules["surgery.kernels.fisher"]
     results = []
     z = torch.randn(32, 577, 4096, device="cuda").to(torch.bfloat16)
     ref = reference.activation_stats(z)
     saved = dict(mod_s.CUDA_CONFIG)
-    for bh, br, un, ns, nw, pps in SWEEP_STATS:
-        mod_s.CUDA_CONFIG.update(block_h=bh, block_r=br, unroll=un, num_stages=ns, num_warps=nw, programs_per_sm=pps)
-        name = f"stats bh={bh} br={br} unroll={un} stages={ns} warps={nw} pps={pps}"
+    shapes = [(f"stats finish block={fb} parts={fp}", dict(finish_block=fb, finish_parts=fp))
+              for fb, fp in SWEEP_FINISH]
+    shapes += [(f"stats bh={bh} br={br} unroll={un} stages={ns} warps={nw} pps={pps}",
+                dict(block_h=bh, block_r=br, unroll=un, num_stages=ns, num_warps=nw, programs_per_sm=pps))
+               for bh, br, un, ns, nw, pps in SWEEP_STATS]
+    for name, update in shapes:
+        mod_s.CUDA_CONFIG.clear()
+        mod_s.CUDA_CONFIG.update(saved, **update)
         try:
             got = K.activation_stats(z)
             ok = torch.equal(got[3], ref[3]) and torch.allclose(got[:3], ref[:3], rtol=1e-3, atol=1e-1)
             t = bench(lambda: K.activation_stats(z), rep_ms=25)
+            graph = (triton.testing.do_bench_cudagraph(lambda: K.activation_stats(z), rep=25, return_mode="median")
+                     * 1e-3 if "finish_block" in update else float("nan"))
         except Exception as e:  # noqa: BLE001 - a launch shape that does not compile is a sweep result too
             log(name, "failed:", type(e).__name__, str(e)[:200])
             continue
         gbs = z.numel() * 2 / t / 1e9
         results.append({"kernel": "activation_stats", "config": name, "GB/s": gbs, "peak_%": 100 * gbs * 1e9 / peak,
-                        "correct": ok})
-        log(f"{name}: {gbs:.0f} GB/s ({100 * gbs * 1e9 / peak:.1f} % of peak) correct={ok}")
+                        "correct": ok, **({"graph_GB/s": z.numel() * 2 / graph / 1e9} if graph == graph else {})})
+        log(f"{name}: {gbs:.0f} GB/s ({100 * gbs * 1e9 / peak:.1f} % of peak) correct={ok}"
+            + (f"; in a CUDA graph {z.numel() * 2 / graph / 1e9:.0f} GB/s" if graph == graph else ""))
     mod_s.CUDA_CONFIG.clear()
     mod_s.CUDA_CONFIG.update(saved)
     del z

@@ -47,7 +47,7 @@ case "${1:-}" in
         && { echo "== CPU-only build"; PYTHONPATH=/tmp/cpuonly timeout 150 $PY benchmarks/diagnose_raise.py; } \
         > "$OUT/diagnose.txt" 2>&1 || tail -20 /tmp/cpuonly.log >> "$OUT/diagnose.txt" ) &
     cpuonly=$!
-    PYTHONPATH=/tmp/shim timeout ${KERNELS_S:-180} $PY benchmarks/bench_kernels.py --sweep --json "$OUT/kernels.json" \
+    PYTHONPATH=/tmp/shim timeout ${KERNELS_S:-240} $PY benchmarks/bench_kernels.py --sweep --json "$OUT/kernels.json" \
       > "$OUT/kernels.txt" 2>&1; echo "kernels rc $?"; grep -v "^stats bh\|^fisher multi" "$OUT/kernels.txt" | tail -30
     wait $build; grep -i "error\|warning: " /tmp/build.log | head -20; tail -3 /tmp/build.log
     $PY -c "import surgery.ops as o; print('cuda backend:', o.backend('cuda'), o.backend('cuda', 'sparse_adamw_'), o.backend('cuda', 'prune_neurons_'))"

@@ -52,13 +52,19 @@ def _stats_partial_kernel(z_ptr, mask_ptr, part_ptr, n_rows, H, stride_row, rows
 
 
 @triton.jit
-def _stats_finish_kernel(part_ptr, out_ptr, n_parts, n_out, ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr):
-    """out[j] (+)= Σ_p part[p, j] for j in this program's block, p = 0, 1, ... in order."""
+def _stats_finish_kernel(part_ptr, out_ptr, n_parts, n_out, ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr,
+                         PARTS: tl.constexpr):
+    """out[j] (+)= Σ_p part[p, j] for j in this program's block. Each step loads PARTS partials at once (their
+    loads in flight together, not one L2 round trip per partial) and sums them as a tree; steps add in order:
+    a fixed order, so the same bits on every run."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n_out
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for p in range(n_parts):
-        acc += tl.load(part_ptr + p * n_out + offs, mask=ok, other=0.0)
+    for p0 in range(0, n_parts, PARTS):
+        parts = p0 + tl.arange(0, PARTS)
+        tile = tl.load(part_ptr + parts[:, None].to(tl.int64) * n_out + offs[None, :],
+                       mask=(parts[:, None] < n_parts) & ok[None, :], other=0.0)
+        acc += tl.sum(tile, axis=0)
     if ACCUMULATE:
         acc += tl.load(out_ptr + offs, mask=ok, other=0.0)
     tl.store(out_ptr + offs, acc, mask=ok)
@@ -66,12 +72,15 @@ def _stats_finish_kernel(part_ptr, out_ptr, n_parts, n_out, ACCUMULATE: tl.const
 
 # GPU launch shape: columns and rows per tile, tiles folded per loop step, software-pipeline depth (cp.async
 # stages), programs per SM, warps per program. 168 registers per thread at this shape (sm_90, Triton 3.9):
-# 3 programs of 4 warps fit on an SM; two tiles (16 KB) in flight per program. Not yet timed on a GPU:
-# `python benchmarks/bench_kernels.py --sweep` times the alternatives.
-CUDA_CONFIG = dict(block_h=512, block_r=8, unroll=1, num_stages=3, programs_per_sm=3, num_warps=4)
+# 3 programs of 4 warps fit on an SM; two tiles (16 KB) in flight per program. The finish: finish_block columns
+# per program, finish_parts partials per step (1024 and 1 was the first version: 16 programs on CLIP-L, each
+# waiting on 49 loads one after another). `python benchmarks/bench_kernels.py --sweep` times the alternatives.
+CUDA_CONFIG = dict(block_h=512, block_r=8, unroll=1, num_stages=3, programs_per_sm=3, num_warps=4,
+                   finish_block=128, finish_parts=16)
 # The interpreter runs programs one after another in Python: few, wide programs (still more than one row
 # block, so the two-stage path is exercised).
-INTERPRETER_CONFIG = dict(block_h=128, block_r=8, unroll=2, num_stages=1, row_blocks=3, num_warps=4)
+INTERPRETER_CONFIG = dict(block_h=128, block_r=8, unroll=2, num_stages=1, row_blocks=3, num_warps=4,
+                          finish_block=1024, finish_parts=2)
 
 
 def _launch(z2: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
@@ -101,9 +110,9 @@ def _launch(z2: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor | Non
         z2, z2 if mask is None else mask, partial, n, h, z2.stride(0), triton.cdiv(n, row_blocks),
         HAS_MASK=mask is not None, BLOCK_R=cfg["block_r"], BLOCK_H=block_h, UNROLL=cfg["unroll"],
         NUM_STAGES=cfg["num_stages"], num_warps=cfg["num_warps"])
-    block = 1024
-    _stats_finish_kernel[(triton.cdiv(4 * h, block),)](partial, out, row_blocks, 4 * h,
-                                                       ACCUMULATE=accumulate, BLOCK=block, num_warps=4)
+    block = cfg["finish_block"]
+    _stats_finish_kernel[(triton.cdiv(4 * h, block),)](partial, out, row_blocks, 4 * h, ACCUMULATE=accumulate,
+                                                       BLOCK=block, PARTS=cfg["finish_parts"], num_warps=4)
     return out
 
 

@@ -41,7 +41,8 @@ for dt in ("*bf16", "*fp16", "*fp32"):
           dict(BLOCK=fl["block"]), fl["num_warps"])
 for acc in (False, True):
     build(A._stats_finish_kernel, dict(part_ptr="*fp32", out_ptr="*fp32", n_parts="i32", n_out="i32",
-                                       ACCUMULATE="constexpr", BLOCK="constexpr"), dict(ACCUMULATE=acc, BLOCK=1024), 4)
+                                       ACCUMULATE="constexpr", BLOCK="constexpr", PARTS="constexpr"),
+          dict(ACCUMULATE=acc, BLOCK=c["finish_block"], PARTS=c["finish_parts"]), 4)
 '''
 
 
