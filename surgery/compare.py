@@ -222,6 +222,8 @@ def cache_key(run_cfg: Config, trains: bool, vanilla_id: str, digest: str, cfg: 
                 settings.pop(k, None)
         else:                                           # 1 and 1.0 are one setting
             settings[stop] = float(settings[stop])
+    if not settings.get("checkpoint_vision"):           # added later, and off: older keys hold
+        settings.pop("checkpoint_vision", None)
     what = {"config": settings, "vanilla": vanilla_id, "bench": digest, "relearn": [cfg.relearn_share,
             cfg.relearn_epochs, HOLD_OUTS, LR], "generation": cfg.generation, "views": cfg.views, "threads": cfg.threads,
             "eval": EVAL_VERSION,

@@ -7,7 +7,8 @@ out across processes.
   step; parameters no loss reaches (dead layers) are left out of its gradient sync, so no find_unused_parameters.
 - `--shard-llm`: the frozen language model is sharded with FSDP2 (`shard_llm`): one unit per decoder layer, its
   embeddings, final norm and LM head in the root unit; the vision tower and projector are ignored by FSDP (replicated).
-- `--checkpoint-llm`: the LLM's decoder layers recompute their activations in backward (`checkpoint_llm`).
+- `--checkpoint-llm`: the LLM's decoder layers recompute their activations in backward (`checkpoint_llm`);
+  `--checkpoint-vision` the same for the vision tower's blocks (`checkpoint_vision`).
 
 One process is `World()`: every operation is the identity and nothing above changes the model.
 """
@@ -162,17 +163,58 @@ def launch(device: str):
 
 def decoder_layers(adapter) -> list[torch.nn.Module]:
     """The language model's decoder layers (transformers marks each repeated block a GradientCheckpointingLayer)."""
+    return _blocks(adapter, vision=False)
+
+
+def vision_layers(adapter) -> list[torch.nn.Module]:
+    """The vision tower's encoder blocks (CLIP encoder layers, Qwen2-VL vision blocks), each holding one MLP."""
+    return _blocks(adapter, vision=True)
+
+
+def _blocks(adapter, vision: bool) -> list[torch.nn.Module]:
     from transformers.modeling_layers import GradientCheckpointingLayer
     layers = [m for name, m in adapter.model.named_modules()
-              if isinstance(m, GradientCheckpointingLayer) and not adapter.is_vision(name + ".")]
+              if isinstance(m, GradientCheckpointingLayer) and adapter.is_vision(name + ".") == vision]
     if not layers:
-        raise ValueError(f"{adapter.model_type}: no decoder layers found in the language model")
+        where = "the vision tower" if vision else "the language model"
+        raise ValueError(f"{adapter.model_type}: no repeated blocks found in {where}")
     return layers
 
 
+_state = threading.local()
+
+
+def recomputing() -> bool:
+    """Whether a checkpointed layer is running again in backward: forward hooks that count something (the
+    activation statistics of collection) return at once then, or they would count the batch twice."""
+    return getattr(_state, "recomputing", False)
+
+
+@contextmanager
+def _recompute():
+    before = recomputing()
+    _state.recomputing = True
+    try:
+        yield
+    finally:
+        _state.recomputing = before
+
+
 def checkpoint_llm(adapter) -> int:
-    """Activation checkpointing of the LLM's decoder layers: each layer keeps only its inputs in forward and runs again
-    in backward (torch.utils.checkpoint, non-reentrant). Returns the number of layers.
+    """Activation checkpointing of the LLM's decoder layers (`checkpoint_layers`). Returns the number of layers."""
+    return checkpoint_layers(decoder_layers(adapter))
+
+
+def checkpoint_vision(adapter) -> int:
+    """Activation checkpointing of the vision tower's blocks (`checkpoint_layers`): each keeps its input, not the
+    activations of its attention and MLP, so two batches' towers (forget and retain) no longer hold every block's
+    activations at once until backward. Returns the number of blocks."""
+    return checkpoint_layers(vision_layers(adapter))
+
+
+def checkpoint_layers(layers: list[torch.nn.Module]) -> int:
+    """Each layer keeps only its inputs in forward and runs again in backward (torch.utils.checkpoint, non-reentrant;
+    `recomputing()` is True during the second run). Returns the number of layers.
 
     Set on each layer's `forward` (the instance attribute), so module hooks, FSDP2's all-gather among them, stay
     outside and run once. Not transformers' activation_checkpointing_enable (5.23; gradient_checkpointing_enable
@@ -182,6 +224,9 @@ def checkpoint_llm(adapter) -> int:
     it is, KV cache included."""
     from torch.utils.checkpoint import checkpoint
 
+    def contexts():
+        return nullcontext(), _recompute()
+
     def checkpointed(forward):
         def run(*args, **kwargs):
             if not torch.is_grad_enabled():
@@ -190,10 +235,9 @@ def checkpoint_llm(adapter) -> int:
                 kwargs["past_key_values"] = None
             if kwargs.get("use_cache"):
                 kwargs["use_cache"] = False
-            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+            return checkpoint(forward, *args, use_reentrant=False, context_fn=contexts, **kwargs)
         return run
 
-    layers = decoder_layers(adapter)
     for layer in layers:
         layer.forward = checkpointed(layer.forward)
     return len(layers)

@@ -119,7 +119,8 @@ def resolve(cfg: Config) -> tuple[Config, "methods.Method"]:
 
 def prepare(cfg: Config, world: distributed.World | None = None):
     """Validate data, load the model, freeze everything outside the scope; then, as asked, shard the frozen LLM over
-    the ranks (--shard-llm; the model is loaded on the CPU first) and checkpoint its decoder layers (--checkpoint-llm).
+    the ranks (--shard-llm; the model is loaded on the CPU first) and checkpoint its decoder layers (--checkpoint-llm)
+    and the vision tower's blocks (--checkpoint-vision).
     Returns (splits, adapter, params, layers): the trainable parameters and the vision layers selected."""
     world = world or distributed.World.current()
     seed_everything(cfg.seed)
@@ -150,6 +151,9 @@ def prepare(cfg: Config, world: distributed.World | None = None):
     if cfg.checkpoint_llm:
         log.info("--checkpoint-llm: %d decoder layers recompute their activations in backward",
                  distributed.checkpoint_llm(adapter))
+    if cfg.checkpoint_vision:
+        log.info("--checkpoint-vision: %d vision blocks recompute their activations in backward",
+                 distributed.checkpoint_vision(adapter))
     return splits, adapter, params, selected
 
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from . import kernels
 from .data import SPLITS, Row, Splits
-from .distributed import World
+from .distributed import World, recomputing
 from .models import Adapter, Example, answer_loss
 from .progress import progress_bar
 
@@ -127,7 +127,7 @@ def collect(adapter: Adapter, splits: Splits, params: dict[str, torch.nn.Paramet
     hooks = []
     for mlp in adapter.mlps:
         def stats_hook(module, args, layer=mlp.layer):
-            if current["skip"]:
+            if current["skip"] or recomputing():  # a checkpointed block running again in backward: counted once
                 return
             z = args[0].detach()
             if current["record"] is not None:

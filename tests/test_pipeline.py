@@ -185,6 +185,19 @@ def test_saliency_reuse(tiny_dirs, data, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
 
 
+def test_checkpointing_on_the_cli_changes_nothing_but_memory(tiny_dirs, data, tmp_path):
+    """--checkpoint-llm --checkpoint-vision: the same saliency, masks and unlearned model as without, bit for bit."""
+    common = ["prune-and-mask", "--model", tiny_dirs["tiny-llava"], "--forget", data[0], "--retain", data[1],
+              "--steps", 3, "--lr", 1e-2, "--prune-frac", 0.05]
+    assert run_cli(*common, "--out", tmp_path / "a").exit_code == 0
+    res = run_cli(*common, "--out", tmp_path / "b", "--checkpoint-llm", "--checkpoint-vision", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["config"]["checkpoint_vision"] is True
+    for f in ("model.safetensors", "masks.safetensors", "saliency.safetensors"):
+        a, b = load_file(str(tmp_path / "a" / f)), load_file(str(tmp_path / "b" / f))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+
+
 def test_saliency_reuse_refuses_another_source(tiny_dirs, data, tmp_path):
     """...and is refused, with nothing written, when the weights, the data, the batch size or the scope differ."""
     from surgery.models import save

@@ -68,6 +68,9 @@ def parallel_options(f):
         click.option("--checkpoint-llm", is_flag=True,
                      help="Recompute the language model's decoder-layer activations in backward: less memory, "
                           "one more forward of the LLM."),
+        click.option("--checkpoint-vision", is_flag=True,
+                     help="Recompute the vision tower's block activations in backward: less memory, one more "
+                          "forward of the tower."),
     ]):
         f = opt(f)
     return f

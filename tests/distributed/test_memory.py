@@ -1,4 +1,5 @@
-"""In one process: --checkpoint-llm gives the plain path's gradients with fewer saved activations, frozen weights get no
+"""In one process: --checkpoint-llm and --checkpoint-vision give the plain path's gradients (and collection its
+statistics and Fisher) with fewer saved activations, frozen weights get no
 gradient buffer, the VKD teacher (one entry per photo) read from memory-mapped files equals the one held in memory and
 each row's own projector output, and how collection deals batches to ranks."""
 from types import SimpleNamespace
@@ -10,11 +11,11 @@ from rowdata import write_photo_split
 from surgery.bench.evaluate import ImageCache, _continuation_logprobs, _prefill, option_answer
 from surgery.config import Config
 from surgery.data import load_jsonl, load_splits
-from surgery.distributed import World, checkpoint_llm, decoder_layers, launch
+from surgery.distributed import World, checkpoint_llm, checkpoint_vision, decoder_layers, launch, vision_layers
 from surgery.methods import teacher
 from surgery.methods.vkd import projector_features
 from surgery.models import answer_loss, load
-from surgery.saliency import examples
+from surgery.saliency import collect, examples
 
 
 @pytest.fixture(autouse=True)
@@ -70,6 +71,47 @@ def test_checkpoint_llm_gives_the_same_gradients(tiny_dirs, data):
     assert checkpointed_bytes < 0.8 * plain_bytes
     frozen = [p for n, p in adapter.model.named_parameters() if n not in params]
     assert frozen and all(p.grad is None for p in frozen)  # no gradient buffers for frozen weights
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2-vl"])
+def test_vision_layers_are_the_towers_blocks(tiny_dirs, name):
+    adapter = load(str(tiny_dirs[name]))
+    layers = vision_layers(adapter)
+    vision = adapter.model.config.vision_config
+    assert len(layers) == getattr(vision, "num_hidden_layers", getattr(vision, "depth", None)) == len(adapter.mlps)
+    names = {id(m): n for n, m in adapter.model.named_modules()}
+    assert all(adapter.is_vision(names[id(layer)] + ".") for layer in layers)
+    assert not {id(m) for m in layers} & {id(m) for m in decoder_layers(adapter)}
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2-vl"])
+def test_checkpoint_vision_gives_the_same_gradients_and_saliency(tiny_dirs, data, name):
+    """The gradients, and collection's activation statistics, token counts and Fisher, bit for bit: the blocks run
+    twice (the second time in backward), and the statistics hooks count the first run only."""
+    adapter = load(str(tiny_dirs[name]))
+    params = adapter.scope_params("mlp")
+    adapter.train_only(params)
+    splits = load_splits(*data)
+    batch = adapter.encode(examples(splits.fvqa[:3]))
+    runs = []
+    adapter.mlps[0].fc_out.register_forward_pre_hook(lambda *a: runs.append(1))
+    plain, plain_bytes = backward(adapter, params, batch)
+    plain_saliency = collect(adapter, splits, params, batch_size=4, progress=False)
+    assert len(runs) > 1
+    runs.clear()
+    assert checkpoint_vision(adapter) == len(adapter.mlps)
+    checkpointed, checkpointed_bytes = backward(adapter, params, batch)
+    assert len(runs) == 2                                  # the block ran again in backward
+    for n in plain:
+        assert torch.equal(checkpointed[n], plain[n]), n
+    assert checkpointed_bytes < 0.9 * plain_bytes
+    saliency = collect(adapter, splits, params, batch_size=4, progress=False)
+    for split, stats in plain_saliency.stats.items():
+        assert saliency.tokens[split] == plain_saliency.tokens[split], split
+        for layer, s in stats.items():
+            assert torch.equal(saliency.stats[split][layer], s), (split, layer)
+        for n, f in plain_saliency.fisher[split].items():
+            assert torch.equal(saliency.fisher[split][n], f), (split, n)
 
 
 def test_checkpointed_llm_scores_with_its_kv_cache(tiny_dirs, tmp_path):
