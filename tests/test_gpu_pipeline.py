@@ -7,16 +7,20 @@ from click.testing import CliRunner
 
 from surgery.cli import main
 from surgery.data import SPLITS, load_splits
+from surgery.distributed import checkpoint_llm, checkpoint_vision
 from surgery.models import load
 from surgery.saliency import collect
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def collected(model_dir, data, device):
+def collected(model_dir, data, device, checkpointed=False):
     adapter = load(str(model_dir), device=device)
     params = adapter.scope_params("mlp")
     adapter.train_only(params)
+    if checkpointed:
+        checkpoint_llm(adapter)
+        checkpoint_vision(adapter)
     return collect(adapter, load_splits(*data), params, batch_size=4, progress=False)
 
 
@@ -43,3 +47,15 @@ def test_prune_and_mask_bf16_on_cuda(tiny_dirs, data, tmp_path):
     report = json.loads(res.stdout)
     assert report["dtype"] == "bfloat16" and report["environment"]["gpu"]
     assert all(torch.isfinite(torch.tensor(h["loss_rvqa"])) for h in report["losses"])
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2-vl"])
+def test_cuda_collect_with_checkpointing_counts_each_batch_once(name, tiny_dirs, data):
+    """On CUDA the recompute runs on autograd's device thread: the statistics hooks must still see it as a recompute."""
+    plain, checkpointed = (collected(tiny_dirs[name], data, "cuda", c) for c in (False, True))
+    for s in SPLITS:
+        assert checkpointed.tokens[s] == plain.tokens[s], s
+        for layer, ref in plain.stats[s].items():
+            torch.testing.assert_close(checkpointed.stats[s][layer], ref, rtol=1e-5, atol=1e-6)  # twice: 2x
+        for n, ref in plain.fisher[s].items():
+            torch.testing.assert_close(checkpointed.fisher[s][n], ref, rtol=1e-5, atol=1e-12)
