@@ -302,12 +302,11 @@ def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict, 
     other = {"here": "there", "there": "here"}[lane]
     built = [s.name for s in steps if not s.name.startswith("model[")]
     # where β = 0, the vanilla and reference model's evaluation and the reference's attacks go: with the models
-    # cached, beside the demo's β; with stage 0 cached, the vanilla one's after the demo's β and the reference's
-    # after its alignment, on its own lane; with stage 0 to train, the same but for β = 0, which stays on the vanilla
-    # lane (that lane then trains the text stage, and the other lane stage 0: both end their alignment together)
-    trains_llm = "llm[vanilla]" in built
+    # cached, beside the demo's β; with them to build, the vanilla one's after the demo's β and the reference's after
+    # its alignment, on its own lane, then β = 0 there. (With stage 0 to train, β = 0 was on the vanilla lane until
+    # 2026-12-04; but the reference's lane, which trains stage 0, ends its alignment 28-35 s after the vanilla lane
+    # in the four cold runs of seed 0 on record, and then has 16 s of work against the vanilla lane's 70 s.)
     vanilla_eval = lane if built else other
-    ablation_lane = lane if trains_llm else other     # the lane of β = 0
     # with the models cached, the unlearned model's evaluation goes to the other lane, after β = 0's, while this
     # lane attacks it: with it here, this lane's work took 102-107 s per seed of the main job and the other's 82-88 s,
     # 54-58 s of which were the vanilla and reference model's results, now kept in the cache (result_cache.py)
@@ -347,8 +346,8 @@ def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict, 
     reference = [evaluated("reference", other, "model[reference]"),
                  *(attacked("reference", other, hold_out, "model[reference]") for hold_out in ATTACKS)
                  ] if cfg.reference else []
-    ablation = unlearned("unlearned (beta=0)", ablation_lane, {**cfg.unlearn, "beta": 0.0, "distill_images": None},
-                         ablation_lane) if cfg.ablation else []
+    ablation = unlearned("unlearned (beta=0)", other, {**cfg.unlearn, "beta": 0.0, "distill_images": None},
+                         other) if cfg.ablation else []
     # β changes nothing before unlearning: the saliency is collected once. With the models cached the other lane
     # has nothing to do until it is: each lane takes half its batches (the same bits as one pass, saliency.merge;
     # 36 s of a seed's 86-92 s on one lane before)
@@ -359,13 +358,11 @@ def run_seed(seed: int, cfg: DemoConfig, tmp: Path, cache: Path, timings: dict, 
                   Step("saliency[tail]", lane, saliency_half, (base, "tail"), after=("model[vanilla]",)),
                   Step("saliency", lane, save_saliency, (base, From("saliency[head]"), From("saliency[tail]")),
                        after=("saliency[head]", "saliency[tail]"))]
-    # a lane runs its steps in this list's order: the reference's work and β = 0 before the demo's β, except where
-    # stage 0 is trained: then β = 0 comes last on the vanilla lane
-    steps += [] if trains_llm else reference + ablation
-    steps += [*unlearned("unlearned", lane, cfg.unlearn, unlearned_eval),
+    # a lane runs its steps in this list's order (one process: all of them): the reference's work, then β = 0
+    steps += [*reference, *ablation,
+              *unlearned("unlearned", lane, cfg.unlearn, unlearned_eval),
               *(attacked("unlearned", lane, hold_out, "unlearn[unlearned]") for hold_out in ATTACKS),
               evaluated("vanilla", vanilla_eval, "model[vanilla]")]
-    steps += ablation + reference if trains_llm else []
     values = run_plan(steps, pool, cfg.threads, timings, seed)
 
     vanilla_cached = values["model[vanilla]"][1]
