@@ -197,15 +197,16 @@ def sweep(peak):
             ok = torch.equal(got[3], ref[3]) and torch.allclose(got[:3], ref[:3], rtol=1e-3, atol=1e-1)
             t = bench(lambda: K.activation_stats(z), rep_ms=25)
             graph = (triton.testing.do_bench_cudagraph(lambda: K.activation_stats(z), rep=25, return_mode="median")
-                     * 1e-3 if "finish_block" in update else float("nan"))
+                     * 1e-3 if "finish_block" in update else None)
         except Exception as e:  # noqa: BLE001 - a launch shape that does not compile is a sweep result too
             log(name, "failed:", type(e).__name__, str(e)[:200])
             continue
         gbs = z.numel() * 2 / t / 1e9
+        graph_gbs = None if graph is None else z.numel() * 2 / graph / 1e9
         results.append({"kernel": "activation_stats", "config": name, "GB/s": gbs, "peak_%": 100 * gbs * 1e9 / peak,
-                        "correct": ok, **({"graph_GB/s": z.numel() * 2 / graph / 1e9} if graph == graph else {})})
+                        "correct": ok, **({} if graph_gbs is None else {"graph_GB/s": graph_gbs})})
         log(f"{name}: {gbs:.0f} GB/s ({100 * gbs * 1e9 / peak:.1f} % of peak) correct={ok}"
-            + (f"; in a CUDA graph {z.numel() * 2 / graph / 1e9:.0f} GB/s" if graph == graph else ""))
+            + ("" if graph_gbs is None else f"; in a CUDA graph {graph_gbs:.0f} GB/s"))
     mod_s.CUDA_CONFIG.clear()
     mod_s.CUDA_CONFIG.update(saved)
     del z

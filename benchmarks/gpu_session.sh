@@ -32,7 +32,7 @@ case "${1:-}" in
     cat "$OUT/kernels.txt" "$OUT/ops.txt" ;;
   all)
     # One call, the GPU never shared by two timed runs, and the timed runs never short of a CPU core: while the Triton
-    # kernels are timed (they need no _C: the package is imported from a copy) on cores 0-1, the other cores build
+    # kernels are timed (they need no _C: the package is imported from a copy) on two CPUs, the others build
     # the CUDA extension and, in another copy, the CPU-only one with its bad-call diagnosis (the A/B), at low priority.
     # (The 2026-12-04 run built beside the timing on all cores: short calls, bound by the host's launch work, came out
     # slower than in a CUDA graph by up to 2x.) Then the ops alone on the GPU; then the 7B runs, the diagnosis of the
@@ -40,13 +40,18 @@ case "${1:-}" in
     export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
     export PYTHONUNBUFFERED=1
     cat "$OUT/environment.txt"; rm "$OUT/environment.txt"; nvcc --version | tail -2  # at most 8 files come back
-    n=$(nproc)
+    # the CPUs this process may use, by their IDs (a container's need not start at 0)
+    read -ra cpus <<< "$($PY -c 'import os; print(*sorted(os.sched_getaffinity(0)))')"
+    n=${#cpus[@]}
     if command -v taskset >/dev/null && [ "$n" -ge 4 ]; then
-      timed="taskset -c 0,1"; side="nice -n 19 taskset -c 2-$((n - 1))"; jobs=$((n - 3))
+      timed="taskset -c ${cpus[0]},${cpus[1]}"; side="nice -n 19 taskset -c $(IFS=,; echo "${cpus[*]:2}")"
+      jobs=$((n - 3))
     else
       timed=""; side="nice -n 19"; jobs=$((n > 2 ? n - 2 : 1))
     fi
     echo "timed runs: ${timed:-any core}; builds: $side, $jobs jobs"
+    # every phase's limit: its own default, or what is left of BUDGET_S once the later phases' minimum is kept
+    cap() { local t=$(( ${BUDGET_S:-580} - SECONDS - $2 )); [ "$t" -gt "$1" ] && t=$1; [ "$t" -lt 20 ] && t=20; echo "$t"; }
     copy() { rm -rf "$1"; mkdir -p "$1"; cp -r surgery csrc setup.py pyproject.toml benchmarks "$1"/;
              rm -rf "$1"/surgery/kernels; cp -r kernels "$1"/surgery/kernels; }
     copy /tmp/shim
@@ -58,22 +63,24 @@ case "${1:-}" in
         && { echo "== CPU-only build"; PYTHONPATH=/tmp/cpuonly timeout 150 $side $PY benchmarks/diagnose_raise.py; } \
         > "$OUT/diagnose.txt" 2>&1 || tail -20 /tmp/cpuonly.log >> "$OUT/diagnose.txt" ) &
     cpuonly=$!
-    PYTHONPATH=/tmp/shim timeout ${KERNELS_S:-240} $timed $PY benchmarks/bench_kernels.py --sweep --json "$OUT/kernels.json" \
+    PYTHONPATH=/tmp/shim timeout $(cap ${KERNELS_S:-200} 300) $timed $PY benchmarks/bench_kernels.py --sweep --json "$OUT/kernels.json" \
       > "$OUT/kernels.txt" 2>&1; echo "kernels rc $?"; grep -v "^stats bh\|^fisher multi" "$OUT/kernels.txt" | tail -30
-    wait $build; grep -i "error\|warning: " /tmp/build.log | head -20; tail -3 /tmp/build.log
+    waited() {  # wait for job $1, at most until $2 s of the budget are left
+      if timeout "$(cap 300 "$2")" tail --pid="$1" -f /dev/null; then wait "$1"; else echo "pid $1 still running: going on"; fi; }
+    waited $build 300; grep -i "error\|warning: " /tmp/build.log | head -20; tail -3 /tmp/build.log
     $PY -c "import surgery.ops as o; print('cuda backend:', o.backend('cuda'), o.backend('cuda', 'sparse_adamw_'), o.backend('cuda', 'prune_neurons_'))"
-    wait $cpuonly
+    waited $cpuonly 280
     echo "ops from ${SECONDS} s"
-    timeout ${OPS_S:-60} $timed $PY benchmarks/bench_ops.py --device cuda --json "$OUT/ops.json"; echo "ops rc $?"
+    timeout $(cap ${OPS_S:-45} 260) $timed $PY benchmarks/bench_ops.py --device cuda --json "$OUT/ops.json"; echo "ops rc $?"
     { echo "== CUDA build"; timeout 200 $side $PY benchmarks/diagnose_raise.py; } >> "$OUT/diagnose.txt" 2>&1 &
     diag=$!
     echo "7B runs from ${SECONDS} s"
     modes=plain,checkpoint-llm+checkpoint-vision,ga_diff,checkpoint-llm  # the JSON is written after every mode
-    timeout ${LLAVA_S:-200} $timed $PY benchmarks/bench_distributed.py --arch llava --size 7b --device cuda \
+    timeout $(cap ${LLAVA_S:-170} 160) $timed $PY benchmarks/bench_distributed.py --arch llava --size 7b --device cuda \
       --modes $modes --json "$OUT/llava7b.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|^ *$" | tail -8
-    timeout ${QWEN_S:-200} $timed $PY benchmarks/bench_distributed.py --arch qwen2-vl --size 7b --device cuda \
+    timeout $(cap ${QWEN_S:-170} 60) $timed $PY benchmarks/bench_distributed.py --arch qwen2-vl --size 7b --device cuda \
       --modes $modes --json "$OUT/qwen7b.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|^ *$" | tail -8
-    wait $diag
+    waited $diag 40; grep -v "^\$" "$OUT/diagnose.txt" | head -60
     left=$(( ${BUDGET_S:-580} - SECONDS )); tests_s=${TESTS_S:-240}; [ "$left" -lt "$tests_s" ] && tests_s=$left
     echo "GPU tests from ${SECONDS} s, at most ${tests_s} s"
     if [ "$tests_s" -ge 30 ]; then
@@ -82,6 +89,6 @@ case "${1:-}" in
       echo "tests rc $?" >> "$OUT/tests.txt"
     else
       echo "no time left for the GPU tests (BUDGET_S=${BUDGET_S:-580})" > "$OUT/tests.txt"
-    fi; tail -12 "$OUT/tests.txt"; grep -v "^\$" "$OUT/diagnose.txt" | head -60 ;;
+    fi; tail -12 "$OUT/tests.txt" ;;
   *) echo "usage: bash benchmarks/gpu_session.sh test|bench|all" >&2; exit 2 ;;
 esac

@@ -6,8 +6,9 @@ the CPU: the activation memory per batch that `--checkpoint-vision` takes off a 
 
 The vision MLPs are trainable, everything else frozen (VKD's default scope). Counted: every tensor autograd saves for
 backward that is not a weight (saved_tensors_hooks), and, when the blocks are checkpointed, the inputs each block
-keeps instead (its hidden states; the position embeddings all blocks share, once). The same scalar loss on the
-tower's output is backpropagated both ways and the MLP gradients compared.
+keeps instead (its hidden states; the position embeddings all blocks share), each storage once and whole. The shared
+loop runs forward and backward one split at a time, so this is the tower's share of what one batch adds to a step's
+peak. The same scalar loss on the tower's output is backpropagated both ways and the MLP gradients compared.
 """
 import argparse
 import sys
@@ -58,17 +59,22 @@ def measure(model, layers, run, images: int, checkpointed: bool) -> tuple[dict, 
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved, inputs, seen = [0], [0], set()
 
+    def count(t, total):
+        """Each storage once, whole: a view (Qwen2-VL's q, k, v of one fused projection) keeps all of it alive."""
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total[0] += storage.nbytes()
+
     def pack(t):
-        if t.untyped_storage().data_ptr() not in weights:
-            saved[0] += t.numel() * t.element_size()
+        count(t, saved)
         return t
 
     def kept(module, args, kwargs):                     # what a checkpointed block holds until backward
         for t in [*args, *kwargs.values()]:
             for x in (t if isinstance(t, tuple) else (t,)):
-                if isinstance(x, torch.Tensor) and x.is_floating_point() and id(x) not in seen:
-                    seen.add(id(x))
-                    inputs[0] += x.numel() * x.element_size()
+                if isinstance(x, torch.Tensor) and x.is_floating_point():
+                    count(x, inputs)
     handles = [layer.register_forward_pre_hook(kept, with_kwargs=True) for layer in layers] if checkpointed else []
     torch.manual_seed(1)
     t = time.perf_counter()

@@ -75,7 +75,8 @@ def _stats_finish_kernel(part_ptr, out_ptr, n_parts, n_out, ACCUMULATE: tl.const
 # 3 programs of 4 warps fit on an SM; two tiles (16 KB) in flight per program. The finish: finish_block columns
 # per program, finish_parts partials per step. On an H200 (2026-12-04, CLIP-L 32x577x4096 bf16, in a CUDA graph, one
 # run): 2761 GB/s with the first version's 1024 and 1 (16 programs, each waiting on 49 loads one after another),
-# 3052 GB/s at 128 and 16, 3160 GB/s at 64 and 64. `python benchmarks/bench_kernels.py --sweep` times the alternatives.
+# 3052 GB/s at 128 and 16, 3143 and 3160 GB/s at 64 and 32 or 64 (a tie within one run's noise; 64 and 64 taken).
+# `python benchmarks/bench_kernels.py --sweep` times the alternatives.
 CUDA_CONFIG = dict(block_h=512, block_r=8, unroll=1, num_stages=3, programs_per_sm=3, num_warps=4,
                    finish_block=64, finish_parts=64)
 # The interpreter runs programs one after another in Python: few, wide programs (still more than one row

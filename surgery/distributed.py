@@ -175,9 +175,10 @@ def _blocks(adapter, vision: bool) -> list[torch.nn.Module]:
     from transformers.modeling_layers import GradientCheckpointingLayer
     layers = [m for name, m in adapter.model.named_modules()
               if isinstance(m, GradientCheckpointingLayer) and adapter.is_vision(name + ".") == vision]
-    if not layers:
-        where = "the vision tower" if vision else "the language model"
-        raise ValueError(f"{adapter.model_type}: no repeated blocks found in {where}")
+    if not layers:   # --checkpoint-vision, --checkpoint-llm and --shard-llm need them
+        where = "vision tower" if vision else "language model"
+        raise ValueError(f"{adapter.model_type}'s {where} has no repeated blocks (transformers' "
+                         "GradientCheckpointingLayer) to checkpoint or shard")
     return layers
 
 
@@ -207,8 +208,8 @@ def checkpoint_llm(adapter) -> int:
 
 def checkpoint_vision(adapter) -> int:
     """Activation checkpointing of the vision tower's blocks (`checkpoint_layers`): each keeps its input, not the
-    activations of its attention and MLP, so two batches' towers (forget and retain) no longer hold every block's
-    activations at once until backward. Returns the number of blocks."""
+    activations of its attention and MLP, until backward (benchmarks/tower_activations.py counts both). Returns the
+    number of blocks."""
     return checkpoint_layers(vision_layers(adapter))
 
 

@@ -175,12 +175,6 @@ def test_cache_key_ignores_an_unused_early_stop_and_follows_a_used_one(monkeypat
     assert key(stop_forget_accuracy=30) != key(stop_forget_accuracy=30, stop_holdout=0.5)
     assert key(stop_forget_accuracy=30) != key(stop_forget_accuracy=30, stop_every=5)
     assert key(stop_forget_accuracy=30) != key(stop_forget_loss=30)
-    # --checkpoint-vision came later: off, it is not hashed (the keys from before it hold)
-    monkeypatch.setattr(Config, "to_dict", lambda self: {k: v for k, v in to_dict(self).items()
-                                                         if k != "checkpoint_vision"})
-    assert key() == plain
-    monkeypatch.undo()
-    assert key(checkpoint_vision=True) != plain
     for bad, match in (({"stop_forget_loss": 0}, "--set vkd.stop_forget_loss=0"),
                        ({"stop_forget_loss": 1.0, "stop_window": 0}, "--set vkd.stop_window=0"),
                        ({"stop_forget_accuracy": 101}, "--set vkd.stop_forget_accuracy=101"),
@@ -188,3 +182,16 @@ def test_cache_key_ignores_an_unused_early_stop_and_follows_a_used_one(monkeypat
                        ({"stop_forget_accuracy": 30, "stop_holdout": 1.0}, "--set vkd.stop_holdout=1.0")):
         with pytest.raises(ValueError, match=match):
             CompareConfig(methods=("vkd",), overrides={"vkd": bad}).check()
+
+
+def test_cache_key_omits_checkpoint_vision_when_off(monkeypatch):
+    """--checkpoint-vision came later: off, it is not hashed (the keys from before it hold); on, it is."""
+    cfg = CompareConfig()
+    key = lambda **kw: cache_key(Config(method="vkd", steps=150, **kw), True, "v", "d", cfg)
+    plain = key()
+    to_dict = Config.to_dict
+    monkeypatch.setattr(Config, "to_dict", lambda self: {k: v for k, v in to_dict(self).items()
+                                                         if k != "checkpoint_vision"})
+    assert key() == plain
+    monkeypatch.undo()
+    assert key(checkpoint_vision=True) != plain

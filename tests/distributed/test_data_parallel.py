@@ -1,7 +1,7 @@
 """Two processes (torchrun, gloo, CPU) against one: the world size changes nothing but speed.
 
 One torchrun job runs `collect`, `prune-and-mask`, `prune-and-mask --shard-llm --checkpoint-llm` (with the VKD teacher
-memory-mapped from disk; LLaVA, and Qwen2.5-VL's gated MLPs), `prune-and-mask --shard-llm --stop-forget-accuracy` and
+memory-mapped from disk; LLaVA, and Qwen2.5-VL's gated MLPs with --checkpoint-vision too), `prune-and-mask --shard-llm --stop-forget-accuracy` and
 `unlearn --method ga_diff` (scope full: dead layers and text splits) on two ranks; the references are the same commands run in this process, on one."""
 import json
 
@@ -34,8 +34,8 @@ def runs(tiny_dirs, tmp_path_factory):
                            "--teacher-cache", str(d / "teacher")],
            "vkd_stop_sharded": ["prune-and-mask", *data, *COMMON, *stop, "--forget", str(photos), "--shard-llm"],
            "ga_diff": ["unlearn", "--method", "ga_diff", *data, *COMMON],
-           "qwen_sharded": ["prune-and-mask", *data, *COMMON, "--shard-llm", "--checkpoint-llm", "--model",
-                            str(tiny_dirs["tiny-qwen2.5-vl"])]}
+           "qwen_sharded": ["prune-and-mask", *data, *COMMON, "--shard-llm", "--checkpoint-llm", "--checkpoint-vision",
+                            "--model", str(tiny_dirs["tiny-qwen2.5-vl"])]}
     plan = d / "runs.json"
     plan.write_text(json.dumps([[*args, "--out", str(d / f"two_{name}")] for name, args in two.items()]))
     job = start("runs", plan)     # the one-process references run meanwhile
