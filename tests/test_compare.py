@@ -155,16 +155,24 @@ def test_seeds_aggregate_to_mean_and_sample_std():
     assert "over 2 benchmark seeds (0, 1)" in note
 
 
-def test_cache_key_ignores_an_unused_early_stop_and_follows_a_used_one(monkeypatch):
-    cfg = CompareConfig()
-    key = lambda **kw: cache_key(Config(method="vkd", steps=150, **kw), True, "v", "d", cfg)
-    plain = key()
-    # the key of a run without early stop is the key from before the option existed: neither field is hashed
+def key(**kw) -> str:
+    """A VKD run's compare cache key."""
+    return cache_key(Config(method="vkd", steps=150, **kw), True, "v", "d", CompareConfig())
+
+
+def key_before(monkeypatch, added) -> str:
+    """The key of a default VKD run as computed before Config had the fields for which added(name) is true."""
     to_dict = Config.to_dict
-    monkeypatch.setattr(Config, "to_dict", lambda self: {k: v for k, v in to_dict(self).items()
-                                                         if not k.startswith("stop_")})
-    assert key() == plain
-    monkeypatch.undo()
+    monkeypatch.setattr(Config, "to_dict", lambda self: {k: v for k, v in to_dict(self).items() if not added(k)})
+    try:
+        return key()
+    finally:
+        monkeypatch.undo()
+
+
+def test_cache_key_ignores_an_unused_early_stop_and_follows_a_used_one(monkeypatch):
+    # the key of a run without early stop is the key from before the option existed: neither field is hashed
+    assert key_before(monkeypatch, lambda k: k.startswith("stop_")) == key()
     assert key() == key(stop_window=25)                       # no early stop: the window changes nothing
     assert key(stop_forget_loss=1) == key(stop_forget_loss=1.0)
     assert key(stop_forget_loss=1.25) != key()
@@ -186,12 +194,4 @@ def test_cache_key_ignores_an_unused_early_stop_and_follows_a_used_one(monkeypat
 
 def test_cache_key_omits_checkpoint_vision_when_off(monkeypatch):
     """--checkpoint-vision came later: off, it is not hashed (the keys from before it hold); on, it is."""
-    cfg = CompareConfig()
-    key = lambda **kw: cache_key(Config(method="vkd", steps=150, **kw), True, "v", "d", cfg)
-    plain = key()
-    to_dict = Config.to_dict
-    monkeypatch.setattr(Config, "to_dict", lambda self: {k: v for k, v in to_dict(self).items()
-                                                         if k != "checkpoint_vision"})
-    assert key() == plain
-    monkeypatch.undo()
-    assert key(checkpoint_vision=True) != plain
+    assert key_before(monkeypatch, lambda k: k == "checkpoint_vision") == key() != key(checkpoint_vision=True)
