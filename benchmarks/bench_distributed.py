@@ -151,12 +151,7 @@ def measure(mode: str, args, world: distributed.World, device: str, folder: Path
     mlps = adapter.select_layers(None)
     params = adapter.scope_params(cfg.scope, mlps)
     adapter.train_only(params)
-    if shard:
-        distributed.shard_llm(adapter, world, device)
-    if cfg.checkpoint_llm:
-        distributed.checkpoint_llm(adapter)
-    if cfg.checkpoint_vision:
-        distributed.checkpoint_vision(adapter)
+    pipeline.lay_out(cfg, adapter, world)
     cuda = device.startswith("cuda")
     held = {}  # bytes allocated after each stage (CUDA): where the peak's floor comes from
     if cuda:

@@ -81,7 +81,7 @@ case "${1:-}" in
     timeout $(cap ${QWEN_S:-170} 60) $timed $PY benchmarks/bench_distributed.py --arch qwen2-vl --size 7b --device cuda \
       --modes $modes --json "$OUT/qwen7b.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|^ *$" | tail -8
     waited $diag 40; grep -v "^\$" "$OUT/diagnose.txt" | head -60
-    left=$(( ${BUDGET_S:-580} - SECONDS )); tests_s=${TESTS_S:-240}; [ "$left" -lt "$tests_s" ] && tests_s=$left
+    tests_s=$(cap ${TESTS_S:-240} 0)
     echo "GPU tests from ${SECONDS} s, at most ${tests_s} s"
     if [ "$tests_s" -ge 30 ]; then
       SURGERY_REQUIRE_EXTENSION=1 timeout $tests_s $PY -m pytest -q -rs -n 6 -p no:cacheprovider \

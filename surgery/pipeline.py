@@ -142,7 +142,14 @@ def prepare(cfg: Config, world: distributed.World | None = None):
     if not params:
         raise ValueError(f"scope {cfg.scope!r} with --layers {cfg.layers} selects no parameters")
     adapter.train_only(params)
-    if shard:
+    lay_out(cfg, adapter, world)
+    return splits, adapter, params, selected
+
+
+def lay_out(cfg: Config, adapter, world: distributed.World) -> None:
+    """The memory options on a loaded, frozen model: shard the LLM over the ranks (--shard-llm; the model was loaded
+    on the CPU), checkpoint its decoder layers (--checkpoint-llm) and the vision tower's blocks (--checkpoint-vision)."""
+    if cfg.shard_llm and world.size > 1:
         units = distributed.shard_llm(adapter, world, cfg.device)
         log.info("--shard-llm: the language model in %d FSDP units over %d ranks; vision tower and projector "
                  "replicated", units, world.size)
@@ -154,7 +161,6 @@ def prepare(cfg: Config, world: distributed.World | None = None):
     if cfg.checkpoint_vision:
         log.info("--checkpoint-vision: %d vision blocks recompute their activations in backward",
                  distributed.checkpoint_vision(adapter))
-    return splits, adapter, params, selected
 
 
 def peak_memory(device) -> dict:

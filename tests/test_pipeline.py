@@ -171,6 +171,13 @@ def test_missing_cuda_device_is_a_clear_error(data, tmp_path):
 
 
 
+def assert_same_outputs(a_dir, b_dir):
+    """The two runs wrote the same model, masks and saliency, bit for bit."""
+    for f in ("model.safetensors", "masks.safetensors", "saliency.safetensors"):
+        a, b = load_file(str(a_dir / f)), load_file(str(b_dir / f))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+
+
 def test_saliency_reuse(tiny_dirs, data, tmp_path):
     """--saliency from an earlier run gives the same unlearned model as collecting again."""
     common = ["prune-and-mask", "--model", tiny_dirs["tiny-llava"], "--forget", data[0], "--retain", data[1],
@@ -180,9 +187,7 @@ def test_saliency_reuse(tiny_dirs, data, tmp_path):
     res = run_cli(*common, "--out", tmp_path / "b", "--saliency", saliency, "--json")
     assert res.exit_code == 0, res.output
     assert "saliency_load_s" in json.loads(res.stdout)["timings"]
-    for f in ("model.safetensors", "masks.safetensors", "saliency.safetensors"):
-        a, b = load_file(str(tmp_path / "a" / f)), load_file(str(tmp_path / "b" / f))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    assert_same_outputs(tmp_path / "a", tmp_path / "b")
 
 
 def test_checkpointing_on_the_cli_changes_nothing_but_memory(tiny_dirs, data, tmp_path):
@@ -193,9 +198,7 @@ def test_checkpointing_on_the_cli_changes_nothing_but_memory(tiny_dirs, data, tm
     res = run_cli(*common, "--out", tmp_path / "b", "--checkpoint-llm", "--checkpoint-vision", "--json")
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["config"]["checkpoint_vision"] is True
-    for f in ("model.safetensors", "masks.safetensors", "saliency.safetensors"):
-        a, b = load_file(str(tmp_path / "a" / f)), load_file(str(tmp_path / "b" / f))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    assert_same_outputs(tmp_path / "a", tmp_path / "b")
 
 
 def test_saliency_reuse_refuses_another_source(tiny_dirs, data, tmp_path):

@@ -1,8 +1,9 @@
 """Two processes (torchrun, gloo, CPU) against one: the world size changes nothing but speed.
 
 One torchrun job runs `collect`, `prune-and-mask`, `prune-and-mask --shard-llm --checkpoint-llm` (with the VKD teacher
-memory-mapped from disk; LLaVA, and Qwen2.5-VL's gated MLPs with --checkpoint-vision too), `prune-and-mask --shard-llm --stop-forget-accuracy` and
-`unlearn --method ga_diff` (scope full: dead layers and text splits) on two ranks; the references are the same commands run in this process, on one."""
+memory-mapped from disk; LLaVA, and Qwen2.5-VL's gated MLPs with --checkpoint-vision too), `prune-and-mask --shard-llm
+--stop-forget-accuracy` and `unlearn --method ga_diff` (scope full: dead layers and text splits) on two ranks; the
+references are the same commands run in this process, on one."""
 import json
 
 import pytest
