@@ -136,6 +136,39 @@ def write_rows(folder: Path, n_image: int, side: int, seed: int) -> tuple[Path, 
     return files[0], files[1]
 
 
+def live_at_peak(trace: list[dict], top: int) -> dict:
+    """Replay an allocator trace (torch.cuda.memory._snapshot()["device_traces"][i]): the bytes allocated during it at
+    its highest point, grouped by the innermost Python frame outside torch that allocated them (none: the autograd
+    engine's backward). Memory allocated before the recording is not in the trace: this is the transient above it."""
+    def place(frames):
+        for f in frames:  # innermost first
+            if "/torch/" not in f["filename"]:
+                return f"{Path(f['filename']).name}:{f['line']} {f['name']}"
+        return "(no Python frame: autograd backward)"
+    live, now, peak, at = {}, 0, 0, -1
+    for i, e in enumerate(trace):
+        if e["action"] == "alloc":
+            live[e["addr"]] = e["size"]
+            now += e["size"]
+            if now > peak:
+                peak, at = now, i
+        elif e["action"] in ("free_requested", "free_completed") and e["addr"] in live:
+            now -= live.pop(e["addr"])
+    groups, live = {}, {}
+    for e in trace[:at + 1]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        elif e["action"] in ("free_requested", "free_completed"):
+            live.pop(e["addr"], None)
+    for e in live.values():
+        key = place(e.get("frames", []))
+        groups[key] = groups.get(key, 0) + e["size"]
+    rows = sorted(groups.items(), key=lambda kv: -kv[1])
+    return {"transient_peak_bytes": peak, "event": at, "events": len(trace),
+            "by_place": [{"place": k, "bytes": v} for k, v in rows[:top]],
+            "other_bytes": sum(v for _, v in rows[top:])}
+
+
 def measure(mode: str, args, world: distributed.World, device: str, folder: Path) -> dict:
     """One mode: build, prepare as the pipeline does, then time the training steps."""
     forget, retain = write_rows(folder, args.rows, image_side(args.arch, args.size), seed=0)
@@ -180,10 +213,27 @@ def measure(mode: str, args, world: distributed.World, device: str, folder: Path
         print(f"{mode}: top ops by {sort}, {args.steps} steps\n"
               + profiler.key_averages().table(sort_by=sort, row_limit=args.profile), file=sys.stderr)
     peak = torch.cuda.max_memory_allocated(device) if cuda else pipeline.peak_memory(device)["rss_bytes"]
+    breakdown = {}
+    if args.memory_top and cuda:  # one more step, recorded (after the timing: recording slows allocation)
+        ctx.cfg = replace(cfg, steps=1)
+        torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python", clear_history=True)
+        try:
+            methods.train(ctx, method, progress=False)
+            torch.cuda.synchronize(device)
+            snapshot = torch.cuda.memory._snapshot(device)
+            breakdown = live_at_peak(snapshot["device_traces"][torch.device(device).index or 0], args.memory_top)
+        except Exception as e:  # a diagnosis that fails must not cost the mode's measurement
+            breakdown = {"error": f"{type(e).__name__}: {e}"}
+        finally:
+            torch.cuda.memory._record_memory_history(enabled=None)
+        print(f"{mode}: live at the step's peak, above the memory held before it:\n" + ("\n".join(
+            f"  {r['bytes'] / 1e9:7.3f} GB  {r['place']}" for r in breakdown["by_place"])
+            + f"\n  {breakdown['other_bytes'] / 1e9:7.3f} GB  (other)" if "by_place" in breakdown
+            else f"  {breakdown['error']}"), file=sys.stderr)
     return {"mode": mode, "method": cfg.method, "scope": cfg.scope, "world_size": world.size, "peak_bytes": peak,
             "peak_kind": "cuda_max_allocated" if cuda else "rss (monotonic: only the first mode's is its own)",
             "step_s": step_s, "trainable_weights": sum(p.numel() for p in params.values()), "held_bytes": held,
-            "loss_last": {k: v for k, v in history[-1].items() if k.startswith("loss")}}
+            "live_at_peak": breakdown, "loss_last": {k: v for k, v in history[-1].items() if k.startswith("loss")}}
 
 
 def main():
@@ -199,6 +249,9 @@ def main():
     parser.add_argument("--json", type=Path)
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="profile the timed steps and print the top N ops (step times then include its overhead)")
+    parser.add_argument("--memory-top", type=int, default=0, metavar="N",
+                        help="CUDA: after the timing, record one more step's allocations and print the N places that "
+                             "hold the most at its peak")
     args = parser.parse_args()
     modes = args.modes.split(",")
     bad = [m for m in modes if m not in MODES]

@@ -77,9 +77,9 @@ case "${1:-}" in
     echo "7B runs from ${SECONDS} s"
     modes=plain,checkpoint-llm+checkpoint-vision,ga_diff,checkpoint-llm  # the JSON is written after every mode
     timeout $(cap ${LLAVA_S:-170} 160) $timed $PY benchmarks/bench_distributed.py --arch llava --size 7b --device cuda \
-      --modes $modes --json "$OUT/llava7b.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|^ *$" | tail -8
+      --modes $modes --memory-top 12 --json "$OUT/llava7b.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|^ *$" | tail -8
     timeout $(cap ${QWEN_S:-170} 60) $timed $PY benchmarks/bench_distributed.py --arch qwen2-vl --size 7b --device cuda \
-      --modes $modes --json "$OUT/qwen7b.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|^ *$" | tail -8
+      --modes $modes --memory-top 12 --json "$OUT/qwen7b.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|^ *$" | tail -8
     waited $diag 40; grep -v "^\$" "$OUT/diagnose.txt" | head -60
     tests_s=$(cap ${TESTS_S:-240} 0)
     echo "GPU tests from ${SECONDS} s, at most ${tests_s} s"
