@@ -1,6 +1,6 @@
 """Peak memory and step time of VKD unlearning on a random-weight LLaVA-1.5 or Qwen2-VL built from its config (nothing
-is downloaded): the plain path, --checkpoint-llm, --checkpoint-vision, under torchrun on >= 2 GPUs --shard-llm, and
-full-model GA_Diff as the baseline; side by side in one run.
+is downloaded): the plain path, --checkpoint-llm, --checkpoint-vision, --offload-optimizer, under torchrun on >= 2
+GPUs --shard-llm, and full-model GA_Diff as the baseline; side by side in one run.
 
     python benchmarks/bench_distributed.py --size 7b --device cuda --modes plain,checkpoint-llm,ga_diff
     python benchmarks/bench_distributed.py --arch qwen2-vl --size 7b --device cuda --modes plain,ga_diff
@@ -37,8 +37,8 @@ from surgery.models import Adapter
 from surgery.models.tiny import QWEN_SPECIAL, _image_processor
 from surgery.models.tokenizer import LLAVA_TEMPLATE, QWEN_TEMPLATE, build_tokenizer
 
-MODES = ("plain", "checkpoint-llm", "checkpoint-vision", "checkpoint-llm+checkpoint-vision", "shard-llm",
-         "shard-llm+checkpoint-llm", "ga_diff")
+MODES = ("plain", "checkpoint-llm", "checkpoint-vision", "checkpoint-llm+checkpoint-vision", "offload-optimizer",
+         "checkpoint-llm+checkpoint-vision+offload-optimizer", "shard-llm", "shard-llm+checkpoint-llm", "ga_diff")
 ARCHS = ("llava", "qwen2-vl")
 
 
@@ -176,6 +176,7 @@ def measure(mode: str, args, world: distributed.World, device: str, folder: Path
                  out=str(folder / "out"), device=device, seed=0, dtype=args.dtype, batch_size=args.batch_size,
                  collect_batch_size=args.batch_size, lr=1e-4, shard_llm="shard-llm" in mode,
                  checkpoint_llm="checkpoint-llm" in mode, checkpoint_vision="checkpoint-vision" in mode,
+                 offload_optimizer="offload-optimizer" in mode,
                  method="ga_diff" if mode == "ga_diff" else "vkd")
     cfg, method = pipeline.resolve(cfg)
     splits = load_splits(cfg.forget, cfg.retain)

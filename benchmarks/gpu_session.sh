@@ -4,7 +4,9 @@
 #   bash benchmarks/gpu_session.sh test    # build surgery._C with CUDA, the bad-call diagnosis, every test
 #   bash benchmarks/gpu_session.sh bench   # kernel launch-shape sweep + kernel and op benchmarks (JSON)
 #   bash benchmarks/gpu_session.sh all     # everything, including the 7B runs, in one call of under 10 minutes
-#                                          # (2026-12-04: 276 s before the tests were moved after the 7B runs)
+#                                          # (2026-12-04: 276 s, then 393 s with the tests after the 7B runs)
+#   bash benchmarks/gpu_session.sh lean    # the collection overhead, the optimizer tests and the 7B runs with every
+#                                          # memory option, in a few minutes
 # `test` must run first on a machine (it builds the extension in place); `all` does it all in one call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +15,20 @@ PY=${PYTHON:-python3}
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)"
   ${CXX:-c++} --version | head -1; } > "$OUT/environment.txt" 2>&1
+# timed runs on two CPUs of their own, builds at low priority on the rest (for `all` and `lean`)
+# the CPUs this process may use, by their IDs (a container's need not start at 0)
+read -ra cpus <<< "$($PY -c 'import os; print(*sorted(os.sched_getaffinity(0)))')"
+n=${#cpus[@]}
+if command -v taskset >/dev/null && [ "$n" -ge 4 ]; then
+  timed="taskset -c ${cpus[0]},${cpus[1]}"; side="nice -n 19 taskset -c $(IFS=,; echo "${cpus[*]:2}")"
+  jobs=$((n - 3))
+else
+  timed=""; side="nice -n 19"; jobs=$((n > 2 ? n - 2 : 1))
+fi
+# every phase's limit: its own default, or what is left of BUDGET_S once the later phases' minimum is kept
+cap() { local t=$(( ${BUDGET_S:-580} - SECONDS - $2 )); [ "$t" -gt "$1" ] && t=$1; [ "$t" -lt 20 ] && t=20; echo "$t"; }
+copy() { rm -rf "$1"; mkdir -p "$1"; cp -r surgery csrc setup.py pyproject.toml benchmarks "$1"/;
+         rm -rf "$1"/surgery/kernels; cp -r kernels "$1"/surgery/kernels; }
 case "${1:-}" in
   test)
     # A/B for the open TORCH_CHECK crash: the CPU-only build on this machine first (does it crash too?)
@@ -40,20 +56,7 @@ case "${1:-}" in
     export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
     export PYTHONUNBUFFERED=1
     cat "$OUT/environment.txt"; rm "$OUT/environment.txt"; nvcc --version | tail -2  # at most 8 files come back
-    # the CPUs this process may use, by their IDs (a container's need not start at 0)
-    read -ra cpus <<< "$($PY -c 'import os; print(*sorted(os.sched_getaffinity(0)))')"
-    n=${#cpus[@]}
-    if command -v taskset >/dev/null && [ "$n" -ge 4 ]; then
-      timed="taskset -c ${cpus[0]},${cpus[1]}"; side="nice -n 19 taskset -c $(IFS=,; echo "${cpus[*]:2}")"
-      jobs=$((n - 3))
-    else
-      timed=""; side="nice -n 19"; jobs=$((n > 2 ? n - 2 : 1))
-    fi
     echo "timed runs: ${timed:-any core}; builds: $side, $jobs jobs"
-    # every phase's limit: its own default, or what is left of BUDGET_S once the later phases' minimum is kept
-    cap() { local t=$(( ${BUDGET_S:-580} - SECONDS - $2 )); [ "$t" -gt "$1" ] && t=$1; [ "$t" -lt 20 ] && t=20; echo "$t"; }
-    copy() { rm -rf "$1"; mkdir -p "$1"; cp -r surgery csrc setup.py pyproject.toml benchmarks "$1"/;
-             rm -rf "$1"/surgery/kernels; cp -r kernels "$1"/surgery/kernels; }
     copy /tmp/shim
     echo "kernels from ${SECONDS} s"
     ( SURGERY_CUDA=1 MAX_JOBS=${MAX_JOBS:-$jobs} $side $PY -m pip install --no-build-isolation --no-deps --no-index -e . \
@@ -90,5 +93,31 @@ case "${1:-}" in
     else
       echo "no time left for the GPU tests (BUDGET_S=${BUDGET_S:-580})" > "$OUT/tests.txt"
     fi; tail -12 "$OUT/tests.txt" ;;
-  *) echo "usage: bash benchmarks/gpu_session.sh test|bench|all" >&2; exit 2 ;;
+  lean)
+    # The follow-up to `all` in one short call: the collection overhead (interleaved rounds) on the reserved CPUs while
+    # the extension builds; the optimizer tests on the GPU; Qwen2-VL-7B and LLaVA-1.5-7B with every memory option
+    # (--checkpoint-llm --checkpoint-vision --offload-optimizer) beside the plain path and full-model GA_Diff.
+    export PYTHONUNBUFFERED=1
+    export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
+    cat "$OUT/environment.txt"; echo "timed runs: ${timed:-any core}; builds: $side, $jobs jobs"
+    copy /tmp/shim
+    ( SURGERY_CUDA=1 MAX_JOBS=${MAX_JOBS:-$jobs} $side $PY -m pip install --no-build-isolation --no-deps --no-index -e . \
+        > /tmp/build.log 2>&1; echo "cuda build rc $?" >> /tmp/build.log ) &
+    build=$!
+    PYTHONPATH=/tmp/shim timeout $(cap 120 300) $timed $PY benchmarks/bench_kernels.py --overhead-only \
+      --json "$OUT/overhead.json" > "$OUT/overhead.txt" 2>&1; echo "overhead rc $?"; tail -2 "$OUT/overhead.txt"
+    wait $build; tail -1 /tmp/build.log
+    echo "tests from ${SECONDS} s"
+    SURGERY_REQUIRE_EXTENSION=1 timeout $(cap 90 200) $PY -m pytest -q -rs -p no:cacheprovider tests/ops/test_optim.py \
+      > "$OUT/tests.txt" 2>&1; echo "tests rc $?" >> "$OUT/tests.txt"; tail -3 "$OUT/tests.txt"
+    lean=checkpoint-llm+checkpoint-vision+offload-optimizer
+    echo "Qwen2-VL 7B from ${SECONDS} s"
+    timeout $(cap 150 60) $timed $PY benchmarks/bench_distributed.py --arch qwen2-vl --size 7b --device cuda \
+      --modes plain,$lean,ga_diff --memory-top 12 --json "$OUT/qwen7b.json" 2>&1 | tr '\r' '\n' \
+      | grep -v "it/s\]\|^ *$" | tail -6
+    echo "LLaVA 7B from ${SECONDS} s"
+    timeout $(cap 120 0) $timed $PY benchmarks/bench_distributed.py --arch llava --size 7b --device cuda \
+      --modes $lean,ga_diff --memory-top 12 --json "$OUT/llava7b.json" 2>&1 | tr '\r' '\n' \
+      | grep -v "it/s\]\|^ *$" | tail -5 ;;
+  *) echo "usage: bash benchmarks/gpu_session.sh test|bench|all|lean" >&2; exit 2 ;;
 esac

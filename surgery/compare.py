@@ -222,8 +222,9 @@ def cache_key(run_cfg: Config, trains: bool, vanilla_id: str, digest: str, cfg: 
                 settings.pop(k, None)
         else:                                           # 1 and 1.0 are one setting
             settings[stop] = float(settings[stop])
-    if not settings.get("checkpoint_vision"):           # added later, and off: older keys hold
-        settings.pop("checkpoint_vision", None)
+    for later in ("checkpoint_vision", "offload_optimizer"):  # added later, and off: older keys hold
+        if not settings.get(later):
+            settings.pop(later, None)
     what = {"config": settings, "vanilla": vanilla_id, "bench": digest, "relearn": [cfg.relearn_share,
             cfg.relearn_epochs, HOLD_OUTS, LR], "generation": cfg.generation, "views": cfg.views, "threads": cfg.threads,
             "eval": EVAL_VERSION,

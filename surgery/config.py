@@ -46,6 +46,7 @@ class Config:
     shard_llm: bool = False             # FSDP2-shard the frozen language model over the ranks
     checkpoint_llm: bool = False        # recompute the LLM's decoder-layer activations in backward
     checkpoint_vision: bool = False     # recompute the vision tower's block activations in backward
+    offload_optimizer: bool = False     # optimizer state in pinned host memory, streamed through the GPU in step
     teacher_memory_gb: float = 8.0      # VKD teacher features larger than this go to memory-mapped files ...
     teacher_cache: str | None = None    # ... in a fresh directory under this one (default: beside --out)
     # method options (surgery.methods.<name>)

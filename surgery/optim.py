@@ -6,6 +6,7 @@ from . import ops
 UNSUPPORTED = ("amsgrad", "maximize", "capturable", "differentiable")  # AdamW options this optimizer does not have
 COMPACT_BELOW = 0.25  # mask density under which state is stored only for the masked entries
 INT32_MAX = 2**31 - 1  # compact state's indices are int32
+OFFLOAD_CHUNK_BYTES = 256 * 2**20  # offload: state bytes brought to the device at once in step (at least one param's)
 
 
 class MaskedAdamW(torch.optim.Optimizer):
@@ -18,9 +19,15 @@ class MaskedAdamW(torch.optim.Optimizer):
     Masked-out entries get no weight decay and no moment decay: pruned weights stay exactly zero. State is
     dense (fp32 moments shaped like the param) or compact (int32 indices + fp32 moments of the masked
     entries only: 12 bytes per masked entry), chosen per param by mask density unless `compact` is given.
+
+    `offload`: the state of CUDA params lives in pinned host memory and `step` brings it to the device
+    OFFLOAD_CHUNK_BYTES at a time (at least one param's), updates, and copies the moments back; the same
+    update, bit for bit, for about 9 bytes per entry less device memory (8 per masked entry when compact)
+    and two host transfers of the state per step. `step` returns once the state is back on the host.
     """
 
-    def __init__(self, params, masks=None, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, compact=None):
+    def __init__(self, params, masks=None, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, compact=None,
+                 offload=False):
         if isinstance(params, torch.Tensor):
             raise TypeError("MaskedAdamW: params must be an iterable of tensors or of dicts, got a tensor")
         groups = _tensor_list(params)
@@ -37,6 +44,7 @@ class MaskedAdamW(torch.optim.Optimizer):
             groups = [dict(g, masks=[next(left) for _ in g["params"]]) for g in groups]
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, compact=compact)
         _check_hyperparameters(defaults)
+        self.offload = bool(offload)  # before the groups: add_param_group places their state
         super().__init__(groups, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -53,7 +61,8 @@ class MaskedAdamW(torch.optim.Optimizer):
         if any(group.get(k) for k in UNSUPPORTED):
             raise ValueError(f"MaskedAdamW: {', '.join(k for k in UNSUPPORTED if group.get(k))} not supported")
         _check_hyperparameters({**self.defaults, **group})
-        states = [_new_state(p, m, group.get("compact", self.defaults["compact"])) for p, m in zip(params, masks)]
+        states = [_new_state(p, m, group.get("compact", self.defaults["compact"]), self.offload)
+                  for p, m in zip(params, masks)]
         super().add_param_group(group)  # checks the params themselves (leaf tensors, each in one group only)
         for p, st in zip(params, states):
             self.state[p] = st
@@ -80,15 +89,37 @@ class MaskedAdamW(torch.optim.Optimizer):
                 work = p if p.is_contiguous() else p.contiguous()
                 for lst, t in zip(lists, (p, work, p.grad.contiguous(), st["exp_avg"], st["exp_avg_sq"], st[kind])):
                     lst.append(t)
-            for (kind, _, _, step), (owners, *lists) in batches.items():
+            for (kind, device, _, step), (owners, *lists) in batches.items():
                 op = ops.masked_adamw_ if kind == "mask" else ops.sparse_adamw_
-                op(*lists, step=step, lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-                   weight_decay=group["weight_decay"])
+                for part in self._chunks(lists, device):
+                    op(*part, step=step, lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                       weight_decay=group["weight_decay"])
                 for p, work in zip(owners, lists[0]):  # the step counts once the update has happened
                     if work is not p:
                         p.copy_(work)
                     self.state[p]["step"] += 1
+        if self.offload and torch.cuda.is_available():  # the moments' copies back to the host are asynchronous
+            torch.cuda.synchronize()
         return loss
+
+    def _chunks(self, lists, device):
+        """The op's argument lists (work, grads, exp_avg, exp_avg_sq, mask or indices), whole, or with offload in
+        chunks of about OFFLOAD_CHUNK_BYTES of state whose state is on `device` while the op runs on it; after
+        each chunk its moments are copied back (asynchronously, in stream order)."""
+        if not self.offload:
+            yield lists
+            return
+        n, start, size = len(lists[0]), 0, 0
+        for i in range(n):
+            size += sum(t.numel() * t.element_size() for t in (lists[2][i], lists[3][i], lists[4][i]))
+            if size < OFFLOAD_CHUNK_BYTES and i < n - 1:
+                continue
+            here = [[t.to(device, non_blocking=True) for t in lst[start:i + 1]] for lst in lists[2:]]
+            yield [lists[0][start:i + 1], lists[1][start:i + 1], *here]
+            for home, used in zip(lists[2][start:i + 1] + lists[3][start:i + 1], here[0] + here[1]):
+                if used is not home:
+                    home.copy_(used, non_blocking=True)
+            start, size = i + 1, 0
 
     def load_state_dict(self, state_dict):
         """As Optimizer's, but state tensors keep their own dtypes (bool masks, int32 indices, fp32 moments)
@@ -102,15 +133,16 @@ class MaskedAdamW(torch.optim.Optimizer):
         for i, saved in state_dict["state"].items():
             p = params[i]
             for k, v in saved.items():  # copies, so that the saved state_dict and this optimizer do not share
-                self.state[p][k] = v.clone() if k == "step" else v.to(p.device).clone()
+                self.state[p][k] = v.clone() if k == "step" else _placed(v.to(p.device, copy=True), self.offload)
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state (moments, masks or indices) across all params."""
         return sum(t.numel() * t.element_size() for st in self.state.values() for k, t in st.items() if k != "step")
 
 
-def _new_state(p: torch.Tensor, m, compact) -> dict:
-    """Fresh state of param p under mask m (None = all True): dense, or compact by density unless `compact` says."""
+def _new_state(p: torch.Tensor, m, compact, offload: bool = False) -> dict:
+    """Fresh state of param p under mask m (None = all True): dense, or compact by density unless `compact` says;
+    in pinned host memory when `offload` and p is on a CUDA device."""
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"MaskedAdamW: params must be tensors, got {type(p).__name__}")
     if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -132,8 +164,15 @@ def _new_state(p: torch.Tensor, m, compact) -> dict:
     else:
         sel = {"indices": torch.nonzero(m.reshape(-1)).flatten().to(torch.int32)}
         n = sel["indices"].numel()
-    return {"step": torch.zeros((), dtype=torch.int64), **sel,
-            "exp_avg": torch.zeros(n, device=p.device), "exp_avg_sq": torch.zeros(n, device=p.device)}
+    state = {**sel, "exp_avg": torch.zeros(n, device=p.device), "exp_avg_sq": torch.zeros(n, device=p.device)}
+    return {"step": torch.zeros((), dtype=torch.int64), **{k: _placed(t, offload) for k, t in state.items()}}
+
+
+def _placed(t: torch.Tensor, offload: bool) -> torch.Tensor:
+    """State tensor t where the optimizer keeps it: a pinned host copy when offloading a CUDA tensor, else t."""
+    if not (offload and t.is_cuda):
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
 
 
 def _tensor_list(params) -> list:

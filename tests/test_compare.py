@@ -192,6 +192,8 @@ def test_cache_key_ignores_an_unused_early_stop_and_follows_a_used_one(monkeypat
             CompareConfig(methods=("vkd",), overrides={"vkd": bad}).check()
 
 
-def test_cache_key_omits_checkpoint_vision_when_off(monkeypatch):
-    """--checkpoint-vision came later: off, it is not hashed (the keys from before it hold); on, it is."""
-    assert key_before(monkeypatch, lambda k: k == "checkpoint_vision") == key() != key(checkpoint_vision=True)
+@pytest.mark.parametrize("option", ["checkpoint_vision", "offload_optimizer"])
+def test_cache_key_omits_later_memory_options_when_off(monkeypatch, option):
+    """--checkpoint-vision and --offload-optimizer came later: off, they are not hashed (the keys from before them
+    hold); on, they are."""
+    assert key_before(monkeypatch, lambda k: k == option) == key() != key(**{option: True})

@@ -191,13 +191,16 @@ def test_saliency_reuse(tiny_dirs, data, tmp_path):
 
 
 def test_checkpointing_on_the_cli_changes_nothing_but_memory(tiny_dirs, data, tmp_path):
-    """--checkpoint-llm --checkpoint-vision: the same saliency, masks and unlearned model as without, bit for bit."""
+    """--checkpoint-llm --checkpoint-vision --offload-optimizer: the same saliency, masks and unlearned model as
+    without, bit for bit."""
     common = ["prune-and-mask", "--model", tiny_dirs["tiny-llava"], "--forget", data[0], "--retain", data[1],
               "--steps", 3, "--lr", 1e-2, "--prune-frac", 0.05]
     assert run_cli(*common, "--out", tmp_path / "a").exit_code == 0
-    res = run_cli(*common, "--out", tmp_path / "b", "--checkpoint-llm", "--checkpoint-vision", "--json")
+    res = run_cli(*common, "--out", tmp_path / "b", "--checkpoint-llm", "--checkpoint-vision", "--offload-optimizer",
+                  "--json")
     assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout)["config"]["checkpoint_vision"] is True
+    config = json.loads(res.stdout)["config"]
+    assert config["checkpoint_vision"] is True and config["offload_optimizer"] is True
     assert_same_outputs(tmp_path / "a", tmp_path / "b")
 
 

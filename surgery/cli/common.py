@@ -71,6 +71,10 @@ def parallel_options(f):
         click.option("--checkpoint-vision", is_flag=True,
                      help="Recompute the vision tower's block activations in backward: less memory, one more "
                           "forward of the tower."),
+        click.option("--offload-optimizer", is_flag=True,
+                     help="Keep the optimizer's moments and masks in pinned host memory, brought to the GPU a chunk "
+                          "at a time in each step: the same update, about 9 bytes per trainable weight less GPU "
+                          "memory, two host transfers of the state per step."),
     ]):
         f = opt(f)
     return f

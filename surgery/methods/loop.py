@@ -249,7 +249,8 @@ def train(ctx: Context, method: Method, progress: bool = True) -> list[dict]:
     cfg, world = ctx.cfg, ctx.world
     names = list(ctx.params)
     weights = [ctx.params[n] for n in names]
-    opt = MaskedAdamW(weights, masks=[~ctx.pruned[n] for n in names], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = MaskedAdamW(weights, masks=[~ctx.pruned[n] for n in names], lr=cfg.lr, weight_decay=cfg.weight_decay,
+                      offload=cfg.offload_optimizer)
     used = [s for s in (*method.forget_splits, *method.retain_splits) if ctx.splits[s]]
     idle = [s for s in used if not ctx.reaches(s)]
     if idle:

@@ -201,3 +201,57 @@ def test_closure_named_params_and_state_that_is_not_shared():
     opt2.step()
     assert [int(st["step"]) for st in opt2.state.values()] == [4, 4]
     assert [int(st["step"]) for st in state["state"].values()] == [3, 3]  # the saved state did not move
+
+
+@pytest.mark.parametrize("chunk", [1, 3000, 2**30])  # bytes: one param per chunk, a few, all at once
+def test_offloaded_state_gives_the_same_update_bit_for_bit(device, chunk, monkeypatch):
+    """offload=True: state in pinned host memory (CUDA params), streamed through the device in chunks: the same
+    params and moments as offload=False after every step, across a state_dict round trip, dense and compact
+    state, fp32 and bf16 params in one group."""
+    import surgery.optim as optim
+    monkeypatch.setattr(optim, "OFFLOAD_CHUNK_BYTES", chunk)
+    g = torch.Generator().manual_seed(3)
+    shapes = [((40, 9), torch.float32, 0.9), ((17,), torch.float32, 0.1), ((6, 33), torch.bfloat16, 0.6),
+              ((3, 5, 7), torch.float32, 0.05), ((64,), torch.bfloat16, 1.0)]
+    params = [torch.randn(s, generator=g).to(device, dt).requires_grad_(True) for s, dt, _ in shapes]
+    masks = [torch.rand(s, generator=g).to(device) < d for s, _, d in shapes]
+    twins = [p.detach().clone().requires_grad_(True) for p in params]
+    opts = [MaskedAdamW(ps, masks=masks, lr=1e-2, weight_decay=0.02, offload=off)
+            for ps, off in ((params, True), (twins, False))]
+    kinds = ["indices" in opts[0].state[p] for p in params]
+    assert kinds == ["indices" in opts[1].state[t] for t in twins] and any(kinds) and not all(kinds)
+    if device == "cuda":
+        assert all(t.device.type == "cpu" and t.is_pinned() for st in opts[0].state.values()
+                   for k, t in st.items() if k != "step")
+    for step in range(6):
+        if step == 2:  # round trip mid-run: the loaded state goes back to the host
+            state = opts[0].state_dict()
+            opts[0] = MaskedAdamW(params, masks=masks, lr=1e-2, weight_decay=0.02, offload=True)
+            opts[0].load_state_dict(state)
+            assert all(t.device.type == "cpu" for st in opts[0].state.values() for k, t in st.items())
+        for p, t in zip(params, twins):
+            p.grad = torch.randn(p.shape, generator=g).to(device, p.dtype)
+            t.grad = p.grad.clone()
+        for opt in opts:
+            opt.step()
+        for p, t in zip(params, twins):
+            assert torch.equal(p, t)
+            for k in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(opts[0].state[p][k].to(device), opts[1].state[t][k])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_offloaded_state_leaves_the_device():
+    """The device holds the params and grads, not the 9 bytes per entry of dense state."""
+    p = torch.nn.Parameter(torch.randn(1024, 1024, device="cuda"))
+    mask = torch.ones_like(p, dtype=torch.bool)
+    before = torch.cuda.memory_allocated()
+    on_device = MaskedAdamW([p], masks=[mask])
+    assert torch.cuda.memory_allocated() - before == 9 * p.numel()
+    del on_device
+    before = torch.cuda.memory_allocated()
+    opt = MaskedAdamW([p], masks=[mask], offload=True)
+    assert torch.cuda.memory_allocated() == before
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert torch.cuda.memory_allocated() == before + 4 * p.numel()  # the grad
