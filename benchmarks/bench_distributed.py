@@ -136,13 +136,15 @@ def write_rows(folder: Path, n_image: int, side: int, seed: int) -> tuple[Path, 
     return files[0], files[1]
 
 
-def live_at_peak(trace: list[dict], top: int) -> dict:
+def live_at_peak(trace: list[dict], top: int, skip: str = str(Path(torch.__file__).parent)) -> dict:
     """Replay an allocator trace (torch.cuda.memory._snapshot()["device_traces"][i]): the bytes allocated during it at
-    its highest point, grouped by the innermost Python frame outside torch that allocated them (none: the autograd
-    engine's backward). Memory allocated before the recording is not in the trace: this is the transient above it."""
+    its highest point, grouped by the innermost Python frame outside `skip` (torch's own files) that allocated them
+    (none: the autograd engine's backward). Memory allocated before the recording is not in the trace: this is the
+    transient above it. (The 2026-12-04 runs skipped every path holding "/torch/", the device's whole venv
+    /opt/torch/.venv with transformers in it: their places are our frames that called into transformers.)"""
     def place(frames):
         for f in frames:  # innermost first
-            if "/torch/" not in f["filename"]:
+            if not f["filename"].startswith(skip + "/"):
                 return f"{Path(f['filename']).name}:{f['line']} {f['name']}"
         return "(no Python frame: autograd backward)"
     live, now, peak, at = {}, 0, 0, -1

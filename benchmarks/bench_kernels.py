@@ -161,17 +161,19 @@ def collection_overhead(device, dtype, batch, quick):
     # the clock or of the host during the run falls on all three alike (one plain run before and one after differed
     # by 1.7 % on an H200 on 2026-12-04, a third of the overhead measured)
     runs = {"plain": (None, []), "Triton kernels": (K, []), "reference path": (reference, [])}
+    before = dict(K.calls)
     for _ in range(rounds):
         for acc, times in runs.values():
             times.append(bench(step, quick, rep_ms=rep) if acc is None else with_hooks(acc))
+    paths = {k: v - before.get(k, 0) for k, v in K.calls.items()}  # the Triton hooks' calls by the path they took
     plain = runs["plain"][1]
     base = statistics.median(plain)
     return [{"case": f"collection overhead ({name})", "shape": [batch, 3, cfg.image_size, cfg.image_size],
              "layers": cfg.num_hidden_layers, "dtype": str(dtype).replace("torch.", ""), "rounds": rounds,
              "plain_ms": base * 1e3, "plain_range_ms": [min(plain) * 1e3, max(plain) * 1e3],
              "collect_ms": statistics.median(times) * 1e3, "collect_range_ms": [min(times) * 1e3, max(times) * 1e3],
-             "overhead_%": 100 * (statistics.median(times) / base - 1)}
-            for name, (_, times) in runs.items() if name != "plain"]
+             "overhead_%": 100 * (statistics.median(times) / base - 1), **({"paths": paths} if acc is K else {})}
+            for name, (acc, times) in runs.items() if name != "plain"]
 
 
 SWEEP_STATS = [  # block_h, block_r, unroll, num_stages, num_warps, programs_per_sm

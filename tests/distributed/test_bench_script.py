@@ -40,19 +40,24 @@ def test_live_at_peak_replays_an_allocator_trace():
         from bench_distributed import live_at_peak
     finally:
         sys.path.pop(0)
-    torch_frame = {"filename": "/x/site-packages/torch/nn/functional.py", "line": 9, "name": "linear"}
+    torch_frame = {"filename": "/opt/torch/venv/torch/nn/functional.py", "line": 9, "name": "linear"}
 
     def alloc(addr, size, filename=None):
         frames = [torch_frame] + ([{"filename": filename, "line": 7, "name": "forward"}] if filename else [])
-        return {"action": "alloc", "addr": addr, "size": size, "frames": frames}
-    trace = [alloc(1, 100, "/m/modeling_a.py"), alloc(2, 50, "/m/modeling_b.py"),
+        # a frame of transformers' in a venv whose path holds "/torch/" counts; only torch's own files are skipped
+        return {"action": "alloc", "addr": addr, "size": size, "frames": frames + [
+            {"filename": "/opt/torch/venv/transformers/loop.py", "line": 1, "name": "outer"}]}
+
+    trace = [alloc(1, 100, "/opt/torch/venv/transformers/modeling_a.py"), alloc(2, 50, "/m/modeling_b.py"),
              {"action": "free_requested", "addr": 1}, {"action": "free_completed", "addr": 1},
-             alloc(1, 120, "/m/modeling_a.py"), alloc(3, 30), alloc(4, 5, "/m/modeling_b.py"),  # peak: 205
+             alloc(1, 120, "/opt/torch/venv/transformers/modeling_a.py"), alloc(3, 30),
+             alloc(4, 5, "/m/modeling_b.py"),  # peak: 205
              {"action": "free_requested", "addr": 3}, {"action": "free_completed", "addr": 3},
              {"action": "free_requested", "addr": 99},  # allocated before the recording: not counted
              alloc(5, 30, "/m/modeling_c.py")]  # 205 again: the first peak is kept
-    out = live_at_peak(trace, top=2)
+    out = live_at_peak(trace, top=3, skip="/opt/torch/venv/torch")
     assert (out["transient_peak_bytes"], out["event"]) == (205, 6)
     assert out["by_place"] == [{"place": "modeling_a.py:7 forward", "bytes": 120},
-                               {"place": "modeling_b.py:7 forward", "bytes": 55}]
-    assert out["other_bytes"] == 30  # the allocation with only torch frames
+                               {"place": "modeling_b.py:7 forward", "bytes": 55},
+                               {"place": "loop.py:1 outer", "bytes": 30}]  # called from transformers' loop.py only
+    assert out["other_bytes"] == 0 and live_at_peak(trace, top=1, skip="/opt/torch/venv/torch")["other_bytes"] == 85
