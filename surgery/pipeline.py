@@ -148,7 +148,8 @@ def prepare(cfg: Config, world: distributed.World | None = None):
 
 def lay_out(cfg: Config, adapter, world: distributed.World) -> None:
     """The memory options on a loaded, frozen model: shard the LLM over the ranks (--shard-llm; the model was loaded
-    on the CPU), checkpoint its decoder layers (--checkpoint-llm) and the vision tower's blocks (--checkpoint-vision)."""
+    on the CPU), checkpoint its decoder layers (--checkpoint-llm) and the vision tower's blocks (--checkpoint-vision);
+    --offload-optimizer is the loop's (MaskedAdamW(offload=True)), only logged here."""
     if cfg.shard_llm and world.size > 1:
         units = distributed.shard_llm(adapter, world, cfg.device)
         log.info("--shard-llm: the language model in %d FSDP units over %d ranks; vision tower and projector "
@@ -161,6 +162,10 @@ def lay_out(cfg: Config, adapter, world: distributed.World) -> None:
     if cfg.checkpoint_vision:
         log.info("--checkpoint-vision: %d vision blocks recompute their activations in backward",
                  distributed.checkpoint_vision(adapter))
+    if cfg.offload_optimizer:
+        log.info("--offload-optimizer: the optimizer state in pinned host memory, streamed through the GPU in each "
+                 "step" if str(cfg.device).startswith("cuda") else "--offload-optimizer: on the CPU the state is "
+                 "already in host memory; nothing moves")
 
 
 def peak_memory(device) -> dict:
