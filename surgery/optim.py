@@ -91,35 +91,41 @@ class MaskedAdamW(torch.optim.Optimizer):
                     lst.append(t)
             for (kind, device, _, step), (owners, *lists) in batches.items():
                 op = ops.masked_adamw_ if kind == "mask" else ops.sparse_adamw_
-                for part in self._chunks(lists, device):
-                    op(*part, step=step, lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                for part in self._chunks(owners, lists, device):
+                    op(*part[1:], step=step, lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                        weight_decay=group["weight_decay"])
-                for p, work in zip(owners, lists[0]):  # the step counts once the update has happened
-                    if work is not p:
-                        p.copy_(work)
-                    self.state[p]["step"] += 1
-        if self.offload and torch.cuda.is_available():  # the moments' copies back to the host are asynchronous
-            torch.cuda.synchronize()
+                    for p, work in zip(part[0], part[1]):  # a param's step counts once its update has happened
+                        if work is not p:
+                            p.copy_(work)
+                        self.state[p]["step"] += 1
         return loss
 
-    def _chunks(self, lists, device):
-        """The op's argument lists (work, grads, exp_avg, exp_avg_sq, mask or indices), whole, or with offload in
-        chunks of about OFFLOAD_CHUNK_BYTES of state whose state is on `device` while the op runs on it; after
-        each chunk its moments are copied back (asynchronously, in stream order)."""
+    def _chunks(self, owners, lists, device):
+        """(params, work, grads, exp_avg, exp_avg_sq, mask or indices) for the op: all at once, or with offload in
+        chunks of about OFFLOAD_CHUNK_BYTES of state, the chunk's state brought to `device` for the op; after each
+        chunk its moments are copied back (asynchronously, in stream order), and when the last has been, the host
+        waits for the copies. A chunk that raises leaves its params, their state and their step counts as they were;
+        the chunks before it have stepped."""
         if not self.offload:
-            yield lists
+            yield [owners, *lists]
             return
-        n, start, size = len(lists[0]), 0, 0
-        for i in range(n):
-            size += sum(t.numel() * t.element_size() for t in (lists[2][i], lists[3][i], lists[4][i]))
-            if size < OFFLOAD_CHUNK_BYTES and i < n - 1:
-                continue
-            here = [[t.to(device, non_blocking=True) for t in lst[start:i + 1]] for lst in lists[2:]]
-            yield [lists[0][start:i + 1], lists[1][start:i + 1], *here]
-            for home, used in zip(lists[2][start:i + 1] + lists[3][start:i + 1], here[0] + here[1]):
-                if used is not home:
-                    home.copy_(used, non_blocking=True)
-            start, size = i + 1, 0
+        n, start, size, copied = len(owners), 0, 0, False
+        try:
+            for i in range(n):
+                size += sum(t.numel() * t.element_size() for t in (lists[2][i], lists[3][i], lists[4][i]))
+                if size < OFFLOAD_CHUNK_BYTES and i < n - 1:
+                    continue
+                cut = slice(start, i + 1)
+                here = [[t.to(device, non_blocking=True) for t in lst[cut]] for lst in lists[2:]]
+                yield [owners[cut], lists[0][cut], lists[1][cut], *here]
+                for home, used in zip(lists[2][cut] + lists[3][cut], here[0] + here[1]):
+                    if used is not home:
+                        home.copy_(used, non_blocking=True)
+                        copied = True
+                start, size = i + 1, 0
+        finally:
+            if copied:
+                torch.cuda.synchronize(device)
 
     def load_state_dict(self, state_dict):
         """As Optimizer's, but state tensors keep their own dtypes (bool masks, int32 indices, fp32 moments)

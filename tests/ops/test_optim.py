@@ -240,6 +240,25 @@ def test_offloaded_state_gives_the_same_update_bit_for_bit(device, chunk, monkey
                 assert torch.equal(opts[0].state[p][k].to(device), opts[1].state[t][k])
 
 
+def test_offloaded_step_that_raises_keeps_each_param_whole(device, monkeypatch):
+    """offload, one param per chunk: a chunk the op refuses leaves its params, state and step counts as they were;
+    the chunk before it has stepped and counts its step."""
+    import surgery.optim as optim
+    monkeypatch.setattr(optim, "OFFLOAD_CHUNK_BYTES", 1)
+    params = [torch.nn.Parameter(torch.randn(6, 5).to(device)) for _ in range(3)]
+    opt = MaskedAdamW(params, lr=1e-2, offload=True)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.state[params[1]]["exp_avg"] = opt.state[params[1]]["exp_avg"][:-1]  # the op refuses the second chunk
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match="exp_avgs"):
+        opt.step()
+    assert [int(opt.state[p]["step"]) for p in params] == [1, 0, 0]
+    assert not torch.equal(params[0], before[0])
+    assert torch.equal(params[1], before[1]) and torch.equal(params[2], before[2])
+    assert not opt.state[params[2]]["exp_avg"].any()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_offloaded_state_leaves_the_device():
     """The device holds the params and grads, not the 9 bytes per entry of dense state."""
