@@ -22,7 +22,7 @@ class MaskedAdamW(torch.optim.Optimizer):
 
     `offload`: the state of CUDA params lives in pinned host memory and `step` brings it to the device
     OFFLOAD_CHUNK_BYTES at a time (at least one param's), updates, and copies the moments back; the same
-    update, bit for bit, for about 9 bytes per entry less device memory (8 per masked entry when compact)
+    update, bit for bit, for 9 bytes per entry less device memory (12 per masked entry when compact)
     and two host transfers of the state per step. `step` returns once the state is back on the host.
     """
 
