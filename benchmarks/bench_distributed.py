@@ -137,24 +137,32 @@ def write_rows(folder: Path, n_image: int, side: int, seed: int) -> tuple[Path, 
 
 
 def live_at_peak(trace: list[dict], top: int, skip: str = str(Path(torch.__file__).parent)) -> dict:
-    """Replay an allocator trace (torch.cuda.memory._snapshot()["device_traces"][i]): the bytes allocated during it at
-    its highest point, grouped by the innermost Python frame outside `skip` (torch's own files) that allocated them
-    (none: the autograd engine's backward). Memory allocated before the recording is not in the trace: this is the
-    transient above it. (The 2026-12-04 runs skipped every path holding "/torch/", the device's whole venv
-    /opt/torch/.venv with transformers in it: their places are our frames that called into transformers.)"""
+    """Replay an allocator trace (torch.cuda.memory._snapshot()["device_traces"][i]) to its highest point of allocated
+    memory: the net change there against the trace's start (frees of memory allocated before the recording count
+    too), what was freed of that earlier memory by then, and what was allocated during the trace and is live there,
+    grouped by the innermost Python frame outside `skip` (torch's own files) that allocated it (none: the autograd
+    engine's backward). (The 2026-12-04 runs skipped every path holding "/torch/", the device's whole venv
+    /opt/torch/.venv with transformers in it: their places are our frames that called into transformers; and their
+    peak was found without the earlier memory's frees, which came before it: the same event.)"""
     def place(frames):
         for f in frames:  # innermost first
             if not f["filename"].startswith(skip + "/"):
                 return f"{Path(f['filename']).name}:{f['line']} {f['name']}"
         return "(no Python frame: autograd backward)"
-    live, now, peak, at = {}, 0, 0, -1
+    live, now, peak, at, earlier, earlier_at_peak = {}, 0, 0, -1, 0, 0
     for i, e in enumerate(trace):
         if e["action"] == "alloc":
             live[e["addr"]] = e["size"]
             now += e["size"]
             if now > peak:
-                peak, at = now, i
-        elif e["action"] in ("free_requested", "free_completed") and e["addr"] in live:
+                peak, at, earlier_at_peak = now, i, earlier
+        elif e["action"] == "free_requested":  # allocated memory drops here (free_completed follows)
+            size = live.pop(e["addr"], None)
+            if size is None:  # allocated before the recording
+                size = e.get("size", 0)
+                earlier += size
+            now -= size
+        elif e["action"] == "free_completed" and e["addr"] in live:  # a trace recorded without free_requested
             now -= live.pop(e["addr"])
     groups, live = {}, {}
     for e in trace[:at + 1]:
@@ -166,7 +174,8 @@ def live_at_peak(trace: list[dict], top: int, skip: str = str(Path(torch.__file_
         key = place(e.get("frames", []))
         groups[key] = groups.get(key, 0) + e["size"]
     rows = sorted(groups.items(), key=lambda kv: -kv[1])
-    return {"transient_peak_bytes": peak, "event": at, "events": len(trace),
+    return {"net_peak_bytes": peak, "earlier_freed_bytes": earlier_at_peak,
+            "transient_peak_bytes": sum(groups.values()), "event": at, "events": len(trace),
             "by_place": [{"place": k, "bytes": v} for k, v in rows[:top]],
             "other_bytes": sum(v for _, v in rows[top:])}
 
@@ -229,7 +238,8 @@ def measure(mode: str, args, world: distributed.World, device: str, folder: Path
             breakdown = {"error": f"{type(e).__name__}: {e}"}
         finally:
             torch.cuda.memory._record_memory_history(enabled=None)
-        print(f"{mode}: live at the step's peak, above the memory held before it:\n" + ("\n".join(
+        print(f"{mode}: allocated in the step and live at its peak (by place; net of what it freed of the memory held "
+              f"before: {breakdown.get('net_peak_bytes', 0) / 1e9:.3f} GB):\n" + ("\n".join(
             f"  {r['bytes'] / 1e9:7.3f} GB  {r['place']}" for r in breakdown["by_place"])
             + f"\n  {breakdown['other_bytes'] / 1e9:7.3f} GB  (other)" if "by_place" in breakdown
             else f"  {breakdown['error']}"), file=sys.stderr)

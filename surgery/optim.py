@@ -1,4 +1,6 @@
 """MaskedAdamW: AdamW that leaves masked-out entries (params and state) untouched."""
+import math
+
 import torch
 
 from . import ops
@@ -98,6 +100,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                         if work is not p:
                             p.copy_(work)
                         self.state[p]["step"] += 1
+                    del part  # offload: this chunk's device copies go before the next chunk's come
         return loss
 
     def _chunks(self, owners, lists, device):
@@ -122,6 +125,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                     if used is not home:
                         home.copy_(used, non_blocking=True)
                         copied = True
+                here = used = None  # freed in stream order: the next chunk's copies may take their memory
                 start, size = i + 1, 0
         finally:
             if copied:
@@ -129,17 +133,21 @@ class MaskedAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         """As Optimizer's, but state tensors keep their own dtypes (bool masks, int32 indices, fp32 moments)
-        instead of being cast to the param's dtype."""
+        instead of being cast to the param's dtype, and go straight to where this optimizer keeps them (with offload:
+        pinned host memory, never the device)."""
         for i, saved in state_dict["state"].items():
             if not ({"mask", "indices"} & saved.keys() and {"exp_avg", "exp_avg_sq", "step"} <= saved.keys()):
                 raise ValueError(f"MaskedAdamW.load_state_dict: the state of param {i} has keys {sorted(saved)}, "
                                  f"not a MaskedAdamW state (step, exp_avg, exp_avg_sq, and mask or indices)")
-        super().load_state_dict(state_dict)
+        super().load_state_dict({**state_dict, "state": {}})  # the groups; torch would cast and move the state
         params = [p for g in self.param_groups for p in g["params"]]
         for i, saved in state_dict["state"].items():
             p = params[i]
-            for k, v in saved.items():  # copies, so that the saved state_dict and this optimizer do not share
-                self.state[p][k] = v.clone() if k == "step" else _placed(v.to(p.device, copy=True), self.offload)
+            tensors = {k: v for k, v in saved.items() if k != "step"}
+            # copies, so that the saved state_dict and this optimizer do not share
+            placed = _pinned(tensors) if self.offload and p.is_cuda else \
+                {k: v.to(p.device, copy=True) for k, v in tensors.items()}
+            self.state[p] = {"step": saved["step"].clone(), **placed}
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state (moments, masks or indices) across all params."""
@@ -170,15 +178,31 @@ def _new_state(p: torch.Tensor, m, compact, offload: bool = False) -> dict:
     else:
         sel = {"indices": torch.nonzero(m.reshape(-1)).flatten().to(torch.int32)}
         n = sel["indices"].numel()
-    state = {**sel, "exp_avg": torch.zeros(n, device=p.device), "exp_avg_sq": torch.zeros(n, device=p.device)}
-    return {"step": torch.zeros((), dtype=torch.int64), **{k: _placed(t, offload) for k, t in state.items()}}
+    step = torch.zeros((), dtype=torch.int64)
+    if offload and p.is_cuda:
+        return {"step": step, **_pinned(sel, zeros={"exp_avg": n, "exp_avg_sq": n})}
+    return {"step": step, **sel, "exp_avg": torch.zeros(n, device=p.device),
+            "exp_avg_sq": torch.zeros(n, device=p.device)}
 
 
-def _placed(t: torch.Tensor, offload: bool) -> torch.Tensor:
-    """State tensor t where the optimizer keeps it: a pinned host copy when offloading a CUDA tensor, else t."""
-    if not (offload and t.is_cuda):
-        return t
-    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+def _pinned(tensors: dict, zeros: dict | None = None, pin: bool = True) -> dict:
+    """Copies of `tensors` and fp32 zero vectors of the lengths in `zeros`, all views of one block of pinned host
+    memory (torch's pinned allocator rounds each block up to a power of two: one block per param, not per tensor).
+    pin=False: the same layout in ordinary host memory (tests without a GPU)."""
+    shapes = {**{k: (t.shape, t.dtype) for k, t in tensors.items()},
+              **{k: (torch.Size([n]), torch.float32) for k, n in (zeros or {}).items()}}
+    sizes = {k: -(-math.prod(shape) * dtype.itemsize // 16) * 16 for k, (shape, dtype) in shapes.items()}  # 16-aligned
+    block = torch.empty(sum(sizes.values()), dtype=torch.uint8, pin_memory=pin)
+    out, at = {}, 0
+    for k, (shape, dtype) in shapes.items():
+        nbytes = math.prod(shape) * dtype.itemsize
+        out[k] = block[at:at + nbytes].view(dtype).view(shape)
+        at += sizes[k]
+        if k in tensors:
+            out[k].copy_(tensors[k])
+        else:
+            out[k].zero_()
+    return out
 
 
 def _tensor_list(params) -> list:

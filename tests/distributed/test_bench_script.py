@@ -48,15 +48,20 @@ def test_live_at_peak_replays_an_allocator_trace():
         return {"action": "alloc", "addr": addr, "size": size, "frames": frames + [
             {"filename": "/opt/torch/venv/transformers/loop.py", "line": 1, "name": "outer"}]}
 
-    trace = [alloc(1, 100, "/opt/torch/venv/transformers/modeling_a.py"), alloc(2, 50, "/m/modeling_b.py"),
-             {"action": "free_requested", "addr": 1}, {"action": "free_completed", "addr": 1},
+    def free(addr, size):
+        return [{"action": "free_requested", "addr": addr, "size": size},
+                {"action": "free_completed", "addr": addr, "size": size}]
+
+    trace = [*free(99, 40),  # memory allocated before the recording (last step's gradients), freed first: -40
+             alloc(1, 100, "/opt/torch/venv/transformers/modeling_a.py"), alloc(2, 50, "/m/modeling_b.py"),
+             *free(1, 100),
              alloc(1, 120, "/opt/torch/venv/transformers/modeling_a.py"), alloc(3, 30),
-             alloc(4, 5, "/m/modeling_b.py"),  # peak: 205
-             {"action": "free_requested", "addr": 3}, {"action": "free_completed", "addr": 3},
-             {"action": "free_requested", "addr": 99},  # allocated before the recording: not counted
-             alloc(5, 30, "/m/modeling_c.py")]  # 205 again: the first peak is kept
+             alloc(4, 5, "/m/modeling_b.py"),  # the peak: 205 allocated here and live, net 165
+             *free(3, 30), *free(98, 10),  # earlier memory again, after the peak
+             alloc(5, 40, "/m/modeling_c.py")]  # net 165 again (the first peak is kept); 215 without the frees
     out = live_at_peak(trace, top=3, skip="/opt/torch/venv/torch")
-    assert (out["transient_peak_bytes"], out["event"]) == (205, 6)
+    assert (out["net_peak_bytes"], out["earlier_freed_bytes"], out["transient_peak_bytes"], out["event"]) == \
+        (165, 40, 205, 8)
     assert out["by_place"] == [{"place": "modeling_a.py:7 forward", "bytes": 120},
                                {"place": "modeling_b.py:7 forward", "bytes": 55},
                                {"place": "loop.py:1 outer", "bytes": 30}]  # called from transformers' loop.py only

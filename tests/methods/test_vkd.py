@@ -148,15 +148,15 @@ def test_distill_images_add_their_distillation_term(tiny_dirs, data, tmp_path):
     torch.testing.assert_close(hist[0]["loss_vkd_images"], photo_loss.item(), rtol=1e-5, atol=0)
     assert photo_loss.item() > 0 and torch.linalg.vector_norm(torch.cat([g.flatten() for g in g_photos])) > 0.1 * norm
     torch.testing.assert_close(hist[0]["grad_norm"], norm, rtol=1e-4, atol=0)
-    for n, p, g in zip(names, ref_params, g_r):
-        # Adam's first step is lr·g/(|g|+eps): where the clipped |g| is within 100 eps of zero but not zero, the
-        # rounding of g (summed in another order by the loop) moves the step by up to lr. Those entries (one of
-        # 16384 in a layer on the machine this was written on) are left out; every other entry, the pruned ones
-        # (g = 0) among them, must match.
-        g = g * min(1.0, clip / (norm + 1e-6)) * ~pruned[n]
-        steady = (g == 0) | (g.abs() >= 100 * 1e-8)
-        assert steady.float().mean() > 0.999
-        torch.testing.assert_close(params[n][steady], p[steady], rtol=1e-5, atol=1e-6)
+    # Adam's first step is lr·g/(|g|+eps): where the clipped |g| is within 100 eps of zero but not zero, the rounding
+    # of g (summed in another order by the loop) moves the step by up to lr. Those entries (3 to 8 of 16384 in a
+    # layer's weight on the machines this was run on) are left out, at most 1 in 1000 over all weights; every other
+    # entry, the pruned ones (g = 0) among them, must match.
+    steady = {n: (g == 0) | (g.abs() >= 100 * 1e-8)
+              for n, g in zip(names, (g * min(1.0, clip / (norm + 1e-6)) * ~pruned[n] for n, g in zip(names, g_r)))}
+    assert sum(int((~m).sum()) for m in steady.values()) <= sum(m.numel() for m in steady.values()) // 1000
+    for n, p in zip(names, ref_params):
+        torch.testing.assert_close(params[n][steady[n]], p[steady[n]], rtol=1e-5, atol=1e-6)
 
 
 def test_distill_images_refuse_a_forget_photo_and_a_short_pool(tiny_dirs, data, tmp_path):

@@ -259,6 +259,21 @@ def test_offloaded_step_that_raises_keeps_each_param_whole(device, monkeypatch):
     assert not opt.state[params[2]]["exp_avg"].any()
 
 
+def test_offloaded_state_is_one_block_per_param():
+    """The offloaded state's layout (here unpinned): copies and zero moments as aligned views of one buffer."""
+    from surgery.optim import _pinned
+    mask = torch.rand(7, 3) < 0.5
+    indices = torch.tensor([1, 4, 6], dtype=torch.int32)
+    out = _pinned({"mask": mask, "indices": indices}, zeros={"exp_avg": 5, "exp_avg_sq": 5}, pin=False)
+    assert torch.equal(out["mask"], mask) and torch.equal(out["indices"], indices)
+    assert all(torch.equal(out[k], torch.zeros(5)) for k in ("exp_avg", "exp_avg_sq"))
+    storages = {t.untyped_storage().data_ptr() for t in out.values()}
+    assert len(storages) == 1 and all(t.data_ptr() % 16 == 0 for t in out.values())
+    out["exp_avg"] += 1                                          # views that do not overlap
+    assert torch.equal(out["exp_avg_sq"], torch.zeros(5)) and torch.equal(out["indices"], indices)
+    assert out["mask"].data_ptr() != mask.data_ptr()             # a copy
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_offloaded_state_leaves_the_device():
     """The device holds the params and grads, not the 9 bytes per entry of dense state."""
@@ -274,3 +289,8 @@ def test_offloaded_state_leaves_the_device():
     p.grad = torch.randn_like(p)
     opt.step()
     assert torch.cuda.memory_allocated() == before + 4 * p.numel()  # the grad
+    torch.cuda.reset_peak_memory_stats()
+    again = MaskedAdamW([p], masks=[mask], offload=True)
+    again.load_state_dict(opt.state_dict())                       # straight to pinned host memory
+    assert torch.cuda.max_memory_allocated() <= torch.cuda.memory_allocated() + p.numel()  # the mask's copy at most
+    assert all(t.is_pinned() for k, t in again.state[p].items() if k != "step")
