@@ -136,6 +136,23 @@ def write_rows(folder: Path, n_image: int, side: int, seed: int) -> tuple[Path, 
     return files[0], files[1]
 
 
+def _replay(trace: list[dict]):
+    """After each event of an allocator trace: (index, event, the allocations made in the trace and live, the bytes
+    allocated against the trace's start, the bytes freed of memory allocated before it). Allocated memory drops at
+    free_requested (free_completed follows; alone, in a trace recorded without free_requested, it counts)."""
+    live, now, earlier = {}, 0, 0
+    for i, e in enumerate(trace):
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+            now += e["size"]
+        elif e["action"] == "free_requested" or (e["action"] == "free_completed" and e["addr"] in live):
+            gone = live.pop(e["addr"], None)
+            if gone is None:  # allocated before the recording
+                earlier += e.get("size", 0)
+            now -= e.get("size", 0) if gone is None else gone["size"]
+        yield i, e, live, now, earlier
+
+
 def live_at_peak(trace: list[dict], top: int, skip: str = str(Path(torch.__file__).parent)) -> dict:
     """Replay an allocator trace (torch.cuda.memory._snapshot()["device_traces"][i]) to its highest point of allocated
     memory: the net change there against the trace's start (frees of memory allocated before the recording count
@@ -149,27 +166,14 @@ def live_at_peak(trace: list[dict], top: int, skip: str = str(Path(torch.__file_
             if not f["filename"].startswith(skip + "/"):
                 return f"{Path(f['filename']).name}:{f['line']} {f['name']}"
         return "(no Python frame: autograd backward)"
-    live, now, peak, at, earlier, earlier_at_peak = {}, 0, 0, -1, 0, 0
-    for i, e in enumerate(trace):
-        if e["action"] == "alloc":
-            live[e["addr"]] = e["size"]
-            now += e["size"]
-            if now > peak:
-                peak, at, earlier_at_peak = now, i, earlier
-        elif e["action"] == "free_requested":  # allocated memory drops here (free_completed follows)
-            size = live.pop(e["addr"], None)
-            if size is None:  # allocated before the recording
-                size = e.get("size", 0)
-                earlier += size
-            now -= size
-        elif e["action"] == "free_completed" and e["addr"] in live:  # a trace recorded without free_requested
-            now -= live.pop(e["addr"])
-    groups, live = {}, {}
-    for e in trace[:at + 1]:
-        if e["action"] == "alloc":
-            live[e["addr"]] = e
-        elif e["action"] in ("free_requested", "free_completed"):
-            live.pop(e["addr"], None)
+    peak, at, earlier_at_peak = 0, -1, 0
+    for i, e, _, now, earlier in _replay(trace):
+        if e["action"] == "alloc" and now > peak:
+            peak, at, earlier_at_peak = now, i, earlier
+    live = {}
+    for _, _, live, _, _ in _replay(trace[:at + 1]):  # again, to the peak: what is live there
+        pass
+    groups = {}
     for e in live.values():
         key = place(e.get("frames", []))
         groups[key] = groups.get(key, 0) + e["size"]

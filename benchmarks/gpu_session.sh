@@ -32,15 +32,28 @@ copy() { rm -rf "$1"; mkdir -p "$1"; cp -r surgery csrc setup.py pyproject.toml 
          rm -rf "$1"/surgery/kernels; cp -r kernels "$1"/surgery/kernels; }
 waited() {  # wait for job $1, at most until $2 s of the budget are left
   if timeout "$(cap 300 "$2")" tail --pid="$1" -f /dev/null; then wait "$1"; else echo "pid $1 still running: going on"; fi; }
+cuda_arch() {
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c \
+    "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}; }
+backend() {
+  $PY -c "import surgery.ops as o; print('cuda backend:', *(o.backend('cuda', op) for op in o.OPS))"; }
+build_cuda() {  # the CUDA extension in place, in the background at low priority: its pid in $build, /tmp/build.log
+  cuda_arch
+  ( SURGERY_CUDA=1 MAX_JOBS=${MAX_JOBS:-$jobs} $side $PY -m pip install --no-build-isolation --no-deps --no-index -e . \
+      > /tmp/build.log 2>&1; echo "cuda build rc $?" >> /tmp/build.log ) &
+  build=$!; }
+run7b() {  # run7b ARCH MODES LIMIT_S LINES: bench_distributed at 7B (JSON: $OUT/llava7b.json, qwen7b.json), last LINES
+  timeout "$3" $timed $PY benchmarks/bench_distributed.py --arch "$1" --size 7b --device cuda --modes "$2" \
+    --memory-top 12 --json "$OUT/${1%2-vl}7b.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|^ *$" | tail -"$4"; }
 case "${1:-}" in
   test)
     # A/B for the open TORCH_CHECK crash: the CPU-only build on this machine first (does it crash too?)
     SURGERY_CUDA=0 $PY -m pip install --no-build-isolation --no-deps --no-index -e . > "$OUT/build_cpu_only.log" 2>&1 \
       && timeout 300 $PY benchmarks/diagnose_raise.py > "$OUT/diagnose_raise_cpu_only_build.txt" 2>&1
-    export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
+    cuda_arch
     SURGERY_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install --no-build-isolation --no-deps --no-index -e . \
       > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-    $PY -c "import surgery.ops as o; print('cuda backend:', o.backend('cuda'), o.backend('cuda', 'sparse_adamw_'), o.backend('cuda', 'prune_neurons_'))" | tee "$OUT/backend.txt"
+    backend | tee "$OUT/backend.txt"
     timeout 300 $PY benchmarks/diagnose_raise.py > "$OUT/diagnose_raise.txt" 2>&1
     SURGERY_REQUIRE_EXTENSION=1 $PY -m pytest -q -rs tests -p no:cacheprovider > "$OUT/tests.txt" 2>&1
     tail -15 "$OUT/tests.txt"; head -20 "$OUT/diagnose_raise_cpu_only_build.txt" "$OUT/diagnose_raise.txt"
@@ -56,15 +69,12 @@ case "${1:-}" in
     # (The 2026-12-04 run built beside the timing on all cores: short calls, bound by the host's launch work, came out
     # slower than in a CUDA graph by up to 2x.) Then the ops alone on the GPU; then the 7B runs, the diagnosis of the
     # CUDA build on the CPUs beside them; then the GPU tests.
-    export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
     export PYTHONUNBUFFERED=1
     cat "$OUT/environment.txt"; rm "$OUT/environment.txt"; nvcc --version | tail -2  # at most 8 files come back
     echo "timed runs: ${timed:-any core}; builds: $side, $jobs jobs"
     copy /tmp/shim
     echo "kernels from ${SECONDS} s"
-    ( SURGERY_CUDA=1 MAX_JOBS=${MAX_JOBS:-$jobs} $side $PY -m pip install --no-build-isolation --no-deps --no-index -e . \
-        > /tmp/build.log 2>&1; echo "cuda build rc $?" >> /tmp/build.log ) &
-    build=$!
+    build_cuda
     ( copy /tmp/cpuonly; cd /tmp/cpuonly && SURGERY_CUDA=0 $side $PY setup.py build_ext --inplace > /tmp/cpuonly.log 2>&1 \
         && { echo "== CPU-only build"; PYTHONPATH=/tmp/cpuonly timeout 150 $side $PY benchmarks/diagnose_raise.py; } \
         > "$OUT/diagnose.txt" 2>&1 || tail -20 /tmp/cpuonly.log >> "$OUT/diagnose.txt" ) &
@@ -72,7 +82,7 @@ case "${1:-}" in
     PYTHONPATH=/tmp/shim timeout $(cap ${KERNELS_S:-200} 300) $timed $PY benchmarks/bench_kernels.py --sweep --json "$OUT/kernels.json" \
       > "$OUT/kernels.txt" 2>&1; echo "kernels rc $?"; grep -v "^stats bh\|^fisher multi" "$OUT/kernels.txt" | tail -30
     waited $build 300; grep -i "error\|warning: " /tmp/build.log | head -20; tail -3 /tmp/build.log
-    $PY -c "import surgery.ops as o; print('cuda backend:', o.backend('cuda'), o.backend('cuda', 'sparse_adamw_'), o.backend('cuda', 'prune_neurons_'))"
+    backend
     waited $cpuonly 280
     echo "ops from ${SECONDS} s"
     timeout $(cap ${OPS_S:-45} 260) $timed $PY benchmarks/bench_ops.py --device cuda --json "$OUT/ops.json"; echo "ops rc $?"
@@ -80,10 +90,8 @@ case "${1:-}" in
     diag=$!
     echo "7B runs from ${SECONDS} s"
     modes=plain,checkpoint-llm+checkpoint-vision,ga_diff,checkpoint-llm  # the JSON is written after every mode
-    timeout $(cap ${LLAVA_S:-170} 160) $timed $PY benchmarks/bench_distributed.py --arch llava --size 7b --device cuda \
-      --modes $modes --memory-top 12 --json "$OUT/llava7b.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|^ *$" | tail -8
-    timeout $(cap ${QWEN_S:-170} 60) $timed $PY benchmarks/bench_distributed.py --arch qwen2-vl --size 7b --device cuda \
-      --modes $modes --memory-top 12 --json "$OUT/qwen7b.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|^ *$" | tail -8
+    run7b llava $modes $(cap ${LLAVA_S:-170} 160) 8
+    run7b qwen2-vl $modes $(cap ${QWEN_S:-170} 60) 8
     waited $diag 40; grep -v "^\$" "$OUT/diagnose.txt" | head -60
     tests_s=$(cap ${TESTS_S:-240} 0)
     echo "GPU tests from ${SECONDS} s, at most ${tests_s} s"
@@ -99,12 +107,9 @@ case "${1:-}" in
     # the extension builds; the optimizer tests on the GPU; Qwen2-VL-7B and LLaVA-1.5-7B with every memory option
     # (--checkpoint-llm --checkpoint-vision --offload-optimizer) beside the plain path and full-model GA_Diff.
     export PYTHONUNBUFFERED=1
-    export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
     cat "$OUT/environment.txt"; echo "timed runs: ${timed:-any core}; builds: $side, $jobs jobs"
     copy /tmp/shim
-    ( SURGERY_CUDA=1 MAX_JOBS=${MAX_JOBS:-$jobs} $side $PY -m pip install --no-build-isolation --no-deps --no-index -e . \
-        > /tmp/build.log 2>&1; echo "cuda build rc $?" >> /tmp/build.log ) &
-    build=$!
+    build_cuda
     PYTHONPATH=/tmp/shim timeout $(cap 120 130) $timed $PY benchmarks/bench_kernels.py --overhead-only \
       --json "$OUT/overhead.json" > "$OUT/overhead.txt" 2>&1; echo "overhead rc $?"; tail -2 "$OUT/overhead.txt"
     waited $build 200; tail -1 /tmp/build.log
@@ -113,13 +118,9 @@ case "${1:-}" in
       > "$OUT/tests.txt" 2>&1; echo "tests rc $?" >> "$OUT/tests.txt"; tail -3 "$OUT/tests.txt"
     lean=checkpoint-llm+checkpoint-vision+offload-optimizer
     echo "Qwen2-VL 7B from ${SECONDS} s"
-    timeout $(cap 150 60) $timed $PY benchmarks/bench_distributed.py --arch qwen2-vl --size 7b --device cuda \
-      --modes plain,$lean,ga_diff --memory-top 12 --json "$OUT/qwen7b.json" 2>&1 | tr '\r' '\n' \
-      | grep -v "it/s\]\|^ *$" | tail -6
+    run7b qwen2-vl plain,$lean,ga_diff $(cap 150 60) 6
     echo "LLaVA 7B from ${SECONDS} s"
-    timeout $(cap 120 0) $timed $PY benchmarks/bench_distributed.py --arch llava --size 7b --device cuda \
-      --modes $lean,ga_diff --memory-top 12 --json "$OUT/llava7b.json" 2>&1 | tr '\r' '\n' \
-      | grep -v "it/s\]\|^ *$" | tail -5 ;;
+    run7b llava $lean,ga_diff $(cap 120 0) 5 ;;
   overhead)
     # The open question of 2026-12-04: the collection overhead was 5.2 % at the end of the kernel benchmarks and
     # 33.8 % in a fresh `--overhead-only` process (after the 7B runs). Alone, after the kernel cases, alone again, in
