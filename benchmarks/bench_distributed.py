@@ -195,8 +195,7 @@ def measure(mode: str, args, world: distributed.World, device: str, folder: Path
                  method="ga_diff" if mode == "ga_diff" else "vkd")
     cfg, method = pipeline.resolve(cfg)
     splits = load_splits(cfg.forget, cfg.retain)
-    shard = cfg.shard_llm and world.size > 1
-    adapter = build(args.arch, args.size, "cpu" if shard else device, pipeline.resolve_dtype(cfg), cfg.seed)
+    adapter = build(args.arch, args.size, "cpu" if pipeline.shards_llm(cfg, world) else device, pipeline.resolve_dtype(cfg), cfg.seed)
     mlps = adapter.select_layers(None)
     params = adapter.scope_params(cfg.scope, mlps)
     adapter.train_only(params)

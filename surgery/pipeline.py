@@ -132,8 +132,7 @@ def prepare(cfg: Config, world: distributed.World | None = None):
         log.info("--stop-forget-accuracy: %d forget-VQA rows (%d photos) held back to measure forgetting on",
                  len(splits.held_back), len({str(r.image) for r in splits.held_back}))
     log.info("splits: %s", splits.counts())
-    shard = cfg.shard_llm and world.size > 1
-    adapter = load(cfg.model, device="cpu" if shard else cfg.device, dtype=resolve_dtype(cfg),
+    adapter = load(cfg.model, device="cpu" if shards_llm(cfg, world) else cfg.device, dtype=resolve_dtype(cfg),
                    trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
     layers = range(cfg.layers[0], cfg.layers[1] + 1) if cfg.layers else None
     mlps = adapter.select_layers(layers)
@@ -146,11 +145,16 @@ def prepare(cfg: Config, world: distributed.World | None = None):
     return splits, adapter, params, selected
 
 
+def shards_llm(cfg: Config, world: distributed.World) -> bool:
+    """Whether --shard-llm shards anything: only over two or more ranks (then the model is loaded on the CPU first)."""
+    return cfg.shard_llm and world.size > 1
+
+
 def lay_out(cfg: Config, adapter, world: distributed.World) -> None:
     """The memory options on a loaded, frozen model: shard the LLM over the ranks (--shard-llm; the model was loaded
     on the CPU), checkpoint its decoder layers (--checkpoint-llm) and the vision tower's blocks (--checkpoint-vision);
     --offload-optimizer is the loop's (MaskedAdamW(offload=True)), only logged here."""
-    if cfg.shard_llm and world.size > 1:
+    if shards_llm(cfg, world):
         units = distributed.shard_llm(adapter, world, cfg.device)
         log.info("--shard-llm: the language model in %d FSDP units over %d ranks; vision tower and projector "
                  "replicated", units, world.size)
