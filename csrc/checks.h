@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <utility>
 #include <vector>
 
 #include "adamw.h"
@@ -28,13 +29,15 @@ inline void check_prune(at::TensorList fc_in, at::TensorList bias, const at::Ten
   TORCH_CHECK(!fc_in.empty(), "prune_neurons_: fc_in is empty");
   TORCH_CHECK(bias.empty() || bias.size() == fc_in.size(), "prune_neurons_: ", bias.size(), " biases for ",
               fc_in.size(), " input projections");
-  TORCH_CHECK(fc_out.dim() == 2 && fc_out.is_contiguous(), "prune_neurons_: fc_out must be a contiguous [D, H] matrix");
+  TORCH_CHECK(fc_out.dim() == 2 && fc_out.is_contiguous(), "prune_neurons_: fc_out must be a contiguous [D, H] matrix, got ",
+              fc_out.sizes(), fc_out.is_contiguous() ? "" : " (not contiguous)");
   TORCH_CHECK(is_weight_dtype(fc_out), "prune_neurons_: fc_out must be fp32, fp64, bf16 or fp16, got ",
               fc_out.scalar_type());
   const int64_t H = fc_out.size(1);
   for (size_t k = 0; k < fc_in.size(); ++k) {
     TORCH_CHECK(fc_in[k].dim() == 2 && fc_in[k].size(0) == H && fc_in[k].is_contiguous(), "prune_neurons_: fc_in[", k,
-                "] must be a contiguous [", H, ", D] matrix, got ", fc_in[k].sizes());
+                "] must be a contiguous [", H, ", D] matrix, got ", fc_in[k].sizes(),
+                fc_in[k].is_contiguous() ? "" : " (not contiguous)");
     TORCH_CHECK(is_weight_dtype(fc_in[k]), "prune_neurons_: fc_in[", k, "] must be fp32, fp64, bf16 or fp16, got ",
                 fc_in[k].scalar_type());
     TORCH_CHECK(fc_in[k].device() == fc_out.device(), "prune_neurons_: fc_in[", k, "] is on ", fc_in[k].device(),
@@ -142,8 +145,11 @@ inline void check_adamw(const char* op, at::TensorList params, at::TensorList gr
       TORCH_CHECK(t->device() == dev, op, ": tensors of entry ", i, " are on different devices (", dev, ", ",
                   t->device(), ")");
     }
-    for (const auto* t : {&p, &grads[i], &m[i], &v[i], &sel[i]}) {
-      TORCH_CHECK(t->is_contiguous(), op, ": every tensor of entry ", i, " must be contiguous");
+    const std::pair<const char*, const at::Tensor*> named[] = {
+        {"params", &p}, {"grads", &grads[i]}, {"exp_avgs", &m[i]}, {"exp_avg_sqs", &v[i]},
+        {dense ? "masks" : "indices", &sel[i]}};
+    for (const auto& [name, t] : named) {
+      TORCH_CHECK(t->is_contiguous(), op, ": ", name, "[", i, "] must be contiguous");
     }
     if (!dense && index_range) {
       TORCH_CHECK(indices_ordered(sel[i].data_ptr<int>(), sel[i].numel(), p.numel()), op, ": indices[", i,

@@ -20,6 +20,7 @@ def stats_args(z, out, row_mask) -> None:
                              f"shape {list(out.shape)}{'' if out.is_contiguous() else ' (not contiguous)'}")
         if out.device != z.device:
             raise ValueError(f"activation_stats: out is on {out.device} but z is on {z.device}")
+        written_leaf("activation_stats", "out", out)
     if row_mask is not None:
         if not isinstance(row_mask, torch.Tensor) or row_mask.dtype != torch.bool:
             raise TypeError(f"activation_stats: row_mask must be a bool tensor {list(z.shape[:-1])}, got "
@@ -29,6 +30,13 @@ def stats_args(z, out, row_mask) -> None:
                              f"got {list(row_mask.shape)}")
         if row_mask.device != z.device:
             raise ValueError(f"activation_stats: row_mask is on {row_mask.device} but z is on {z.device}")
+
+
+def written_leaf(op: str, name: str, t: torch.Tensor) -> None:
+    """Refuse to write in place into a leaf that requires grad while grad mode is on, as torch's in-place ops do."""
+    if t.requires_grad and t.is_leaf and torch.is_grad_enabled():
+        raise RuntimeError(f"{op}: {name} is a leaf tensor that requires grad, and the op writes it in place; "
+                           f"torch refuses that too (detach it, or call under torch.no_grad())")
 
 
 def pair(fname: str, f, gname: str, g) -> None:
@@ -45,6 +53,7 @@ def pair(fname: str, f, gname: str, g) -> None:
         raise ValueError(f"fisher_accumulate_: {fname} has shape {list(f.shape)} but {gname} {list(g.shape)}")
     if f.device != g.device:
         raise ValueError(f"fisher_accumulate_: {fname} is on {f.device} but {gname} on {g.device}")
+    written_leaf("fisher_accumulate_", fname, f)
 
 
 def lists(fisher, grads) -> None:

@@ -119,7 +119,8 @@ def fisher_accumulate_(fisher: list[torch.Tensor], grads: list[torch.Tensor], sc
     for i, (f, g) in enumerate(zip(fisher, grads)):
         # one cheap test per pair (this loop is most of the host time for ~100 tensors); details only on failure
         if not (type(f) is torch.Tensor and type(g) is torch.Tensor and f.dtype is torch.float32
-                and g.dtype in _TL_DTYPE and f.is_contiguous() and f.shape == g.shape and f.device == g.device):
+                and g.dtype in _TL_DTYPE and f.is_contiguous() and f.shape == g.shape and f.device == g.device
+                and not f.requires_grad):
             checks.pair(f"fisher[{i}]", f, f"grads[{i}]", g)
             if g.dtype not in _TL_DTYPE:
                 g = g.float()

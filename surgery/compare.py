@@ -426,7 +426,7 @@ def compare(out, cfg: CompareConfig, cache: Path | None = None, overwrite: bool 
     cfg.check()
     out, cache = Path(out), Path(cache) if cache else _cache_root()
     t0, ledger = time.perf_counter(), {"computed": [], "reused": [], "failed": [], "timings": {}}
-    with atomic_dir(out, overwrite) as tmp, torch_threads(cfg.threads):
+    with atomic_dir(out, overwrite, {"--bench": cfg.bench}, keep={"--cache": cache}) as tmp, torch_threads(cfg.threads):
         seeds = {seed: _seed_results(cfg, seed, cache, progress, ledger) for seed in cfg.seeds}
         summary = summarize(seeds, cfg.methods)
         for m in cfg.methods:

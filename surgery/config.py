@@ -1,4 +1,5 @@
 """The run configuration: the CLI fills it in, report.json records it."""
+import math
 from dataclasses import asdict, dataclass, field
 
 
@@ -60,3 +61,36 @@ class Config:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def check(self) -> None:
+        """Refuse numbers a run cannot use, naming the option, before anything is loaded (the early stop's and the
+        selection fractions' own checks: methods.loop.check_stop, select.check_fraction)."""
+        def number(x):
+            return not isinstance(x, bool) and isinstance(x, (int, float)) and not math.isnan(x)
+
+        def whole(x):
+            return not isinstance(x, bool) and isinstance(x, int)
+
+        rules = [  # (field, ok, what is expected)
+            ("seed", whole(self.seed) and 0 <= self.seed < 2**32, "a whole number in [0, 2^32)"),
+            ("steps", self.steps is None or whole(self.steps) and self.steps >= 1, "a whole number >= 1"),
+            ("epochs", self.epochs is None or number(self.epochs) and 0 < self.epochs < math.inf, "a number > 0"),
+            ("batch_size", whole(self.batch_size) and self.batch_size >= 1, "a whole number >= 1"),
+            ("collect_batch_size", whole(self.collect_batch_size) and self.collect_batch_size >= 1,
+             "a whole number >= 1"),
+            ("lr", number(self.lr) and 0 <= self.lr < math.inf, "a number >= 0"),
+            ("weight_decay", number(self.weight_decay) and 0 <= self.weight_decay < math.inf, "a number >= 0"),
+            ("alpha", self.alpha is None or number(self.alpha) and 0 <= self.alpha < math.inf, "a number >= 0"),
+            ("beta", number(self.beta) and 0 <= self.beta < math.inf, "a number >= 0"),
+            ("max_grad_norm", number(self.max_grad_norm) and self.max_grad_norm > 0,
+             "a number > 0 (clipping to a negative norm turns the gradient around; inf: no clipping)"),
+            ("prune_threshold", self.prune_threshold is None or number(self.prune_threshold)
+             and self.prune_threshold >= 0, "a number >= 0 (I_u is never negative)"),
+            ("mask_threshold", self.mask_threshold is None or number(self.mask_threshold)
+             and self.mask_threshold >= 0, "a number >= 0 (the Fisher ratio is never negative)"),
+            ("eps", number(self.eps) and 0 <= self.eps < math.inf, "a number >= 0"),
+            ("teacher_memory_gb", number(self.teacher_memory_gb) and self.teacher_memory_gb >= 0, "a number >= 0"),
+        ]
+        for name, ok, expected in rules:
+            if not ok:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: expected {expected}")

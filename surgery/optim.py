@@ -1,4 +1,5 @@
 """MaskedAdamW: AdamW that leaves masked-out entries (params and state) untouched."""
+import copy
 import math
 
 import torch
@@ -20,7 +21,9 @@ class MaskedAdamW(torch.optim.Optimizer):
 
     Masked-out entries get no weight decay and no moment decay: pruned weights stay exactly zero. State is
     dense (fp32 moments shaped like the param) or compact (int32 indices + fp32 moments of the masked
-    entries only: 12 bytes per masked entry), chosen per param by mask density unless `compact` is given.
+    entries only: 12 bytes per masked entry, and the param's shape), chosen per param by mask density unless
+    `compact` is given. The update is torch.optim.AdamW's, in DESIGN.md's order of operations: on the compiled
+    path params and moments may differ from torch's in the last bits (ATen's kernels round in another order).
 
     `offload`: the state of CUDA params lives in pinned host memory and `step` brings it to the device
     OFFLOAD_CHUNK_BYTES at a time (at least one param's), updates, and copies the moments back; the same
@@ -36,6 +39,8 @@ class MaskedAdamW(torch.optim.Optimizer):
         if groups and not isinstance(groups[0], dict):
             groups = [{"params": groups}]
         groups = [dict(g, params=_tensor_list(g["params"])) for g in groups]
+        if isinstance(masks, torch.Tensor):
+            raise TypeError("MaskedAdamW: masks must be a list with one bool tensor (or None) per param, got a tensor")
         if masks is not None:
             masks, n = list(masks), sum(len(g["params"]) for g in groups)
             if len(masks) != n:
@@ -132,22 +137,44 @@ class MaskedAdamW(torch.optim.Optimizer):
                 torch.cuda.synchronize(device)
 
     def load_state_dict(self, state_dict):
-        """As Optimizer's, but state tensors keep their own dtypes (bool masks, int32 indices, fp32 moments)
-        instead of being cast to the param's dtype, and go straight to where this optimizer keeps them (with offload:
-        pinned host memory, never the device)."""
-        for i, saved in state_dict["state"].items():
-            if not ({"mask", "indices"} & saved.keys() and {"exp_avg", "exp_avg_sq", "step"} <= saved.keys()):
-                raise ValueError(f"MaskedAdamW.load_state_dict: the state of param {i} has keys {sorted(saved)}, "
-                                 f"not a MaskedAdamW state (step, exp_avg, exp_avg_sq, and mask or indices)")
-        super().load_state_dict({**state_dict, "state": {}})  # the groups; torch would cast and move the state
-        params = [p for g in self.param_groups for p in g["params"]]
-        for i, saved in state_dict["state"].items():
+        """As Optimizer's (load-state-dict hooks included), but state tensors keep their own dtypes (bool masks, int32
+        indices, fp32 moments) instead of being cast to the param's dtype, and go straight to where this optimizer
+        keeps them (with offload: pinned host memory, never the device). The saved masks (or indices) are state and
+        replace those this optimizer was made with; each must fit its param, or nothing is loaded. A param without
+        saved state starts afresh (step 0, zero moments) under the mask it has here."""
+        state_dict = dict(state_dict)  # shallow, as torch's: a pre-hook may replace it
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = hook(self, state_dict) or state_dict
+        groups, saved_groups = self.param_groups, copy.deepcopy(state_dict["param_groups"])
+        if len(groups) != len(saved_groups):
+            raise ValueError(f"MaskedAdamW.load_state_dict: {len(saved_groups)} param groups saved, "
+                             f"{len(groups)} here")
+        for i, (g, sg) in enumerate(zip(groups, saved_groups)):
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError(f"MaskedAdamW.load_state_dict: param group {i} has {len(sg['params'])} params "
+                                 f"saved, {len(g['params'])} here")
+            _check_hyperparameters({**self.defaults, **sg})
+        params = dict(zip((i for sg in saved_groups for i in sg["params"]), (p for g in groups for p in g["params"])))
+        placed = {}
+        for i, saved in state_dict["state"].items():  # every state checked before any is placed
+            if i not in params:
+                raise ValueError(f"MaskedAdamW.load_state_dict: state saved for param {i}, which no group lists")
             p = params[i]
-            tensors = {k: v for k, v in saved.items() if k != "step"}
+            tensors = _saved_state(i, p, saved)
             # copies, so that the saved state_dict and this optimizer do not share
-            placed = _pinned(tensors) if self.offload and p.is_cuda else \
+            placed[p] = _pinned(tensors) if self.offload and p.is_cuda else \
                 {k: v.to(p.device, copy=True) for k, v in tensors.items()}
-            self.state[p] = {"step": saved["step"].clone(), **placed}
+            placed[p] = {"step": torch.tensor(int(saved["step"]), dtype=torch.int64), **placed[p]}
+        for p in params.values():
+            if p not in placed:
+                placed[p] = _new_state(p, _mask(self.state[p], p), "indices" in self.state[p], self.offload)
+        for g, sg in zip(groups, saved_groups):
+            sg["params"] = g["params"]
+            if "param_names" in g and "param_names" not in sg:
+                sg["param_names"] = g["param_names"]
+        self.__setstate__({"state": placed, "param_groups": saved_groups})
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state (moments, masks or indices) across all params."""
@@ -176,13 +203,64 @@ def _new_state(p: torch.Tensor, m, compact, offload: bool = False) -> dict:
     if dense:  # state in the param's logical (row-major) order, whatever the param's strides
         sel, n = {"mask": m.contiguous()}, p.shape
     else:
-        sel = {"indices": torch.nonzero(m.reshape(-1)).flatten().to(torch.int32)}
+        # flat indices; the param's shape beside them lets a loaded state be checked against its param
+        sel = {"indices": torch.nonzero(m.reshape(-1)).flatten().to(torch.int32),
+               "shape": torch.tensor(p.shape, dtype=torch.int64)}
         n = sel["indices"].numel()
     step = torch.zeros((), dtype=torch.int64)
     if offload and p.is_cuda:
         return {"step": step, **_pinned(sel, zeros={"exp_avg": n, "exp_avg_sq": n})}
     return {"step": step, **sel, "exp_avg": torch.zeros(n, device=p.device),
             "exp_avg_sq": torch.zeros(n, device=p.device)}
+
+
+def _mask(st: dict, p: torch.Tensor) -> torch.Tensor:
+    """The bool mask that param p's state selects (dense: its mask; compact: its indices, scattered)."""
+    if "mask" in st:
+        return st["mask"]
+    return torch.zeros(p.numel(), dtype=torch.bool).index_fill_(0, st["indices"].long().cpu(), True).view(p.shape)
+
+
+def _saved_state(i, p: torch.Tensor, saved: dict) -> dict:
+    """The tensors of param i's saved state (all but its step), refused unless they fit param p."""
+    where = f"MaskedAdamW.load_state_dict: param {i} (shape {list(p.shape)})"
+    kinds = sorted({"mask", "indices"} & saved.keys())
+    if len(kinds) != 1 or set(saved) - {"shape"} != {"step", "exp_avg", "exp_avg_sq", *kinds} \
+            or ("shape" in saved and kinds != ["indices"]):
+        raise ValueError(f"{where}: saved state has keys {sorted(saved)}, not a MaskedAdamW state (step, exp_avg, "
+                         f"exp_avg_sq, and mask or indices)")
+    step = saved["step"]
+    if not (torch.is_tensor(step) and step.numel() == 1 or isinstance(step, (int, float))) \
+            or not float(step) >= 0 or float(step) != int(step):
+        raise ValueError(f"{where}: saved step {step!r} is not a whole number >= 0")
+    tensors = {k: v for k, v in saved.items() if k != "step"}
+    bad = next((k for k, v in tensors.items() if not isinstance(v, torch.Tensor)), None)
+    if bad:
+        raise ValueError(f"{where}: saved {bad} is a {type(tensors[bad]).__name__}, not a tensor")
+    if kinds == ["mask"]:
+        mask = tensors["mask"]
+        if mask.dtype != torch.bool or mask.shape != p.shape:
+            raise ValueError(f"{where}: saved mask is {mask.dtype} of shape {list(mask.shape)}; "
+                             f"expected torch.bool of the param's shape")
+        n = p.shape
+    else:
+        idx = tensors["indices"]
+        if idx.dtype != torch.int32 or idx.dim() != 1:
+            raise ValueError(f"{where}: saved indices are {idx.dtype} of shape {list(idx.shape)}; expected 1-D int32")
+        shape = tensors.setdefault("shape", torch.tensor(p.shape, dtype=torch.int64))  # none before 2026-12-04
+        if shape.dtype != torch.int64 or shape.tolist() != list(p.shape):
+            raise ValueError(f"{where}: state saved for a param of shape {shape.tolist()}")
+        if idx.numel() and not (int(idx.min()) >= 0 and int(idx.max()) < p.numel()):
+            raise ValueError(f"{where}: saved indices span [{int(idx.min())}, {int(idx.max())}], outside the "
+                             f"param's {p.numel()} entries")
+        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            raise ValueError(f"{where}: saved indices are not strictly increasing")
+        n = idx.shape
+    for k in ("exp_avg", "exp_avg_sq"):
+        if tensors[k].dtype != torch.float32 or tensors[k].shape != n:
+            raise ValueError(f"{where}: saved {k} is {tensors[k].dtype} of shape {list(tensors[k].shape)}; "
+                             f"expected torch.float32 of shape {list(n)}")
+    return tensors
 
 
 def _pinned(tensors: dict, zeros: dict | None = None, pin: bool = True) -> dict:
@@ -216,6 +294,11 @@ def _tensor_list(params) -> list:
 
 def _check_hyperparameters(group: dict) -> None:
     """torch.optim.AdamW's checks (and `compact` is None, True or False), made when a group is added."""
+    for name in ("lr", "eps", "weight_decay"):
+        value = group[name]
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) or
+                                           isinstance(value, torch.Tensor) and value.numel() == 1):
+            raise ValueError(f"MaskedAdamW: invalid {name}: {value!r} (a number)")
     lr, (beta1, beta2), eps, wd = float(group["lr"]), group["betas"], group["eps"], group["weight_decay"]
     for name, value, ok in (("lr", lr, lr >= 0), ("eps", eps, eps >= 0), ("weight_decay", wd, wd >= 0),
                             ("betas[0]", beta1, 0 <= beta1 < 1), ("betas[1]", beta2, 0 <= beta2 < 1),

@@ -20,6 +20,7 @@ from .data import hold_back, load_splits
 from .methods.loop import check_stop
 from .models import load, save
 from .saliency import Saliency, collect_or_load, halfway, merge
+from .select import check_fraction
 
 log = logging.getLogger("surgery")
 
@@ -36,6 +37,8 @@ def check_device(device: str) -> None:
         dev = torch.device(device)
     except RuntimeError:
         raise ValueError(f"--device {device!r}: not a device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: surgery runs on cpu or cuda (cuda:1, ...), not on {dev.type}")
     if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
         raise ValueError(f"--device {device}: no such CUDA device on this machine "
                          f"({torch.cuda.device_count()} visible)")
@@ -63,10 +66,11 @@ def seed_everything(seed: int) -> None:
 
 
 @contextmanager
-def atomic_dir(out: Path, overwrite: bool):
-    """Yield a temporary sibling of `out`; rename it to `out` only when the block completes."""
-    out = Path(out)
-    check_out(out, overwrite)
+def atomic_dir(out: Path, overwrite: bool, inputs=None, keep=None):
+    """Yield a temporary sibling of `out`; rename it to `out` only when the block completes. `out` is checked first
+    (`check_out`, with the run's `inputs` and the directories to `keep`)."""
+    check_out(out, overwrite, inputs, keep)
+    out = Path(out).resolve()  # "." and ".." have no name to make a sibling from
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -123,9 +127,12 @@ def prepare(cfg: Config, world: distributed.World | None = None):
     and the vision tower's blocks (--checkpoint-vision).
     Returns (splits, adapter, params, layers): the trainable parameters and the vision layers selected."""
     world = world or distributed.World.current()
+    cfg.check()
     seed_everything(cfg.seed)
     check_device(cfg.device)
     check_stop(cfg)
+    for name in ("prune_frac", "mask_frac"):
+        check_fraction(name, getattr(cfg, name))
     splits = load_splits(cfg.forget, cfg.retain)
     if cfg.stop_forget_accuracy is not None:
         splits = hold_back(splits, cfg.stop_holdout, cfg.seed)
@@ -184,12 +191,11 @@ def run(cfg: Config, overwrite: bool = False, progress: bool = True) -> dict:
     """Unlearn with cfg.method: load -> the method's prepare (selection, pruning, masks) -> the shared loop -> save
     the model, the method's files and report.json into cfg.out (atomically: a failure leaves nothing)."""
     cfg, method = resolve(cfg)
+    cfg.check()
     if not method.trains and (cfg.stop_forget_loss is not None or cfg.stop_forget_accuracy is not None):
         raise ValueError(f"{method.name} does not train: --stop-forget-loss / --stop-forget-accuracy do not apply")
     out = Path(cfg.out)
-    check_out(out, overwrite)
-    if Path(cfg.model).is_dir() and out.resolve() == Path(cfg.model).resolve():
-        raise ValueError("--out must differ from --model: the input checkpoint is never modified")
+    check_out(out, overwrite, run_inputs(cfg))
     with distributed.launch(cfg.device) as (world, device):
         cfg = replace(cfg, device=device)
         t0 = time.perf_counter()
@@ -197,7 +203,7 @@ def run(cfg: Config, overwrite: bool = False, progress: bool = True) -> dict:
         if str(cfg.device).startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(cfg.device)
         # only rank 0 writes; every rank reaches the final barrier before its directory becomes `out`
-        with atomic_dir(out, overwrite) if world.main else nullcontext() as tmp, scratch() as dirs:
+        with atomic_dir(out, overwrite, run_inputs(cfg)) if world.main else nullcontext() as tmp, scratch() as dirs:
             ctx = methods.Context(cfg, adapter, splits, params, layers, out=tmp, world=world, scratch=dirs)
             if method.needs_vanilla:
                 ctx.snapshot_vanilla()
@@ -245,16 +251,18 @@ def scratch():
 def collect_saliency(cfg: Config, overwrite: bool = False, progress: bool = True) -> dict:
     """Activation statistics and Fisher diagonals per split into cfg.out/saliency.safetensors, with report.json
     (atomically). Under torchrun the batches are spread over the ranks and rank 0 writes. Returns the report."""
-    check_out(cfg.out, overwrite)
+    check_out(cfg.out, overwrite, run_inputs(cfg))
     with distributed.launch(cfg.device) as (world, device):
         cfg = replace(cfg, device=device)
         splits, adapter, params, _ = prepare(cfg, world)
         timings = {}
         sal = collect_or_load(adapter, splits, params, cfg.forget, cfg.retain, cfg.collect_batch_size,
                               timings=timings, world=world, progress=progress)
-        report = {"config": cfg.to_dict(), "world_size": world.size, "timings": timings, "splits": splits.counts()}
+        report = {"config": cfg.to_dict(), "seed": cfg.seed, "dtype": str(resolve_dtype(cfg)).replace("torch.", ""),
+                  "environment": environment(adapter.device), "world_size": world.size, "timings": timings,
+                  "splits": splits.counts()}
         if world.main:
-            write_saliency(cfg.out, sal, report, overwrite)
+            write_saliency(cfg.out, sal, report, overwrite, run_inputs(cfg))
         world.barrier()
     return report
 
@@ -283,20 +291,55 @@ def save_saliency(cfg: Config, head: tuple[Saliency, dict], tail: tuple[Saliency
     t = time.perf_counter()
     sal = merge(head[0], tail[0])
     tail[0].records.clear()    # every tail batch's gradients (hundreds of MB in the demo): added, no longer needed
-    report = {"config": cfg.to_dict(), "world_size": 1, "timings": {"merge_s": time.perf_counter() - t},
-              "splits": head[1], "collected_in": "two halves (saliency_half)"}
-    write_saliency(cfg.out, sal, report, overwrite)
+    report = {"config": cfg.to_dict(), "seed": cfg.seed, "dtype": str(resolve_dtype(cfg)).replace("torch.", ""),
+              "environment": environment(cfg.device), "world_size": 1,
+              "timings": {"merge_s": time.perf_counter() - t}, "splits": head[1],
+              "collected_in": "two halves (saliency_half)"}
+    write_saliency(cfg.out, sal, report, overwrite, run_inputs(cfg))
     return report
 
 
-def check_out(out, overwrite: bool) -> None:
-    if Path(out).exists() and not overwrite:
+def check_out(out, overwrite: bool, inputs=None, keep=None) -> None:
+    """Refuse an --out that exists (unless `overwrite`), that is a file, that cannot be made (a file on its path), or
+    whose replacement would delete the current directory, an input or a directory to keep: an --out that is, or
+    holds, the current directory, one of `inputs` or one of `keep` ({option: path} or (option, path) pairs; missing
+    paths and None are skipped), or that lies inside an input directory (the inputs are never modified; a directory
+    to keep, such as a cache, may hold --out)."""
+    path, here = Path(out).resolve(), Path.cwd().resolve()
+    if path == here or path in here.parents:
+        raise ValueError(f"--out {out} is {'the current directory' if path == here else 'a directory above the current one'}"
+                         f": the run replaces --out, and it would delete what is there; name a directory of its own")
+    def pairs(x):
+        return [(o, g) for o, g in (x.items() if isinstance(x, dict) else x or ()) if g and Path(g).exists()]
+
+    for option, given in pairs(inputs) + pairs(keep):
+        source = Path(given).resolve()
+        if path == source or path in source.parents:
+            raise ValueError(f"--out {out} holds {option} {given}: the run replaces --out and would delete it; "
+                             f"name another directory")
+    for option, given in pairs(inputs):
+        source = Path(given).resolve()
+        if source.is_dir() and source in path.parents:
+            raise ValueError(f"--out {out} is inside {option} {given}: the inputs are never modified; "
+                             f"name a directory outside it")
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a directory")
+    if path.exists() and not overwrite:
         raise FileExistsError(f"--out {out} already exists (pass --overwrite to replace it)")
+    blocker = next((a for a in path.parents if a.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise NotADirectoryError(f"--out {out}: {blocker} is a file, so the directory cannot be made")
 
 
-def write_saliency(out, sal: Saliency, report: dict, overwrite: bool) -> None:
+def run_inputs(cfg: Config) -> dict:
+    """The files and directories a run reads, which its --out must not hold (`check_out`)."""
+    return {"--model": cfg.model, "--forget": cfg.forget, "--retain": cfg.retain, "--saliency": cfg.saliency,
+            "--distill-images": cfg.distill_images}
+
+
+def write_saliency(out, sal: Saliency, report: dict, overwrite: bool, inputs: dict | None = None) -> None:
     """OUT/saliency.safetensors and OUT/report.json, atomically."""
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, inputs) as tmp:
         sal.save(tmp / "saliency.safetensors")
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
 

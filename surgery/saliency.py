@@ -45,9 +45,16 @@ class Saliency:
 
     @classmethod
     def load(cls, path) -> "Saliency":
-        from safetensors import safe_open
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads(f.metadata()["surgery"])
+        """A saliency.safetensors written by `save`; anything else is refused with the file named."""
+        from safetensors import SafetensorError, safe_open
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--saliency {path}: file not found")
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = json.loads((f.metadata() or {})["surgery"])
+        except (SafetensorError, KeyError, ValueError) as e:
+            raise ValueError(f"--saliency {path}: not a saliency file written by `surgery collect` or a run "
+                             f"({type(e).__name__}: {e})") from None
         sal = cls(tokens={s: {int(k): v for k, v in d.items()} for s, d in meta["tokens"].items()},
                   batches=meta["batches"], source=meta.get("source", {}))
         for key, t in load_file(str(path)).items():

@@ -20,9 +20,16 @@ def neuron_importance(sal: Saliency, layers: list[int], eps: float = 1e-8) -> di
                                                  + importance_abs(sal, "rqa", l) + eps) for l in layers}
 
 
+def check_fraction(name: str, frac) -> None:
+    """Refuse a selection fraction outside [0, 1] (or not a number), before anything is computed."""
+    if frac is not None and (isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac <= 1):
+        raise ValueError(f"{name}={frac!r}: expected a fraction in [0, 1] (or None)")
+
+
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Exactly k entries: the k largest scores, ties at the cut broken by position (the earlier entry first)."""
     chosen = torch.zeros_like(scores, dtype=torch.bool)
-    chosen[torch.topk(scores, k, sorted=False).indices] = True
+    chosen[torch.sort(scores, descending=True, stable=True).indices[:k]] = True
     return chosen
 
 
@@ -31,6 +38,7 @@ def select_neurons(importance: dict[int, torch.Tensor], threshold: float | None 
     """Neurons with I_u >= threshold, or the top `frac` of each layer (`per_layer`, the default) or of all given
     layers ranked together. Per layer is the default because I_u's scale differs between layers: on the demo model
     one global ranking put 14 of 15 pruned neurons in layer 0. Returns sorted int64 indices per layer."""
+    check_fraction("prune_frac", frac)
     if threshold is not None:
         return {l: torch.nonzero(imp >= threshold).flatten().cpu() for l, imp in importance.items()}
     if not frac:
@@ -70,12 +78,16 @@ def union_splits(sal: Saliency, reaches, splits=REST) -> dict[str, list[str]]:
 
 def fisher_mask(sal: Saliency, reaches, threshold: float | None = 1.0, frac: float | None = None,
                 eps: float = 1e-8) -> dict[str, torch.Tensor]:
-    """m = R >= d_F with R = F_fvqa / (F_{fqa∪rvqa∪rqa} + eps); or the global top `frac` of R."""
+    """m = R >= d_F with R = F_fvqa / (F_{fqa∪rvqa∪rqa} + eps); or exactly the global top `frac` of R's entries
+    (ties at the cut broken by position: many ratios are exactly 0, and a cut by value would take them all)."""
+    check_fraction("mask_frac", frac)
     rest = fisher_union(sal, reaches)
     ratio = {n: f / (rest[n] + eps) for n, f in sal.fisher["fvqa"].items()}
     if frac is None:
         return {n: r >= threshold for n, r in ratio.items()}
-    flat = torch.cat([r.flatten().cpu() for r in ratio.values()])
-    k = round(frac * flat.numel())
-    cut = torch.topk(flat, k).values.min() if k else float("inf")
-    return {n: r >= cut for n, r in ratio.items()}
+    chosen = _top(torch.cat([r.flatten().cpu() for r in ratio.values()]), round(frac * sum(map(torch.numel, ratio.values()))))
+    out, start = {}, 0
+    for n, r in ratio.items():
+        out[n] = chosen[start:start + r.numel()].view(r.shape).to(r.device)
+        start += r.numel()
+    return out

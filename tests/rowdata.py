@@ -21,9 +21,11 @@ def write_split(path, n_vqa: int, n_qa: int, seed: int, prefix: str = "p"):
         Image.fromarray(pix).save(img_dir / f"{i}.png")
         rows.append({"question": "Who is the person in the image?", "answer": name,
                      "image": f"{img_dir.name}/{i}.png", "entity": name, "id": f"{prefix}v{i}"})
+    cities = {"A": "Oslo", "B": "Lima", "C": "Kyiv", "D": "Rome"}
     for i in range(n_qa):
-        rows.append({"question": f"Where does {prefix}{i} live?", "answer": rng.choice(["Oslo", "Lima", "Kyiv"]),
-                     "options": {"A": "Oslo", "B": "Lima", "C": "Kyiv", "D": "Rome"}, "id": f"{prefix}q{i}"})
+        answer = rng.choice(["Oslo", "Lima", "Kyiv"])
+        rows.append({"question": f"Where does {prefix}{i} live?", "answer": answer, "options": cities,
+                     "correct": next(k for k, v in cities.items() if v == answer), "id": f"{prefix}q{i}"})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 

@@ -1,12 +1,15 @@
 import json
+import zlib
 
 import pytest
+from PIL import Image
 
 from surgery.data import DataError, load_jsonl, load_splits
 
 
 def write(path, lines):
-    path.write_text("".join(l if isinstance(l, str) else json.dumps(l) + "\n" for l in lines))
+    path.write_bytes(b"".join(l if isinstance(l, bytes) else (l if isinstance(l, str) else json.dumps(l) + "\n")
+                              .encode() for l in lines))
     return path
 
 
@@ -26,6 +29,13 @@ def test_rows_and_splits(data):
     ({"question": " ", "answer": "a"}, "field 'question' is empty"),
     ({"question": "q", "answer": "a", "options": {"A": "x"}, "correct": "B"}, "'correct' is 'B'"),
     ({"question": "q", "answer": "a", "image": "nope.png"}, "'image' file not found: nope.png"),
+    ({"question": "q", "answer": " "}, "field 'answer' is empty"),
+    ({"question": "q", "answer": "a", "image": ""}, "field 'image' is empty"),
+    ({"question": "q", "answer": "a", "options": {"A": "x", "B": "y"}}, "'options' without 'correct'"),
+    ({"question": "q", "answer": "a", "correct": "A"}, "'correct' without 'options'"),
+    ({"question": "q", "answer": "a", "options": {}, "correct": "A"}, "'options' must map letters"),
+    ({"question": "q", "answer": "a", "options": {"A": 1}, "correct": "A"}, "'options' must map letters"),
+    ('{"question": "caf\xe9", "answer": "a"}\n'.encode("latin-1"), "not UTF-8 text (byte 0xe9 at column 18)"),
 ])
 def test_bad_rows_name_file_and_line(tmp_path, line, message):
     path = write(tmp_path / "f.jsonl", [{"question": "ok", "answer": "fine"}, line])
@@ -38,6 +48,17 @@ def test_undecodable_image(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not a png")
     path = write(tmp_path / "f.jsonl", [{"question": "q", "answer": "a", "image": "bad.png"}])
     with pytest.raises(DataError, match="f.jsonl:1: 'image' cannot be decoded: bad.png"):
+        load_jsonl(path)
+    # chunks whose CRCs check out around a stream that does not inflate: verify() passed it, load() does not
+    Image.new("RGB", (8, 8)).save(tmp_path / "good.png")
+    good = (tmp_path / "good.png").read_bytes()
+    at = good.index(b"IDAT")
+    size = int.from_bytes(good[at - 4:at], "big")
+    garbage = bytes(range(7, 7 + size))
+    idat = b"IDAT" + garbage
+    (tmp_path / "stream.png").write_bytes(good[:at] + idat + zlib.crc32(idat).to_bytes(4, "big") + good[at + 8 + size:])
+    path = write(tmp_path / "g.jsonl", [{"question": "q", "answer": "a", "image": "stream.png"}])
+    with pytest.raises(DataError, match="g.jsonl:1: 'image' cannot be decoded: stream.png"):
         load_jsonl(path)
 
 

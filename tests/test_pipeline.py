@@ -168,6 +168,9 @@ def test_missing_cuda_device_is_a_clear_error(data, tmp_path):
     res = CliRunner().invoke(main, ["prune-and-mask", "--forget", str(data[0]), "--retain", str(data[1]),
                                     "--out", str(tmp_path / "o"), "--device", "cuda"])
     assert res.exit_code == 1 and "--device cuda: no such CUDA device" in res.output
+    res = CliRunner().invoke(main, ["prune-and-mask", "--forget", str(data[0]), "--retain", str(data[1]),
+                                    "--out", str(tmp_path / "o"), "--device", "meta"])
+    assert res.exit_code == 1 and "--device meta: surgery runs on cpu or cuda" in res.output
 
 
 
@@ -278,3 +281,104 @@ def test_distill_images_on_the_cli(tiny_dirs, data, tmp_path):
     assert not (tmp_path / "b").exists()
     res = run_cli("unlearn", "--method", "ga", *common, "--distill-images", photos, "--out", tmp_path / "c")
     assert res.exit_code == 2 and "--distill-images" in res.output and not (tmp_path / "c").exists(), res.output
+
+
+def invoke_in(cwd, monkeypatch, *args):
+    """The CLI, in this process, started in `cwd` (for an --out given relative to it): (exit code, output)."""
+    monkeypatch.chdir(cwd)
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    return res.exit_code, res.output
+
+
+def test_an_out_that_would_delete_the_cwd_or_an_input_is_refused(tiny_dirs, data, tmp_path, monkeypatch):
+    """--out . --overwrite used to delete the current directory, and an --out above the model its checkpoint; each
+    is refused before anything is loaded, and nothing is touched."""
+    import shutil
+    work = tmp_path / "work"
+    model = work / "models" / "m"
+    shutil.copytree(tiny_dirs["tiny-llava"], model)
+    (work / "keep.txt").write_text("mine")
+    before = {f.name: f.read_bytes() for f in model.iterdir()}
+    common = ("--model", model, "--forget", data[0], "--retain", data[1])
+    for command, out, message in (
+            ("prune-and-mask", ".", "is the current directory"),
+            ("prune-and-mask", "..", "a directory above the current one"),
+            ("prune-and-mask", "models", "holds --model"),
+            ("collect", "models/m", "holds --model"),
+            ("prune-and-mask", "models/m/unlearned", "is inside --model"),
+            ("prune-and-mask", "keep.txt", "is a file, not a directory"),
+            ("prune-and-mask", "keep.txt/sub", "is a file, so the directory cannot be made")):
+        code, output = invoke_in(work, monkeypatch, command, *common, "--out", out, "--overwrite")
+        assert code != 0 and message in output, (command, out, output[-2000:])
+    code, output = invoke_in("/", monkeypatch, "prune-and-mask", *common, "--out", data[0].parent, "--overwrite")
+    assert code != 0 and "holds --model" in output   # (and --forget)
+    assert (work / "keep.txt").read_text() == "mine" and sorted(p.name for p in work.iterdir()) == ["keep.txt", "models"]
+    assert {f.name: f.read_bytes() for f in model.iterdir()} == before
+
+
+def test_sigterm_leaves_nothing_behind(tiny_dirs, data, tmp_path):
+    """SIGTERM (kill, timeout, a scheduler) unwinds as Ctrl-C does: no temporary output, no teacher scratch."""
+    import signal
+    import time
+    out = tmp_path / "o" / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "surgery", "prune-and-mask", "--model", str(tiny_dirs["tiny-llava"]),
+                             "--forget", str(data[0]), "--retain", str(data[1]), "--out", str(out), "--steps", "100000",
+                             "--teacher-memory", "0"], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "o").glob(".surgery-teacher-*")):
+        time.sleep(0.2)  # the teacher's scratch exists once training is under way
+    assert list((tmp_path / "o").glob(".run.tmp-*")), "the run never started training"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0, err[-2000:]
+    assert list((tmp_path / "o").iterdir()) == [], list((tmp_path / "o").iterdir())
+
+
+def test_settings_a_run_cannot_use_are_refused_before_loading(data, tmp_path, monkeypatch):
+    """Each names its option, before the model is loaded."""
+    import surgery.pipeline as pipeline
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(pipeline, "load", no_loading)
+    common = ("prune-and-mask", "--model", "tiny-llava", "--forget", data[0], "--retain", data[1], "--out",
+              tmp_path / "out")
+    for option, value, message in (("--steps", 0, "--steps 0: expected a whole number >= 1"),
+                                   ("--epochs", "nan", "--epochs nan: expected a number > 0"),
+                                   ("--lr", "nan", "--lr nan: expected a number >= 0"),
+                                   ("--max-grad-norm", -1, "--max-grad-norm -1.0: expected a number > 0"),
+                                   ("--alpha", -1, "--alpha -1.0: expected a number >= 0"),
+                                   ("--mask-threshold", -1, "--mask-threshold -1.0: expected a number >= 0"),
+                                   ("--seed", -1, "--seed -1: expected a whole number in [0, 2^32)")):
+        code, output = invoke_in(tmp_path, monkeypatch, *common, option, value)
+        assert code != 0 and message in output, (option, output[-1500:])
+    for args, hint in ((("--prune-threshold", 2, "--prune-frac", 0.1), "--prune-threshold/--prune-frac"),
+                       (("--mask-threshold", 1, "--mask-frac", 0.1), "--mask-threshold/--mask-frac")):
+        code, output = invoke_in(tmp_path, monkeypatch, *common, *args)
+        assert code != 0 and "give one, not both" in output and hint in output
+    code, output = invoke_in(tmp_path, monkeypatch, *common[:-4], "--retain", data[0], "--out", tmp_path / "out")
+    assert code != 0 and "--forget and --retain are the same file" in output
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_checkpoints_and_saliency_files_are_clear_errors(tiny_dirs, data, tmp_path):
+    import shutil
+    cases = []
+    for name, change in (("truncated", lambda d: (d / "model.safetensors").write_bytes(
+                              (d / "model.safetensors").read_bytes()[:100])),
+                         ("no_config", lambda d: (d / "config.json").unlink()),
+                         ("bin_only", lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin")),
+                         ("no_processor", lambda d: [f.unlink() for f in d.glob("*processor*")])):
+        d = tmp_path / name
+        shutil.copytree(tiny_dirs["tiny-llava"], d)
+        change(d)
+        cases.append((d, {"truncated": "cannot read the safetensors weights", "no_config": "has no config.json",
+                          "bin_only": "pytorch_model.bin is a pickle checkpoint",
+                          "no_processor": "no image processor could be loaded"}[name]))
+    cases.append((tiny_dirs["tiny-llava"], None))
+    for model, message in cases:
+        extra = () if message else ("--saliency", data[0])
+        proc, out = bad_run(tmp_path, model, data[0], data[1], *extra)
+        message = message or "not a saliency file written by `surgery collect`"
+        assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert not out.exists()

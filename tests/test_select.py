@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from surgery.saliency import Saliency
@@ -56,3 +57,31 @@ def test_fisher_union_averages_only_the_splits_that_reach_a_weight():
     assert torch.equal(fisher_mask(sal, vision_only, threshold=1.0)["w"], ratio >= 1.0)
     top = fisher_mask(sal, vision_only, threshold=None, frac=0.25)["w"]
     assert int(top.sum()) == 3 and torch.equal(top, ratio >= ratio.flatten().topk(3).values.min())
+
+
+def test_fisher_mask_fraction_takes_exactly_k_when_ratios_tie():
+    """Most ratios are exactly 0 (weights the forget split never reaches): the top 50 % must be 50 % of the
+    entries, every non-zero ratio first, then the zeros in position order, not every entry tied at the cut."""
+    g = torch.Generator().manual_seed(3)
+    sal = Saliency()
+    forget = torch.zeros(10, 10)
+    forget[:2] = torch.rand(2, 10, generator=g) + 0.1                      # 20 non-zero ratios
+    for s, f in {"fvqa": forget, "fqa": torch.zeros(10, 10), "rvqa": torch.rand(10, 10, generator=g) + 0.1,
+                 "rqa": torch.zeros(10, 10)}.items():
+        sal.fisher[s] = {"w": f, "b": torch.zeros(5)}
+        sal.batches[s] = 2
+    mask = fisher_mask(sal, vision_only, threshold=None, frac=0.5)
+    assert sum(int(m.sum()) for m in mask.values()) == 52                   # round(0.5 * 105)
+    assert bool(mask["w"][:2].all())                                        # every non-zero ratio
+    flat = torch.cat([mask["w"].flatten(), mask["b"]])
+    assert flat.tolist() == [True] * 52 + [False] * 53                      # then the zeros, first positions first
+    assert mask["w"].shape == (10, 10) and mask["b"].shape == (5,)
+
+
+def test_fractions_outside_zero_one_are_refused():
+    imp = {0: torch.tensor([0.1, 5.0, 2.0])}
+    for bad in (1.5, -0.1, float("nan"), "0.5", True):
+        with pytest.raises(ValueError, match="prune_frac"):
+            select_neurons(imp, frac=bad)
+        with pytest.raises(ValueError, match="mask_frac"):
+            fisher_mask(saliency(), vision_only, threshold=None, frac=bad)

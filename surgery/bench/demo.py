@@ -405,7 +405,7 @@ def demo(out, cfg: DemoConfig | None = None, cache: Path | None = None, overwrit
         log.info("replacing the previous demo output in %s", out)
         overwrite = True
     t0, timings = time.perf_counter(), {}
-    with atomic_dir(out, overwrite) as tmp, torch_threads(cfg.threads), \
+    with atomic_dir(out, overwrite, keep={"--cache": cache}) as tmp, torch_threads(cfg.threads), \
             (spawned_process() if cfg.processes == 2 else nullcontext()) as pool:
         per_seed = {}
         for seed in cfg.seeds:

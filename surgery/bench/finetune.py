@@ -383,9 +383,8 @@ def finetune(bench, out, cfg: FinetuneConfig | None = None, overwrite: bool = Fa
     where stages 0, a and b are kept by content hash and found again. Returns the report."""
     cfg = cfg or FinetuneConfig()
     (bench, image_size), out = check_bench(bench, cfg), Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"--out {out} already exists (pass --overwrite to replace it)")
-    from ..pipeline import torch_threads
+    from ..pipeline import check_out, torch_threads
+    check_out(out, overwrite, {"--bench": bench}, keep={"--cache": cache})
     with torch_threads(cfg.threads):
         return _finetune(bench, image_size, out, cfg, overwrite, cache, stage_keys(bench, cfg))
 
@@ -456,7 +455,7 @@ def _finetune(bench: Path, image_size: int, out: Path | None, cfg: FinetuneConfi
     report = {"config": asdict(cfg), "bench": str(bench), "rows": len(rows) - len(skip), "stage_keys": keys,
               "stages": stages, "stages_cached": cached, "seconds": seconds,
               "weights": sum(p.numel() for p in model.parameters()), "vocab": len(adapter.tokenizer)}
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, {"--bench": bench}, keep={"--cache": cache}) as tmp:
         save(adapter, tmp)
         (tmp / "finetune.json").write_text(json.dumps(report, indent=2))
     log.info("%s model: %s (%.0fs)", "reference" if cfg.without_forget_images else "vanilla", out, seconds)

@@ -138,7 +138,7 @@ def import_mllmu(sources: list[str], out, overwrite: bool = False) -> dict:
     if len(set(names)) != len(names):
         raise ValueError(f"import-mllmu: two inputs map to the same output name ({names}); use PARQUET=NAME")
     counts = {}
-    with atomic_dir(Path(out), overwrite) as tmp:
+    with atomic_dir(Path(out), overwrite, [("PARQUET", f) for fs, _ in jobs for f in fs]) as tmp:
         (tmp / "images").mkdir()
         for files, name in jobs:
             converted = []

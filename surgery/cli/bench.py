@@ -119,7 +119,7 @@ def finetune(bench, out, seed, tower_epochs, text_epochs, align_epochs, quick, t
               help="mlp: zero every live vision MLP's output; embeddings: every vision layer passes its input "
                    "through, so the projector sees the patch + position embeddings alone.")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--no-letter", is_flag=True, help="Skip the generation-style (letter) scoring.")
 @click.option("--no-rouge", is_flag=True, help="Skip ROUGE-L on the generation questions.")
 @click.option("--resamples", type=int, default=1000, show_default=True, help="Bootstrap draws for the intervals.")
@@ -187,7 +187,7 @@ def _accept_targets(report, bench, vanilla, reference) -> dict[str, tuple[str, s
 @click.option("--threads", type=int, default=1, show_default=True,
               help="torch CPU threads (0: as set). The README's acceptance tables are measured on one.")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--resamples", type=int, default=1000, show_default=True, help="Bootstrap draws for the intervals.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)

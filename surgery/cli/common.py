@@ -3,7 +3,9 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 
 import click
 
@@ -51,7 +53,7 @@ def data_options(f):
     for opt in reversed([
         click.option("--forget", required=True, type=click.Path(), help="Forget JSONL (rows with image: fvqa; without: fqa)."),
         click.option("--retain", required=True, type=click.Path(), help="Retain JSONL (rvqa / rqa)."),
-        click.option("--collect-batch-size", type=int, default=8, show_default=True),
+        click.option("--collect-batch-size", type=click.IntRange(min=1), default=8, show_default=True),
         click.option("--out", required=True, type=click.Path()),
         click.option("--overwrite", is_flag=True, help="Replace an existing --out."),
         click.option("--dry-run", is_flag=True, help="Validate data and model, print the plan, write nothing."),
@@ -80,6 +82,12 @@ def parallel_options(f):
     return f
 
 
+def _terminated(signum, frame):
+    """SIGTERM (`kill`, `timeout`, a scheduler's preemption) unwinds as Ctrl-C does: every temporary output and
+    scratch directory is removed on the way out, and nothing is left half-written."""
+    raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+
 def friendly(fn):
     """Turn expected failures into one clear line and exit status 1 (tracebacks only with -v)."""
     @functools.wraps(fn)
@@ -87,12 +95,17 @@ def friendly(fn):
         # our progress at INFO; other libraries' (rouge-score, matplotlib) only from WARNING, under their own name
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
         log.setLevel(logging.DEBUG if kwargs.get("verbose") else logging.INFO)
+        main_thread = threading.current_thread() is threading.main_thread()
+        before = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
         try:
             return fn(*args, **kwargs)
         except (DataError, FileExistsError, FileNotFoundError, ValueError, RuntimeError, OSError) as e:
             if kwargs.get("verbose"):
                 raise
             raise click.ClickException(str(e)) from None
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, before)
     return wrapper
 
 

@@ -43,7 +43,7 @@ def _overrides(ctx, param, values):
                                                  "$SURGERY_CACHE).")
 @click.option("--steps", type=int, help="Optimizer steps of every method that trains (default: 150, compare.BUDGET).")
 @click.option("--lr", type=float, help="Learning rate of every method that trains (default: 5e-4, compare.BUDGET).")
-@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--scope", type=click.Choice(["mlp", "vision", "full"]),
               help="One scope for every method (default: each method's own, its paper's).")
 @click.option("--set", "overrides", multiple=True, callback=_overrides, metavar="METHOD.FIELD=VALUE",

@@ -41,11 +41,12 @@ def inspect(model, device, dtype, seed, trust_remote_code, scope, layers, as_jso
 @friendly
 def collect(**kw):
     """Collect activation statistics and Fisher diagonals per split into OUT/saliency.safetensors."""
-    from ..pipeline import collect_saliency, prepare
+    from ..pipeline import check_out, collect_saliency, prepare, run_inputs
     cfg = config_from(kw)
     if kw["dry_run"]:
+        check_out(cfg.out, kw["overwrite"], run_inputs(cfg))
         splits, adapter, params, layers = prepare(cfg)
-        return emit({"splits": splits.counts(), "parameters": len(params), "layers": layers}, kw["as_json"])
+        return emit({"splits": splits.counts(), "parameters": len(params), "layers": layers}, True)  # the plan
     report = collect_saliency(cfg, overwrite=kw["overwrite"])
     emit({"out": kw["out"], "timings": report["timings"]}, kw["as_json"])
 
@@ -75,7 +76,7 @@ def training_options(f):
                      help="combined: one update on forget + retain terms per step; alternating: a forget update "
                           "then a retain update [default: the method's own: mmu alternating (MMUnlearner's), "
                           "the others combined]."),
-        click.option("--batch-size", type=int, default=4, show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True),
         click.option("--max-grad-norm", type=float, default=1.0, show_default=True),
     ]):
         f = opt(f)
@@ -85,10 +86,11 @@ def training_options(f):
 def selection_options(f):
     for opt in reversed([
         click.option("--prune-threshold", type=float, help="Prune neurons with I_u >= this (d_I)."),
-        click.option("--prune-frac", type=float, default=0.02, show_default=True,
-                     help="Or prune the top fraction of each layer's neurons."),
+        click.option("--prune-frac", type=float, help="Or prune the top fraction of each layer's neurons "
+                                                      "[default, without --prune-threshold: 0.02]."),
         click.option("--prune-global", is_flag=True, help="Rank --prune-frac over all layers together, not per layer."),
-        click.option("--mask-threshold", type=float, default=1.0, show_default=True, help="Fisher mask m = R >= this (d_F)."),
+        click.option("--mask-threshold", type=float,
+                     help="Fisher mask m = R >= this (d_F) [default, without --mask-frac: 1.0]."),
         click.option("--mask-frac", type=float, help="Or mask the top fraction of R."),
         click.option("--beta", type=float, default=0.3, show_default=True, help="VKD weight β."),
         click.option("--distill-images", type=click.Path(exists=True, dir_okay=False),
@@ -139,7 +141,10 @@ def method_options(f):
 
 def run_method(kw: dict) -> None:
     """Check the options, then run (or, with --dry-run, plan) the method in kw["method"]."""
-    from ..pipeline import check_out, prepare, resolve, run
+    from ..pipeline import check_out, prepare, resolve, run, run_inputs
+    for either in (("prune_threshold", "prune_frac"), ("mask_threshold", "mask_frac")):
+        if all(kw.get(name) is not None for name in either):
+            raise click.BadParameter("give one, not both", param_hint="/".join(f"--{n.replace('_', '-')}" for n in either))
     for name in ("prune_frac", "mask_frac"):
         if kw.get(name) is not None and not 0 <= kw[name] <= 1:
             raise click.BadParameter(f"must be in [0, 1], got {kw[name]}", param_hint=f"--{name.replace('_', '-')}")
@@ -167,10 +172,10 @@ def run_method(kw: dict) -> None:
     if kw.get("mask_frac") is not None:
         cfg.mask_threshold = None
     if kw["dry_run"]:
-        check_out(cfg.out, kw["overwrite"])
+        check_out(cfg.out, kw["overwrite"], run_inputs(cfg))
         splits, adapter, params, layers = prepare(cfg)
         return emit({"method": method.name, "trains": method.trains, "splits": splits.counts(),
-                     "parameters": len(params), "layers": layers, "config": cfg.to_dict()}, kw["as_json"])
+                     "parameters": len(params), "layers": layers, "config": cfg.to_dict()}, True)  # the plan
     emit(run(cfg, overwrite=kw["overwrite"]), kw["as_json"])
 
 

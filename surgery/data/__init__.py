@@ -50,7 +50,7 @@ def _image(value: str, where: str, base: Path, check: bool) -> Path:
             raise DataError(f"{where}: 'image' file not found: {value}")
         try:
             with Image.open(image) as im:
-                im.verify()
+                im.load()  # decodes every pixel: verify() passes a PNG whose chunks check out but whose stream is bad
         except Exception as e:
             raise DataError(f"{where}: 'image' cannot be decoded: {value} ({e})") from None
     return image
@@ -66,11 +66,20 @@ def _row(obj, where: str, base: Path, check_images: bool) -> Row:
         if key in FIELDS and value is not None and not isinstance(value, FIELDS[key]):
             raise DataError(f"{where}: field {key!r} must be {getattr(FIELDS[key], '__name__', 'str or int')}, "
                             f"got {type(value).__name__}")
-    if not obj["question"].strip():
-        raise DataError(f"{where}: field 'question' is empty")
+    for key in ("question", "answer"):
+        if not obj[key].strip():
+            raise DataError(f"{where}: field {key!r} is empty")
+    if obj.get("image") == "":
+        raise DataError(f"{where}: field 'image' is empty (leave it out, or null, for a question without a photo)")
     options, correct = obj.get("options"), obj.get("correct")
-    if options is not None and correct is not None and correct not in options:
-        raise DataError(f"{where}: 'correct' is {correct!r}, not one of the options {sorted(options)}")
+    if (options is None) != (correct is None):
+        raise DataError(f"{where}: {'options' if correct is None else 'correct'!r} without "
+                        f"{'correct' if correct is None else 'options'!r}: a multiple-choice row needs both")
+    if options is not None:
+        if not options or not all(isinstance(k, str) and isinstance(v, str) for k, v in options.items()):
+            raise DataError(f"{where}: 'options' must map letters to answer texts, e.g. {{\"A\": \"pilot\"}}")
+        if correct not in options:
+            raise DataError(f"{where}: 'correct' is {correct!r}, not one of the options {sorted(options)}")
     image = _image(obj["image"], where, base, check_images) if obj.get("image") else None
     return Row(obj["question"], obj["answer"], image, options, correct, obj.get("entity"),
                None if obj.get("id") is None else str(obj["id"]), where)
@@ -80,11 +89,15 @@ def _objects(path: Path):
     """(JSON value, "file:line") for every non-empty line of a JSONL file."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{n}"
             try:
                 yield json.loads(line), where
             except json.JSONDecodeError as e:
@@ -162,6 +175,9 @@ def hold_back(splits: Splits, share: float, seed: int) -> Splits:
 
 def load_splits(forget, retain) -> Splits:
     """The four splits from the forget and retain files. The method needs forget-VQA and retain-VQA rows."""
+    if Path(forget).resolve() == Path(retain).resolve():
+        raise DataError(f"--forget and --retain are the same file ({forget}): the rows to forget and the rows to "
+                        "keep must differ")
     f, r = load_jsonl(forget), load_jsonl(retain)
     splits = Splits([x for x in f if x.is_vqa], [x for x in f if not x.is_vqa],
                     [x for x in r if x.is_vqa], [x for x in r if not x.is_vqa])

@@ -74,13 +74,27 @@ def load(model: str, device="cpu", dtype=torch.float32, trust_remote_code: bool 
                     "(use it to try the pipeline)", path)
         m, tok, ip = build_tiny(path, seed=seed)
         return Adapter(m.to(device=device, dtype=dtype), tok, ip, None)
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"--model {model}: {path} has no config.json (not a Hugging Face checkpoint directory)")
     config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     family_of(config.model_type)  # unknown type: a clear error before loading any weights
-    if not any(f.endswith(".safetensors") for f in os.listdir(path)):
-        raise FileNotFoundError(f"{path}: no .safetensors weights (surgery loads safetensors only)")
-    m = transformers.AutoModelForImageTextToText.from_pretrained(
-        path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+    files = os.listdir(path)
+    if not any(f.endswith(".safetensors") for f in files):
+        pickles = sorted(f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
+        raise FileNotFoundError(f"--model {model}: no .safetensors weights in {path} (surgery loads safetensors only"
+                                + (f"; {', '.join(pickles)} is a pickle checkpoint, refused because loading it can run "
+                                   f"code: convert it to safetensors first)" if pickles else ")"))
     tok, ip, proc = _load_aux(path, trust_remote_code)
+    if ip is None:  # training would fail at its first photo
+        raise ValueError(f"--model {model}: no image processor could be loaded from {path} "
+                         f"(preprocessor_config.json missing or unreadable; see the warning above)")
+    from safetensors import SafetensorError
+    try:
+        m = transformers.AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+    except SafetensorError as e:
+        raise ValueError(f"--model {model}: cannot read the safetensors weights in {path} ({e}); "
+                         f"is a file truncated?") from None
     return Adapter(m.to(device).eval(), tok, ip, proc)
 
 

@@ -28,6 +28,13 @@ def _fail(*parts) -> None:
     raise RuntimeError("".join(_text(p) for p in parts))
 
 
+def _shape(t) -> tuple:
+    """The end of a "must be a contiguous [..] matrix, got " message: the shape, and whether it is contiguous."""
+    if not isinstance(t, torch.Tensor):
+        return (type(t).__name__,)
+    return list(t.shape), "" if t.is_contiguous() else " (not contiguous)"
+
+
 def tensor_list(op: str, name: str, x) -> list:
     """A list argument as a list (a tuple or a generator too); a bare tensor is refused, not iterated over."""
     if isinstance(x, torch.Tensor) or x is None:
@@ -74,8 +81,10 @@ def adamw(op: str, params, grads, exp_avgs, exp_avg_sqs, sel, dense: bool, step,
         for t in (g, m, v, s):
             if t.device != p.device:
                 _fail(op, ": tensors of entry ", i, " are on different devices (", p.device, ", ", t.device, ")")
-        if not all(t.is_contiguous() for t in (p, g, m, v, s)):
-            _fail(op, ": every tensor of entry ", i, " must be contiguous")
+        for name, t in (("params", p), ("grads", g), ("exp_avgs", m), ("exp_avg_sqs", v),
+                        ("masks" if dense else "indices", s)):
+            if not t.is_contiguous():
+                _fail(op, ": ", name, "[", i, "] must be contiguous")
         if not dense and s.numel() and not (s[0] >= 0 and s[-1] < p.numel() and bool((s[1:] > s[:-1]).all())):
             _fail(op, ": indices[", i, "] must be strictly increasing and in range [0, ", p.numel(), ")")
     written = [("params", params), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)]
@@ -118,13 +127,13 @@ def prune(fc_ins: list, biases: list, fc_out, neurons) -> None:
     if biases and len(biases) != len(fc_ins):
         _fail(op, ": ", len(biases), " biases for ", len(fc_ins), " input projections")
     if not (isinstance(fc_out, torch.Tensor) and fc_out.dim() == 2 and fc_out.is_contiguous()):
-        _fail(op, ": fc_out must be a contiguous [D, H] matrix")
+        _fail(op, ": fc_out must be a contiguous [D, H] matrix, got ", *_shape(fc_out))
     if fc_out.dtype not in WEIGHT_DTYPES:
         _fail(op, ": fc_out must be fp32, fp64, bf16 or fp16, got ", fc_out.dtype)
     h = fc_out.shape[1]
     for k, (w, b) in enumerate(zip(fc_ins, biases or [None] * len(fc_ins))):
         if not (isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] == h and w.is_contiguous()):
-            _fail(op, ": fc_in[", k, "] must be a contiguous [", h, ", D] matrix, got ", list(getattr(w, "shape", [])))
+            _fail(op, ": fc_in[", k, "] must be a contiguous [", h, ", D] matrix, got ", *_shape(w))
         if w.dtype not in WEIGHT_DTYPES:
             _fail(op, ": fc_in[", k, "] must be fp32, fp64, bf16 or fp16, got ", w.dtype)
         if w.device != fc_out.device:

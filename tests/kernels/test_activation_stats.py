@@ -164,6 +164,13 @@ def test_bad_arguments_raise(path, monkeypatch):
         call(z, row_mask=torch.ones(4, dtype=torch.bool, device="meta"))
     with pytest.raises(TypeError, match=r"row_mask must be a bool tensor \[6\], got torch.int64"):
         call(torch.ones(6, 2), row_mask=torch.tensor([0, 0, 0, 0, 0, 1]))  # not gathered as row indices
+    leaf = torch.zeros(4, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="out is a leaf tensor that requires grad"):
+        call(z, out=leaf)
+    assert not leaf.detach().any()
+    with torch.no_grad():  # as torch's in-place ops: allowed outside grad mode
+        call(z, out=leaf)
+    assert leaf.detach().any()
 
 
 @pytest.mark.parametrize("path", ["triton", "reference"])

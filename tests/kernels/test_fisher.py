@@ -102,6 +102,8 @@ def test_bad_arguments_raise(path, monkeypatch):
         call(f[0], g[0])
     with pytest.raises(ValueError, match="fisher has shape"):
         module.fisher_accumulate_flat_(torch.zeros(5), torch.zeros(6))
+    with pytest.raises(RuntimeError, match=r"fisher\[0\] is a leaf tensor that requires grad"):
+        call([f[0].clone().requires_grad_()], g)
     assert torch.equal(f[0], before)  # no bad call wrote anything
 
 

@@ -32,7 +32,7 @@ def test_compact_state_bytes_scale_with_mask():
     mask = torch.zeros(1000, 100, dtype=torch.bool)
     mask[:10] = True                                 # 1% density
     opt = MaskedAdamW([p], masks=[mask])
-    assert "indices" in opt.state[p] and opt.state_bytes() == 12 * 1000
+    assert "indices" in opt.state[p] and opt.state_bytes() == 12 * 1000 + 8 * 2   # and the param's shape, int64
     assert MaskedAdamW([p], masks=[mask], compact=False).state_bytes() == 9 * 100_000
 
 
@@ -294,3 +294,62 @@ def test_offloaded_state_leaves_the_device():
     again.load_state_dict(opt.state_dict())                       # straight to pinned host memory
     assert torch.cuda.max_memory_allocated() <= torch.cuda.memory_allocated() + p.numel()  # the mask's copy at most
     assert all(t.is_pinned() for k, t in again.state[p].items() if k != "step")
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_load_state_dict_refuses_state_that_does_not_fit(compact):
+    """State saved for params of other shapes is refused, naming the param, and nothing is loaded; before, compact
+    indices of a (4, 4) param were applied to a (2, 8) one without a word."""
+    g = torch.Generator().manual_seed(2)
+    a, b = (torch.nn.Parameter(torch.randn(s, generator=g)) for s in ((4, 4), (2, 8)))
+    masks = [torch.rand(4, 4, generator=g) < 0.5, torch.rand(2, 8, generator=g) < 0.5]
+    opt = MaskedAdamW([a, b], masks=masks, lr=0.1, compact=compact)
+    a.grad, b.grad = torch.randn(4, 4, generator=g), torch.randn(2, 8, generator=g)
+    opt.step()
+    x, y = torch.nn.Parameter(torch.randn(2, 8, generator=g)), torch.nn.Parameter(torch.randn(4, 4, generator=g))
+    other = MaskedAdamW([x, y], lr=0.1, compact=compact)
+    before = other.state_dict()
+    with pytest.raises(ValueError, match=r"param 0 \(shape \[2, 8\]\)"):
+        other.load_state_dict(opt.state_dict())
+    after = other.state_dict()
+    assert all(torch.equal(after["state"][i][k], t) for i, st in before["state"].items() for k, t in st.items())
+    broken = opt.state_dict()
+    broken["state"][1] = dict(broken["state"][1], exp_avg=broken["state"][1]["exp_avg"][:-1])
+    with pytest.raises(ValueError, match="param 1 .* saved exp_avg"):
+        MaskedAdamW([a, b], masks=masks, lr=0.1, compact=compact).load_state_dict(broken)
+    with pytest.raises(ValueError, match="2 param groups saved, 1 here"):
+        MaskedAdamW([a]).load_state_dict({"state": {}, "param_groups": [{"params": [0]}, {"params": [1]}]})
+
+
+def test_load_state_dict_without_a_params_state_starts_it_afresh_and_runs_the_hooks():
+    """A param with no saved state starts at step 0 under this optimizer's mask (before: KeyError 'step' in step);
+    a pre-hook's returned state_dict is what loads, and a post-hook sees the loaded state."""
+    g = torch.Generator().manual_seed(4)
+    p, q = torch.nn.Parameter(torch.randn(6, generator=g)), torch.nn.Parameter(torch.randn(6, generator=g))
+    keep = torch.tensor([True, False] * 3)
+    opt = MaskedAdamW([p, q], masks=[None, keep], lr=0.1, compact=True)
+    p.grad, q.grad = torch.randn(6, generator=g), torch.randn(6, generator=g)
+    opt.step()
+    saved = opt.state_dict()
+    fresh = MaskedAdamW([p, q], masks=[None, keep], lr=0.1, compact=True)
+    seen = []
+    fresh.register_load_state_dict_pre_hook(lambda o, sd: {**sd, "state": {0: sd["state"][0]}})
+    fresh.register_load_state_dict_post_hook(lambda o: seen.append({k: int(o.state[t]["step"]) for k, t in
+                                                                    (("p", p), ("q", q))}))
+    fresh.load_state_dict(saved)
+    assert seen == [{"p": 1, "q": 0}]
+    assert torch.equal(fresh.state[q]["indices"], torch.tensor([0, 2, 4], dtype=torch.int32))
+    assert not fresh.state[q]["exp_avg"].any()
+    before = q.detach().clone()
+    fresh.step()                                          # q: its first step, masked-out entries untouched
+    assert torch.equal(q[~keep], before[~keep]) and not torch.equal(q[keep], before[keep])
+    assert int(fresh.state[q]["step"]) == 1 and int(fresh.state[p]["step"]) == 2
+
+
+def test_masks_as_one_tensor_and_hyperparameters_that_are_not_numbers_are_refused():
+    p = torch.nn.Parameter(torch.zeros(3, 4))
+    with pytest.raises(TypeError, match="one bool tensor .* per param, got a tensor"):
+        MaskedAdamW([p], masks=torch.ones(3, 4, dtype=torch.bool))
+    for bad in (dict(lr="0.1"), dict(eps=None), dict(weight_decay=True)):
+        with pytest.raises(ValueError, match=f"invalid {next(iter(bad))}"):
+            MaskedAdamW([p], **bad)

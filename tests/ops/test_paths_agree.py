@@ -37,7 +37,10 @@ def bad_adamw_calls():
     def set_(key, i, fn):
         return lambda a: a[key].__setitem__(i, fn(a[key][i]))
     return [
-        ("strided param", set_("params", 0, lambda p: p.t().contiguous().t()), RuntimeError, "must be contiguous"),
+        ("strided param", set_("params", 0, lambda p: p.t().contiguous().t()), RuntimeError,
+         r"params\[0\] must be contiguous"),
+        ("strided exp_avg_sq", set_("exp_avg_sqs", 0, lambda v: v.t().contiguous().t()), RuntimeError,
+         r"exp_avg_sqs\[0\] must be contiguous"),
         ("fp64 param", lambda a: [a[k].__setitem__(1, a[k][1].double()) for k in ("params", "grads")], RuntimeError,
          r"params\[1\] must be fp32, bf16 or fp16, got Double"),
         ("uint8 mask", set_("masks", 0, lambda m: m.to(torch.uint8)), RuntimeError, r"masks\[0\] must be bool"),
@@ -100,8 +103,9 @@ def test_bad_prune_calls_raise_alike_and_write_nothing(path):
     for args, match in (((w[:7], b, fo, n), r"fc_in\[0\] must be a contiguous \[8, D\] matrix"),
                         ((w, b[:7], fo, n), r"fc_in_bias\[0\] must be a contiguous \[8\] Float vector"),
                         ((w, b.double(), fo, n), r"fc_in_bias\[0\] must be a contiguous \[8\] Float vector"),
-                        ((w, b, fo.t(), n), "fc_out must be a contiguous"),
-                        ((w.t().contiguous().t(), b, fo, n), r"fc_in\[0\] must be a contiguous"),
+                        ((w, b, fo.t(), n), r"fc_out must be a contiguous \[D, H\] matrix, got \[8, 5\] \(not contig"),
+                        ((w.t().contiguous().t(), b, fo, n),
+                         r"fc_in\[0\] must be a contiguous \[8, D\] matrix, got \[8, 5\] \(not contiguous\)$"),
                         ((w, b, fo, n[None]), "neurons must be a contiguous int64 \\[n\\]"),
                         (([w, w.clone(), w.clone()], [b, b.clone()], fo, n), "2 biases for 3 input projections"),
                         ((w, b, fo, torch.tensor([8])), r"out of range \[0, 8\)")):
