@@ -35,9 +35,9 @@ from .bench.finetune import FinetuneConfig, cache_root, vanilla_model
 from .bench.relearn import HOLD_OUTS, LR, relearn
 from .config import Config
 from .methods import METHODS, NonFiniteError, get
-from .methods.loop import check_stop
+from .methods.loop import check_run_settings, check_stop
 from .models import load
-from .pipeline import atomic_dir, environment, resolve, run, torch_threads
+from .pipeline import atomic_dir, check_device, environment, resolve, run, torch_threads
 
 log = logging.getLogger("surgery")
 COLUMNS = [("forget", "vqa"), ("forget", "qa"), ("retain", "vqa"), ("retain", "qa"), ("realworld", "vqa"),
@@ -78,10 +78,11 @@ class CompareConfig:
         if unknown or not self.methods:
             raise ValueError(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from "
                              f"{', '.join(METHODS)}")
-        if not self.seeds or any(s < 0 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"--seeds: expected distinct non-negative seeds, got {list(self.seeds)}")
+        if not self.seeds or any(not 0 <= s < 2**32 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"--seeds: expected distinct seeds in [0, 2^32), got {list(self.seeds)}")
         if self.views not in ("test", "dev"):
             raise ValueError(f"--views {self.views!r}: choose test or dev")
+        check_device(self.device)
         if self.model and not self.bench:
             raise ValueError("--model needs --bench: a vanilla model belongs to the benchmark it was trained on")
         if self.steps < 1 or not self.lr > 0 or self.batch_size < 1:
@@ -99,6 +100,7 @@ class CompareConfig:
                 raise ValueError(f"--set {method}.{bad[0]}: not a setting of a run (one of "
                                  f"{', '.join(sorted(settable))})")
             check_stop(values, f"--set {method}.")
+            check_run_settings(values, f"--set {method}.")
 
 
 # ----- the benchmark: every call into surgery.bench is in this section ---------------------------------------------
@@ -426,7 +428,8 @@ def compare(out, cfg: CompareConfig, cache: Path | None = None, overwrite: bool 
     cfg.check()
     out, cache = Path(out), Path(cache) if cache else _cache_root()
     t0, ledger = time.perf_counter(), {"computed": [], "reused": [], "failed": [], "timings": {}}
-    with atomic_dir(out, overwrite, {"--bench": cfg.bench}, keep={"--cache": cache}) as tmp, torch_threads(cfg.threads):
+    with atomic_dir(out, overwrite, {"--bench": cfg.bench, "--model": cfg.model}, keep={"--cache": cache}) as tmp, \
+            torch_threads(cfg.threads):
         seeds = {seed: _seed_results(cfg, seed, cache, progress, ledger) for seed in cfg.seeds}
         summary = summarize(seeds, cfg.methods)
         for m in cfg.methods:

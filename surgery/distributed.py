@@ -29,7 +29,7 @@ log = logging.getLogger("surgery")
 
 
 class Stopped(RuntimeError):
-    """This rank was told to stop (SIGTERM): torchrun stops every rank once one has failed."""
+    """This rank was told to stop (SIGTERM): torchrun stops every rank once one has failed, or when it is stopped."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,8 @@ class World:
 
 
 def _stop(signum, frame):
-    raise Stopped(f"stopped by signal {signum}: torchrun stops every rank when one fails (see that rank's message)")
+    raise Stopped(f"stopped by signal {signum}: torchrun stops every rank when one fails (then see that rank's "
+                  "message) or when torchrun itself is stopped")
 
 
 @contextmanager

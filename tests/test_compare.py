@@ -122,6 +122,17 @@ def test_bad_options_name_the_option(tmp_path):
     assert r.exit_code == 1 and "--model needs --bench" in r.output
     r = run(main, ["compare", "--seeds", "0,0", "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "--seeds" in r.output
+    r = run(main, ["compare", "--methods", "ga", "--set", "ga.lr=-1", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "--set ga.…: --lr -1" in r.output
+    r = run(main, ["compare", "--methods", "ga", "--device", "tpu", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "--device 'tpu': not a device" in r.output
+    bench, model = tmp_path / "bench", tmp_path / "models" / "m"
+    bench.mkdir()
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    r = run(main, ["compare", "--methods", "ga", "--bench", str(bench), "--model", str(model), "--out",
+                   str(tmp_path / "models"), "--overwrite"])
+    assert r.exit_code == 1 and "holds --model" in r.output and (model / "config.json").is_file()
     assert not (tmp_path / "o").exists()
 
 

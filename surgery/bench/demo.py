@@ -25,7 +25,7 @@ import torch
 
 from ..config import Config
 from ..data import load_jsonl
-from ..methods.loop import check_stop
+from ..methods.loop import check_run_settings, check_stop
 from ..models import Example, load
 from ..pipeline import (atomic_dir, collect_saliency, environment, prune_and_mask, saliency_half, save_saliency,
                         seed_everything, torch_threads)
@@ -124,7 +124,8 @@ class DemoConfig:
         cfg.unlearn.update(unlearn or {})
         if quick:
             cfg.bench, cfg.finetune = dict(QUICK_BENCH), FinetuneConfig.quick()
-            cfg.unlearn.update(steps=4, epochs=None)
+            if not {"steps", "epochs"} & set(unlearn or {}):     # the user's length stands
+                cfg.unlearn.update(steps=4, epochs=None)
             if cfg.unlearn.get("layers") == UNLEARN["layers"]:      # not the user's: the quick tower's deepest
                 cfg.unlearn["layers"] = QUICK_LAYERS
             cfg.relearn_epochs = 1
@@ -132,8 +133,8 @@ class DemoConfig:
         return cfg
 
     def check(self) -> None:
-        if not self.seeds or min(self.seeds) < 0 or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"--seeds: expected distinct non-negative seeds, got {list(self.seeds)}")
+        if not self.seeds or any(not 0 <= s < 2**32 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"--seeds: expected distinct seeds in [0, 2^32), got {list(self.seeds)}")
         if self.processes not in (1, 2):
             raise ValueError(f"--processes {self.processes}: choose 1 or 2")
         batch = self.unlearn.get("batch_size", Config.batch_size)
@@ -147,6 +148,7 @@ class DemoConfig:
         if bad:
             raise ValueError(f"--set {bad[0]}: not a setting of prune-and-mask (one of {', '.join(sorted(known))})")
         check_stop(self.unlearn, "--set ")
+        check_run_settings(self.unlearn, "--set ")
 
 
 def benchmark(seed: int, params: dict, cache: Path) -> tuple[Path, bool]:
@@ -399,6 +401,8 @@ def demo(out, cfg: DemoConfig | None = None, cache: Path | None = None, overwrit
     cfg = cfg or DemoConfig.make()
     cfg.check()
     out, cache = Path(out), Path(cache or cache_root())
+    if cache.exists() and not cache.is_dir():
+        raise FileExistsError(f"--cache {cache} is a file, not a directory")
     if out.exists() and not overwrite:
         if not is_demo_output(out):
             raise FileExistsError(f"--out {out} already exists and is not a demo output (pass --overwrite to replace it)")

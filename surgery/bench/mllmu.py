@@ -135,8 +135,18 @@ def import_mllmu(sources: list[str], out, overwrite: bool = False) -> dict:
             raise FileNotFoundError(f"{path}: file not found")
         jobs.append((files, name or path.stem))
     names = [n for _, n in jobs]
+    bad = next((n for n in names if n in ("", ".", "..") or "/" in n or "\\" in n), None)
+    if bad is not None:
+        raise ValueError(f"import-mllmu: output name {bad!r}: NAME must be a plain file name (it becomes "
+                         f"OUT/NAME.jsonl)")
     if len(set(names)) != len(names):
         raise ValueError(f"import-mllmu: two inputs map to the same output name ({names}); use PARQUET=NAME")
+    stems = [stem for files, name in jobs for stem in ([name] if len(files) == 1 else
+                                                       [f"{name}.shard{k}" for k in range(len(files))])]
+    clash = next((x for x in stems if stems.count(x) > 1), None)
+    if clash is not None:  # the images of two inputs would be written under one name
+        raise ValueError(f"import-mllmu: two inputs would name their images {clash}_*.png (a directory's shards are "
+                         f"NAME.shard0, NAME.shard1, ...); use another PARQUET=NAME")
     counts = {}
     with atomic_dir(Path(out), overwrite, [("PARQUET", f) for fs, _ in jobs for f in fs]) as tmp:
         (tmp / "images").mkdir()

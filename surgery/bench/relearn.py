@@ -80,6 +80,8 @@ def relearn(model, bench, share: float = 0.2, epochs: int = 5, lr: float | None 
     if "forget" not in files:
         raise FileNotFoundError(f"--bench {bench}: no forget file for the {views} views")
     lr = LR[hold_out] if lr is None else lr
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
+        raise ValueError(f"relearn --lr {lr!r}: expected a number > 0")
     path = Path(bench) / "forget.jsonl"
     forget_vqa = [r for r in load_jsonl(path) if r.is_vqa]                   # each file read (and checked) once
     measurable = [r for r in load_jsonl(files["forget"]) if r.is_vqa and r.options]

@@ -131,8 +131,8 @@ def seeds_option(ctx, param, value):
         seeds = tuple(int(x) for x in value.split(",") if x.strip())
     except ValueError:
         raise click.BadParameter(f"{value!r}: expected comma-separated seeds like 0,1,2") from None
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise click.BadParameter(f"{value!r}: expected distinct non-negative seeds")
+    if not seeds or min(seeds) < 0 or max(seeds) >= 2**32 or len(set(seeds)) != len(seeds):
+        raise click.BadParameter(f"{value!r}: expected distinct seeds in [0, 2^32)")
     return seeds
 
 

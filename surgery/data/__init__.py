@@ -99,7 +99,7 @@ def _objects(path: Path):
             if not line.strip():
                 continue
             try:
-                yield json.loads(line), where
+                yield json.loads(line.rstrip("\r\n")), where  # a column past the newline would say column 1
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
 

@@ -42,6 +42,7 @@ from ..models import Adapter, Batch
 from ..optim import MaskedAdamW
 from ..progress import progress_bar
 from ..saliency import examples
+from ..select import check_fraction
 
 log = logging.getLogger("surgery")
 
@@ -192,6 +193,18 @@ def check_stop(settings, where: str = "") -> None:
         value = get(name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{where}{name}={value!r}: expected a whole number of steps >= 1")
+
+
+def check_run_settings(settings: dict, where: str = "") -> None:
+    """Refuse run settings given as {Config field: value} (demo's and compare's --set) that a run would refuse, when
+    they are given, not after the models they need are built: Config.check and the selection fractions."""
+    try:
+        cfg = Config(**settings)
+        cfg.check()
+        for name in ("prune_frac", "mask_frac"):
+            check_fraction(name, getattr(cfg, name))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}…: {e}") from None
 
 
 def stop_early(cfg: Config, history: list[dict]) -> float | None:

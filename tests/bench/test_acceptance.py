@@ -108,10 +108,13 @@ def test_accept_refuses_bad_input(tmp_path, small_bench):
     r = run("--bench", small_bench)
     assert r.exit_code == 2 and "all of --bench, --vanilla and --reference" in r.output
     report = tmp_path / "report.json"
-    for text in ("[1, 2]", '{"per_seed": [1]}', '{"per_seed": {"0": 3}}', "{"):
+    for text in ("[1, 2]", '{"per_seed": [1]}', '{"per_seed": {"0": 3}}'):
         report.write_text(text)
         r = run("--report", report)
         assert r.exit_code == 2 and "not a `surgery demo` report.json" in r.output, text
+    report.write_text('{"per_seed": {"0": {"bench"')      # cut short: where the JSON ends
+    r = run("--report", report)
+    assert r.exit_code == 2 and "not valid JSON" in r.output and "line 1, column 28" in r.output, r.output
     report.write_text(json.dumps({"per_seed": {"4": {"reference_model": "r"}}}))
     r = run("--report", report)
     assert r.exit_code == 2 and "seed 4 names no bench or vanilla_model" in r.output

@@ -80,6 +80,17 @@ def test_bad_inputs(tmp_path):
     assert r.exit_code == 1 and "junk.parquet" in r.output
     r = CliRunner().invoke(main, ["import-mllmu", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "o")])
     assert r.exit_code == 1 and "not found" in r.output
+    good = write(tmp_path / "good.parquet", EVAL)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for k in range(2):
+        write(shards / f"{k}.parquet", EVAL)
+    for args, message in (([f"{good}=../evil"], "must be a plain file name"),
+                          ([f"{good}=/tmp/abs"], "must be a plain file name"),
+                          ([f"{shards}=a", f"{good}=a.shard0"], "would name their images a.shard0_*.png")):
+        r = CliRunner().invoke(main, ["import-mllmu", *args, "--out", str(tmp_path / "o")])
+        assert r.exit_code == 1 and message in r.output, r.output
+    assert not (tmp_path / "o").exists() and not (tmp_path / "evil.jsonl").exists()
 
 
 TEST_SET = [{  # the test set: several held-out views per person in `images`, fill-in-the-blank questions

@@ -235,6 +235,19 @@ def test_demo_seeds_dev_views_and_settings(tmp_path):
         with pytest.raises(ValueError, match=match):
             DemoConfig.make(unlearn=bad)
     assert DemoConfig.make(unlearn={"stop_forget_accuracy": None, "steps": 150}).unlearn["stop_forget_accuracy"] is None
+    # run settings a run would refuse are refused when given, not after the models are built
+    for bad, match in (({"lr": "abc"}, "--lr 'abc'"), ({"schedule": "bogus"}, "--schedule 'bogus'"),
+                       ({"steps": 0}, "--steps 0"), ({"mask_frac": 2}, "mask_frac=2"),
+                       ({"max_grad_norm": -1}, "--max-grad-norm -1")):
+        with pytest.raises(ValueError, match=match):
+            DemoConfig.make(unlearn=bad)
+    assert DemoConfig.make(quick=True, unlearn={"steps": 7}).unlearn["steps"] == 7     # --quick keeps the user's length
+    assert DemoConfig.make(quick=True).unlearn["steps"] == 4
+    with pytest.raises(ValueError, match=r"--seeds: expected distinct seeds in \[0, 2\^32\)"):
+        DemoConfig.make(seeds=(0, 2**32))
+    (tmp_path / "afile").write_text("")
+    r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(tmp_path / "x"), "--cache", str(tmp_path / "afile")])
+    assert r.exit_code == 1 and "--cache" in r.output and "is a file" in r.output and not (tmp_path / "x").exists()
 
 
 def test_targets_are_checked_on_the_means_for_both_attacks():
