@@ -297,10 +297,11 @@ def _cell(stat: dict, digits: int = 1, scale: float = 1.0) -> str:
     return text
 
 
-def table(summary: dict, methods: tuple, seeds: tuple, views: str = "test") -> str:
+def table(summary: dict, methods: tuple, seeds: tuple, views: str = "test", given: str = "") -> str:
     """Markdown, Table 1 layout: accuracy (%) by option likelihood on held-out views, then AG (forget-VQA gain under
     the relearning attack), seconds per step, prepare + training time, peak memory and trainable weights; with
-    generation scored, a second table by letter generation (MLLMU-Bench's style) and ROUGE-L."""
+    generation scored, a second table by letter generation (MLLMU-Bench's style) and ROUGE-L. `given`: "bench" when
+    every seed ran on one --bench, "model" when on one --model too (the seeds then vary less than the benchmark)."""
     head = ["method", "forget VQA ↓", "forget QA", "retain VQA ↑", "retain QA ↑", "real-world VQA ↑",
             "real-world QA ↑", "AG ↓", "AG people ↓", "s / step", "unlearn s", "peak mem (GiB)", "trainable", "scope"]
     lines = _rows(summary, head, lambda name, entry: [_cell(entry[f"{s}_{k}"]) for s, k in COLUMNS] + (
@@ -312,8 +313,11 @@ def table(summary: dict, methods: tuple, seeds: tuple, views: str = "test") -> s
         lines += [""] + _rows(summary, head, lambda name, entry: [_cell(entry[f"{s}_{k}_letter"]) for s, k in COLUMNS]
                               + [_cell(entry["forget_rougeL_vqa"]), _cell(entry["retain_rougeL_vqa"])])
     n = len(seeds)
-    note = (f"Mean ± sample standard deviation over {n} benchmark seeds ({', '.join(map(str, seeds))})." if n > 1
-            else f"Benchmark seed {seeds[0]}; [a, b]: per-person bootstrap 95 % interval where the benchmark gives it.")
+    kind = {"bench": "seeds (one benchmark, --bench; each seed its own vanilla fine-tune and runs)",
+            "model": "seeds (one benchmark and one vanilla model, --bench and --model: the seeds vary the runs only)"
+            }.get(given, "benchmark seeds")
+    note = (f"Mean ± sample standard deviation over {n} {kind} ({', '.join(map(str, seeds))})." if n > 1
+            else f"Seed {seeds[0]}; [a, b]: per-person bootstrap 95 % interval where the benchmark gives it.")
     where = "held-out test" if views == "test" else "dev"
     return "\n".join(lines) + "\n\n" + note + (
         f" Accuracy in %, {where} views, by option likelihood (letter: the first letter A-D of the greedy answer). AG: "
@@ -435,7 +439,7 @@ def compare(out, cfg: CompareConfig, cache: Path | None = None, overwrite: bool 
         for m in cfg.methods:
             scored = [s["methods"][m] for s in seeds.values() if s["methods"][m]["status"] == "ok"]
             summary[m]["scope"] = scored[0]["scope"] if scored else ""
-        markdown = table(summary, cfg.methods, cfg.seeds, cfg.views)
+        markdown = table(summary, cfg.methods, cfg.seeds, cfg.views, "model" if cfg.model else "bench" if cfg.bench else "")
         figure(summary, cfg.methods, tmp / "compare.png")
         ledger["timings"]["total_s"] = time.perf_counter() - t0
         report = {"compare": asdict(cfg), "out": str(out), "cache": str(cache), "environment": environment(cfg.device),

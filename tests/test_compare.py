@@ -164,6 +164,9 @@ def test_seeds_aggregate_to_mean_and_sample_std():
     assert "| ga (diverged on 1 of 2 seeds) | 20.0 |" in likelihood and "1.00" in likelihood   # 1 GiB peak
     assert "(letter)" in letter.splitlines()[0] and "| vkd | 30.0 ± 0.0 |" in letter
     assert "over 2 benchmark seeds (0, 1)" in note
+    given = compare_mod.table(summary, ("ga", "vkd"), (0, 1), given="model").split("\n\n")[-1]
+    assert "over 2 seeds (one benchmark and one vanilla model, --bench and --model: the seeds vary the runs only)" \
+        in given   # the same model twice is not a spread over benchmarks
 
 
 def key(**kw) -> str:
