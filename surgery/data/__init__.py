@@ -42,10 +42,11 @@ class Row:
             return im.convert("RGB")
 
 
-def _image(value: str, where: str, base: Path, check: bool) -> Path:
-    """The image path `value` resolved against `base`; with `check`, it must exist and decode."""
+def _image(value: str, where: str, base: Path, check: bool, decoded: set | None = None) -> Path:
+    """The image path `value` resolved against `base`; with `check`, it must exist and decode (once per file: the
+    paths already decoded are in `decoded`, and this one is added)."""
     image = (base / value).resolve()
-    if check:
+    if check and not (decoded is not None and image in decoded):
         if not image.is_file():
             raise DataError(f"{where}: 'image' file not found: {value}")
         try:
@@ -53,10 +54,12 @@ def _image(value: str, where: str, base: Path, check: bool) -> Path:
                 im.load()  # decodes every pixel: verify() passes a PNG whose chunks check out but whose stream is bad
         except Exception as e:
             raise DataError(f"{where}: 'image' cannot be decoded: {value} ({e})") from None
+        if decoded is not None:
+            decoded.add(image)
     return image
 
 
-def _row(obj, where: str, base: Path, check_images: bool) -> Row:
+def _row(obj, where: str, base: Path, check_images: bool, decoded: set | None = None) -> Row:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     for key in ("question", "answer"):
@@ -80,7 +83,7 @@ def _row(obj, where: str, base: Path, check_images: bool) -> Row:
             raise DataError(f"{where}: 'options' must map letters to answer texts, e.g. {{\"A\": \"pilot\"}}")
         if correct not in options:
             raise DataError(f"{where}: 'correct' is {correct!r}, not one of the options {sorted(options)}")
-    image = _image(obj["image"], where, base, check_images) if obj.get("image") else None
+    image = _image(obj["image"], where, base, check_images, decoded) if obj.get("image") else None
     return Row(obj["question"], obj["answer"], image, options, correct, obj.get("entity"),
                None if obj.get("id") is None else str(obj["id"]), where)
 
@@ -107,7 +110,8 @@ def _objects(path: Path):
 def load_jsonl(path, check_images: bool = True) -> list[Row]:
     """Rows of a JSONL file; every problem raises DataError naming `file:line`."""
     path = Path(path)
-    rows = [_row(obj, where, path.parent, check_images) for obj, where in _objects(path)]
+    decoded = set()  # a photo that many rows share is decoded once
+    rows = [_row(obj, where, path.parent, check_images, decoded) for obj, where in _objects(path)]
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
