@@ -14,12 +14,10 @@ import hashlib
 import json
 import logging
 import math
-import multiprocessing
 import shutil
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
@@ -28,10 +26,12 @@ import torch
 import transformers
 
 from . import __version__
-# the benchmark: used only in the section marked below, so that a new benchmark version is a change there
+# the benchmark: used only in the section marked below, so that a new benchmark version is a change there (lanes:
+# the spawned process that isolates a run)
 from .bench.demo import bench_digest, benchmark
 from .bench.evaluate import evaluate
 from .bench.finetune import FinetuneConfig, cache_root, vanilla_model
+from .bench.lanes import spawned_process
 from .bench.relearn import HOLD_OUTS, LR, relearn
 from .config import Config
 from .methods import METHODS, NonFiniteError, get
@@ -202,7 +202,7 @@ def _execute(job: dict, isolate: bool) -> dict:
     if not isolate:
         return run_job(job)
     # a fresh interpreter per run: its peak RSS is the run's own, and nothing leaks from one method to the next
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with spawned_process() as pool:
         return pool.submit(run_job, job).result()
 
 

@@ -91,7 +91,8 @@ class Config:
             ("eps", number(self.eps) and 0 <= self.eps < math.inf, "a number >= 0"),
             ("teacher_memory_gb", number(self.teacher_memory_gb) and self.teacher_memory_gb >= 0, "a number >= 0"),
         ]
-        rules += [("schedule", self.schedule in (None, "combined", "alternating"), "combined or alternating"),
+        rules += [("steps", self.steps is None or self.epochs is None, "one of --steps and --epochs, not both"),
+                  ("schedule", self.schedule in (None, "combined", "alternating"), "combined or alternating"),
                   ("scope", self.scope in (None, "mlp", "vision", "full"), "mlp, vision or full")]
         for name, ok, expected in rules:
             if not ok:

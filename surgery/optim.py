@@ -163,7 +163,7 @@ class MaskedAdamW(torch.optim.Optimizer):
             tensors = _saved_state(i, p, saved)
             # copies, so that the saved state_dict and this optimizer do not share
             placed[p] = _pinned(tensors) if self.offload and p.is_cuda else \
-                {k: v.to(p.device, copy=True) for k, v in tensors.items()}
+                {k: v.to(p.device, copy=True).contiguous() for k, v in tensors.items()}
             placed[p] = {"step": torch.tensor(int(saved["step"]), dtype=torch.int64), **placed[p]}
         for p in params.values():
             if p not in placed:
@@ -264,11 +264,12 @@ def _saved_state(i, p: torch.Tensor, saved: dict) -> dict:
 
 
 def _pinned(tensors: dict, zeros: dict | None = None, pin: bool = True) -> dict:
-    """Copies of `tensors` and fp32 zero vectors of the lengths in `zeros`, all views of one block of pinned host
+    """Copies of `tensors` and fp32 zeros of the lengths (or shapes) in `zeros`, all views of one block of pinned host
     memory (torch's pinned allocator rounds each block up to a power of two: one block per param, not per tensor).
     pin=False: the same layout in ordinary host memory (tests without a GPU)."""
     shapes = {**{k: (t.shape, t.dtype) for k, t in tensors.items()},
-              **{k: (torch.Size([n]), torch.float32) for k, n in (zeros or {}).items()}}
+              **{k: (torch.Size(n) if isinstance(n, torch.Size) else torch.Size([n]), torch.float32)
+                 for k, n in (zeros or {}).items()}}
     sizes = {k: -(-math.prod(shape) * dtype.itemsize // 16) * 16 for k, (shape, dtype) in shapes.items()}  # 16-aligned
     block = torch.empty(sum(sizes.values()), dtype=torch.uint8, pin_memory=pin)
     out, at = {}, 0

@@ -302,15 +302,15 @@ def save_saliency(cfg: Config, head: tuple[Saliency, dict], tail: tuple[Saliency
 def check_out(out, overwrite: bool, inputs=None, keep=None) -> None:
     """Refuse an --out that exists (unless `overwrite`), that is a file, that cannot be made (a file on its path), or
     whose replacement would delete the current directory, an input or a directory to keep: an --out that is, or
-    holds, the current directory, one of `inputs` or one of `keep` ({option: path} or (option, path) pairs; missing
-    paths and None are skipped), or that lies inside an input directory (the inputs are never modified; a directory
-    to keep, such as a cache, may hold --out)."""
+    holds, the current directory, one of `inputs` or one of `keep` ({option: path} or (option, path) pairs; None is
+    skipped, a path not made yet is not: a cache the run creates inside --out would go with it), or that lies inside an
+    input directory (the inputs are never modified; a directory to keep, such as a cache, may hold --out)."""
     path, here = Path(out).resolve(), Path.cwd().resolve()
     if path == here or path in here.parents:
         raise ValueError(f"--out {out} is {'the current directory' if path == here else 'a directory above the current one'}"
                          f": the run replaces --out, and it would delete what is there; name a directory of its own")
     def pairs(x):
-        return [(o, g) for o, g in (x.items() if isinstance(x, dict) else x or ()) if g and Path(g).exists()]
+        return [(o, g) for o, g in (x.items() if isinstance(x, dict) else x or ()) if g]  # made later, too
 
     for option, given in pairs(inputs) + pairs(keep):
         source = Path(given).resolve()

@@ -314,6 +314,10 @@ def test_an_out_that_would_delete_the_cwd_or_an_input_is_refused(tiny_dirs, data
     assert code != 0 and "holds --model" in output   # (and --forget)
     assert (work / "keep.txt").read_text() == "mine" and sorted(p.name for p in work.iterdir()) == ["keep.txt", "models"]
     assert {f.name: f.read_bytes() for f in model.iterdir()} == before
+    from surgery.pipeline import atomic_dir
+    with pytest.raises(ValueError, match="holds --cache"):  # a cache not made yet, which the run would make inside
+        with atomic_dir(tmp_path / "d", False, keep={"--cache": tmp_path / "d" / "cache"}):
+            pass
 
 
 def test_sigterm_leaves_nothing_behind(tiny_dirs, data, tmp_path):

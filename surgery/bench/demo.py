@@ -122,6 +122,9 @@ class DemoConfig:
     def make(cls, seeds=(0,), quick: bool = False, unlearn: dict | None = None, **kw) -> "DemoConfig":
         cfg = cls(seeds=tuple(seeds), quick=quick, **kw)
         cfg.unlearn.update(unlearn or {})
+        for given, other in (("epochs", "steps"), ("steps", "epochs")):   # the user's length replaces the demo's
+            if given in (unlearn or {}) and other not in (unlearn or {}):
+                cfg.unlearn[other] = None
         if quick:
             cfg.bench, cfg.finetune = dict(QUICK_BENCH), FinetuneConfig.quick()
             if not {"steps", "epochs"} & set(unlearn or {}):     # the user's length stands

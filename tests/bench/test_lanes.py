@@ -74,3 +74,24 @@ def test_a_dead_second_process_names_the_step_and_what_to_do():
                                                                                     after=("dies",))]
     with spawned_process() as pool, pytest.raises(LaneDied, match="'dies'.*run the same command again"):
         run_plan(steps, pool, 1, {}, seed=0)
+
+
+def _sleep(seconds):
+    import time
+    time.sleep(seconds)
+    return seconds
+
+
+def test_an_interrupted_block_stops_the_spawned_process_at_once():
+    """Ctrl-C or SIGTERM to this process alone (a KeyboardInterrupt here) must not wait for the child's step (the
+    demo's other lane: a whole model's training) to finish."""
+    import time
+    with spawned_process() as pool:
+        assert pool.submit(_sleep, 0).result() == 0      # the child is up
+    t = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        with spawned_process() as pool:
+            pool.submit(_sleep, 0).result()
+            pool.submit(_sleep, 60)
+            raise KeyboardInterrupt
+    assert time.perf_counter() - t < 30

@@ -243,6 +243,8 @@ def test_demo_seeds_dev_views_and_settings(tmp_path):
             DemoConfig.make(unlearn=bad)
     assert DemoConfig.make(quick=True, unlearn={"steps": 7}).unlearn["steps"] == 7     # --quick keeps the user's length
     assert DemoConfig.make(quick=True).unlearn["steps"] == 4
+    for quick in (True, False):   # --set epochs replaces the demo's step count, and --set steps its epochs
+        assert DemoConfig.make(quick=quick, unlearn={"epochs": 1}).unlearn["steps"] is None
     with pytest.raises(ValueError, match=r"--seeds: expected distinct seeds in \[0, 2\^32\)"):
         DemoConfig.make(seeds=(0, 2**32))
     (tmp_path / "afile").write_text("")

@@ -353,3 +353,22 @@ def test_masks_as_one_tensor_and_hyperparameters_that_are_not_numbers_are_refuse
     for bad in (dict(lr="0.1"), dict(eps=None), dict(weight_decay=True)):
         with pytest.raises(ValueError, match=f"invalid {next(iter(bad))}"):
             MaskedAdamW([p], **bad)
+
+
+def test_pinned_layout_of_dense_state_and_a_loaded_strided_moment():
+    """Dense offloaded state asks _pinned for zeros of the param's shape (a torch.Size, not a length: it raised); a
+    saved moment with strides loads contiguous (the ops take contiguous tensors)."""
+    from surgery.optim import _pinned
+    block = _pinned({"mask": torch.ones(3, 4, dtype=torch.bool)}, zeros={"exp_avg": torch.Size([3, 4]), "v": 5},
+                    pin=False)
+    assert block["exp_avg"].shape == (3, 4) and block["v"].shape == (5,) and not block["exp_avg"].any()
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = MaskedAdamW([p], compact=False)
+    p.grad = torch.randn(4, 3)
+    opt.step()
+    saved = opt.state_dict()
+    saved["state"][0]["exp_avg"] = saved["state"][0]["exp_avg"].t().contiguous().t()
+    other = MaskedAdamW([p], compact=False)
+    other.load_state_dict(saved)
+    assert other.state[p]["exp_avg"].is_contiguous()
+    other.step()
