@@ -33,9 +33,9 @@ from .bench.evaluate import evaluate
 from .bench.finetune import FinetuneConfig, cache_root, vanilla_model
 from .bench.lanes import spawned_process
 from .bench.relearn import HOLD_OUTS, LR, relearn
-from .config import Config
+from .config import Config, check_seeds
 from .methods import METHODS, NonFiniteError, get
-from .methods.loop import check_run_settings, check_stop
+from .methods.loop import check_run
 from .models import load
 from .pipeline import atomic_dir, check_device, environment, resolve, run, torch_threads
 
@@ -78,8 +78,7 @@ class CompareConfig:
         if unknown or not self.methods:
             raise ValueError(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from "
                              f"{', '.join(METHODS)}")
-        if not self.seeds or any(not 0 <= s < 2**32 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"--seeds: expected distinct seeds in [0, 2^32), got {list(self.seeds)}")
+        check_seeds(self.seeds)
         if self.views not in ("test", "dev"):
             raise ValueError(f"--views {self.views!r}: choose test or dev")
         check_device(self.device)
@@ -99,8 +98,7 @@ class CompareConfig:
             if bad:
                 raise ValueError(f"--set {method}.{bad[0]}: not a setting of a run (one of "
                                  f"{', '.join(sorted(settable))})")
-            check_stop(values, f"--set {method}.")
-            check_run_settings(values, f"--set {method}.")
+            check_run(values, f"--set {method}.")
 
 
 # ----- the benchmark: every call into surgery.bench is in this section ---------------------------------------------

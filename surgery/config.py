@@ -2,6 +2,15 @@
 import math
 from dataclasses import asdict, dataclass, field
 
+SEED_LIMIT = 2**32  # numpy's seeds are below it
+
+
+def check_seeds(seeds) -> None:
+    """Refuse a list of benchmark seeds (the demo's and compare's --seeds) that is empty, repeats one, or holds one
+    outside [0, SEED_LIMIT)."""
+    if not seeds or any(not 0 <= s < SEED_LIMIT for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds: expected distinct seeds in [0, 2^32), got {list(seeds)}")
+
 
 @dataclass
 class Config:
@@ -63,8 +72,8 @@ class Config:
         return asdict(self)
 
     def check(self) -> None:
-        """Refuse numbers a run cannot use, naming the option, before anything is loaded (the early stop's and the
-        selection fractions' own checks: methods.loop.check_stop, select.check_fraction)."""
+        """Refuse numbers a run cannot use, naming the option, before anything is loaded (methods.loop.check_run adds
+        the early stop's and the selection fractions' own checks)."""
         def number(x):
             return not isinstance(x, bool) and isinstance(x, (int, float)) and not math.isnan(x)
 
@@ -72,7 +81,7 @@ class Config:
             return not isinstance(x, bool) and isinstance(x, int)
 
         rules = [  # (field, ok, what is expected)
-            ("seed", whole(self.seed) and 0 <= self.seed < 2**32, "a whole number in [0, 2^32)"),
+            ("seed", whole(self.seed) and 0 <= self.seed < SEED_LIMIT, "a whole number in [0, 2^32)"),
             ("steps", self.steps is None or whole(self.steps) and self.steps >= 1, "a whole number >= 1"),
             ("epochs", self.epochs is None or number(self.epochs) and 0 < self.epochs < math.inf, "a number > 0"),
             ("batch_size", whole(self.batch_size) and self.batch_size >= 1, "a whole number >= 1"),
@@ -90,10 +99,10 @@ class Config:
              and self.mask_threshold >= 0, "a number >= 0 (the Fisher ratio is never negative)"),
             ("eps", number(self.eps) and 0 <= self.eps < math.inf, "a number >= 0"),
             ("teacher_memory_gb", number(self.teacher_memory_gb) and self.teacher_memory_gb >= 0, "a number >= 0"),
+            ("steps", self.steps is None or self.epochs is None, "one of --steps and --epochs, not both"),
+            ("schedule", self.schedule in (None, "combined", "alternating"), "combined or alternating"),
+            ("scope", self.scope in (None, "mlp", "vision", "full"), "mlp, vision or full"),
         ]
-        rules += [("steps", self.steps is None or self.epochs is None, "one of --steps and --epochs, not both"),
-                  ("schedule", self.schedule in (None, "combined", "alternating"), "combined or alternating"),
-                  ("scope", self.scope in (None, "mlp", "vision", "full"), "mlp, vision or full")]
         for name, ok, expected in rules:
             if not ok:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: expected {expected}")

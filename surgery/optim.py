@@ -162,9 +162,9 @@ class MaskedAdamW(torch.optim.Optimizer):
             p = params[i]
             tensors = _saved_state(i, p, saved)
             # copies, so that the saved state_dict and this optimizer do not share
-            placed[p] = _pinned(tensors) if self.offload and p.is_cuda else \
-                {k: v.to(p.device, copy=True).contiguous() for k, v in tensors.items()}
-            placed[p] = {"step": torch.tensor(int(saved["step"]), dtype=torch.int64), **placed[p]}
+            placed[p] = {"step": torch.tensor(int(saved["step"]), dtype=torch.int64),
+                         **(_pinned(tensors) if self.offload and p.is_cuda else
+                            {k: v.to(p.device, copy=True).contiguous() for k, v in tensors.items()})}
         for p in params.values():
             if p not in placed:
                 placed[p] = _new_state(p, _mask(self.state[p], p), "indices" in self.state[p], self.offload)

@@ -17,10 +17,9 @@ import transformers
 from . import __version__, distributed, methods, ops
 from .config import Config
 from .data import hold_back, load_splits
-from .methods.loop import check_stop
+from .methods.loop import check_run
 from .models import load, save
 from .saliency import Saliency, collect_or_load, halfway, merge
-from .select import check_fraction
 
 log = logging.getLogger("surgery")
 
@@ -114,6 +113,12 @@ def environment(device) -> dict:
     return env
 
 
+def provenance(cfg: Config, device) -> dict:
+    """What every report.json records of how it was made: the config, seed, dtype and environment."""
+    return {"config": cfg.to_dict(), "seed": cfg.seed, "dtype": str(resolve_dtype(cfg)).replace("torch.", ""),
+            "environment": environment(device)}
+
+
 def resolve(cfg: Config) -> tuple[Config, "methods.Method"]:
     """The method named by cfg.method, and cfg with the method's defaults in the fields left None."""
     method = methods.get(cfg.method)
@@ -127,12 +132,9 @@ def prepare(cfg: Config, world: distributed.World | None = None):
     and the vision tower's blocks (--checkpoint-vision).
     Returns (splits, adapter, params, layers): the trainable parameters and the vision layers selected."""
     world = world or distributed.World.current()
-    cfg.check()
+    check_run(cfg)
     seed_everything(cfg.seed)
     check_device(cfg.device)
-    check_stop(cfg)
-    for name in ("prune_frac", "mask_frac"):
-        check_fraction(name, getattr(cfg, name))
     splits = load_splits(cfg.forget, cfg.retain)
     if cfg.stop_forget_accuracy is not None:
         splits = hold_back(splits, cfg.stop_holdout, cfg.seed)
@@ -191,7 +193,6 @@ def run(cfg: Config, overwrite: bool = False, progress: bool = True) -> dict:
     """Unlearn with cfg.method: load -> the method's prepare (selection, pruning, masks) -> the shared loop -> save
     the model, the method's files and report.json into cfg.out (atomically: a failure leaves nothing)."""
     cfg, method = resolve(cfg)
-    cfg.check()
     if not method.trains and (cfg.stop_forget_loss is not None or cfg.stop_forget_accuracy is not None):
         raise ValueError(f"{method.name} does not train: --stop-forget-loss / --stop-forget-accuracy do not apply")
     out = Path(cfg.out)
@@ -219,8 +220,7 @@ def run(cfg: Config, overwrite: bool = False, progress: bool = True) -> dict:
             state = distributed.full_state_dict(adapter.model)   # a collective when the LLM is sharded
             ctx.timings["total_s"] = time.perf_counter() - t0
             report = {
-                "method": method.name, "config": cfg.to_dict(), "seed": cfg.seed,
-                "dtype": str(resolve_dtype(cfg)).replace("torch.", ""), "environment": environment(adapter.device),
+                "method": method.name, **provenance(cfg, adapter.device),
                 "world_size": world.size, "timings": ctx.timings, "memory": peak_memory(adapter.device),
                 "splits": splits.counts(),
                 "scope": {"name": cfg.scope, "parameters": len(params),
@@ -258,8 +258,7 @@ def collect_saliency(cfg: Config, overwrite: bool = False, progress: bool = True
         timings = {}
         sal = collect_or_load(adapter, splits, params, cfg.forget, cfg.retain, cfg.collect_batch_size,
                               timings=timings, world=world, progress=progress)
-        report = {"config": cfg.to_dict(), "seed": cfg.seed, "dtype": str(resolve_dtype(cfg)).replace("torch.", ""),
-                  "environment": environment(adapter.device), "world_size": world.size, "timings": timings,
+        report = {**provenance(cfg, adapter.device), "world_size": world.size, "timings": timings,
                   "splits": splits.counts()}
         if world.main:
             write_saliency(cfg.out, sal, report, overwrite, run_inputs(cfg))
@@ -291,8 +290,7 @@ def save_saliency(cfg: Config, head: tuple[Saliency, dict], tail: tuple[Saliency
     t = time.perf_counter()
     sal = merge(head[0], tail[0])
     tail[0].records.clear()    # every tail batch's gradients (hundreds of MB in the demo): added, no longer needed
-    report = {"config": cfg.to_dict(), "seed": cfg.seed, "dtype": str(resolve_dtype(cfg)).replace("torch.", ""),
-              "environment": environment(cfg.device), "world_size": 1,
+    report = {**provenance(cfg, cfg.device), "world_size": 1,
               "timings": {"merge_s": time.perf_counter() - t}, "splits": head[1],
               "collected_in": "two halves (saliency_half)"}
     write_saliency(cfg.out, sal, report, overwrite, run_inputs(cfg))
@@ -309,6 +307,7 @@ def check_out(out, overwrite: bool, inputs=None, keep=None) -> None:
     if path == here or path in here.parents:
         raise ValueError(f"--out {out} is {'the current directory' if path == here else 'a directory above the current one'}"
                          f": the run replaces --out, and it would delete what is there; name a directory of its own")
+
     def pairs(x):
         return [(o, g) for o, g in (x.items() if isinstance(x, dict) else x or ()) if g]  # made later, too
 

@@ -33,6 +33,18 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return chosen
 
 
+def _top_of_all(scores: dict, frac: float) -> dict:
+    """_top over every entry of the tensors in `scores` ranked together (the top `frac` of them all), as a bool
+    tensor per key, shaped and placed like its scores."""
+    chosen = _top(torch.cat([s.float().flatten().cpu() for s in scores.values()]),
+                  round(frac * sum(s.numel() for s in scores.values())))
+    out, start = {}, 0
+    for key, s in scores.items():
+        out[key] = chosen[start:start + s.numel()].view(s.shape).to(s.device)
+        start += s.numel()
+    return out
+
+
 def select_neurons(importance: dict[int, torch.Tensor], threshold: float | None = None,
                    frac: float | None = None, per_layer: bool = True) -> dict[int, torch.Tensor]:
     """Neurons with I_u >= threshold, or the top `frac` of each layer (`per_layer`, the default) or of all given
@@ -46,15 +58,7 @@ def select_neurons(importance: dict[int, torch.Tensor], threshold: float | None 
     if per_layer:
         return {l: torch.nonzero(_top(imp.float().cpu(), round(frac * imp.numel()))).flatten()
                 for l, imp in importance.items()}
-    layers = list(importance)
-    flat = torch.cat([importance[l].float().cpu() for l in layers])
-    chosen = _top(flat, round(frac * flat.numel()))
-    out, start = {}, 0
-    for l in layers:
-        n = importance[l].numel()
-        out[l] = torch.nonzero(chosen[start:start + n]).flatten()
-        start += n
-    return out
+    return {l: torch.nonzero(chosen).flatten().cpu() for l, chosen in _top_of_all(importance, frac).items()}
 
 
 def fisher_union(sal: Saliency, reaches, splits=REST) -> dict[str, torch.Tensor]:
@@ -85,9 +89,4 @@ def fisher_mask(sal: Saliency, reaches, threshold: float | None = 1.0, frac: flo
     ratio = {n: f / (rest[n] + eps) for n, f in sal.fisher["fvqa"].items()}
     if frac is None:
         return {n: r >= threshold for n, r in ratio.items()}
-    chosen = _top(torch.cat([r.flatten().cpu() for r in ratio.values()]), round(frac * sum(map(torch.numel, ratio.values()))))
-    out, start = {}, 0
-    for n, r in ratio.items():
-        out[n] = chosen[start:start + r.numel()].view(r.shape).to(r.device)
-        start += r.numel()
-    return out
+    return _top_of_all(ratio, frac)

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config import Config, check_seeds
 from ..data import load_jsonl
-from ..methods.loop import check_run_settings, check_stop
+from ..methods.loop import check_run
 from ..models import Example, load
 from ..pipeline import (atomic_dir, collect_saliency, environment, prune_and_mask, saliency_half, save_saliency,
                         seed_everything, torch_threads)
@@ -122,12 +122,13 @@ class DemoConfig:
     def make(cls, seeds=(0,), quick: bool = False, unlearn: dict | None = None, **kw) -> "DemoConfig":
         cfg = cls(seeds=tuple(seeds), quick=quick, **kw)
         cfg.unlearn.update(unlearn or {})
-        for given, other in (("epochs", "steps"), ("steps", "epochs")):   # the user's length replaces the demo's
-            if given in (unlearn or {}) and other not in (unlearn or {}):
+        given = set(unlearn or {})
+        for length, other in (("epochs", "steps"), ("steps", "epochs")):   # the user's length replaces the demo's
+            if length in given and other not in given:
                 cfg.unlearn[other] = None
         if quick:
             cfg.bench, cfg.finetune = dict(QUICK_BENCH), FinetuneConfig.quick()
-            if not {"steps", "epochs"} & set(unlearn or {}):     # the user's length stands
+            if not {"steps", "epochs"} & given:     # the user's length stands
                 cfg.unlearn.update(steps=4, epochs=None)
             if cfg.unlearn.get("layers") == UNLEARN["layers"]:      # not the user's: the quick tower's deepest
                 cfg.unlearn["layers"] = QUICK_LAYERS
@@ -136,8 +137,7 @@ class DemoConfig:
         return cfg
 
     def check(self) -> None:
-        if not self.seeds or any(not 0 <= s < 2**32 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"--seeds: expected distinct seeds in [0, 2^32), got {list(self.seeds)}")
+        check_seeds(self.seeds)
         if self.processes not in (1, 2):
             raise ValueError(f"--processes {self.processes}: choose 1 or 2")
         batch = self.unlearn.get("batch_size", Config.batch_size)
@@ -150,8 +150,7 @@ class DemoConfig:
         bad = sorted(set(self.unlearn) - known)
         if bad:
             raise ValueError(f"--set {bad[0]}: not a setting of prune-and-mask (one of {', '.join(sorted(known))})")
-        check_stop(self.unlearn, "--set ")
-        check_run_settings(self.unlearn, "--set ")
+        check_run(self.unlearn, "--set ")
 
 
 def benchmark(seed: int, params: dict, cache: Path) -> tuple[Path, bool]:

@@ -3,7 +3,7 @@ import logging
 
 import click
 
-from .common import emit, friendly, main, settings_option
+from .common import SEED, emit, friendly, main, settings_option
 
 log = logging.getLogger("surgery")
 
@@ -32,7 +32,7 @@ def _models(ctx, param, values):
 
 @main.command("make-bench")
 @click.option("--out", required=True, type=click.Path())
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--people", type=int, help="Fictitious people (forget + retain) [100].")
 @click.option("--forget-share", type=float, help="Share of them to forget [0.1].")
 @click.option("--real-world", type=int, help="People of the separate population [20].")
@@ -58,7 +58,7 @@ def make_bench_cmd(out, seed, overwrite, as_json, verbose, **params):
 @main.command()
 @click.option("--bench", required=True, type=click.Path(), help="A make-bench directory.")
 @click.option("--out", required=True, type=click.Path())
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--tower-epochs", type=int, default=None, help="Tower pretraining on every photo the model may see.")
 @click.option("--text-epochs", type=int, default=None, help="The LLM on the QA rows.")
 @click.option("--align-epochs", type=int, default=None, help="Projector + LLM on the VQA (+ QA) rows, tower frozen.")
@@ -123,7 +123,7 @@ def finetune(bench, out, seed, tower_epochs, text_epochs, align_epochs, quick, t
 @click.option("--no-letter", is_flag=True, help="Skip the generation-style (letter) scoring.")
 @click.option("--no-rouge", is_flag=True, help="Skip ROUGE-L on the generation questions.")
 @click.option("--resamples", type=int, default=1000, show_default=True, help="Bootstrap draws for the intervals.")
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("-v", "--verbose", is_flag=True)
 @friendly
@@ -192,7 +192,7 @@ def _accept_targets(report, bench, vanilla, reference) -> dict[str, tuple[str, s
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--resamples", type=int, default=1000, show_default=True, help="Bootstrap draws for the intervals.")
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("-v", "--verbose", is_flag=True)
 @friendly
@@ -240,7 +240,7 @@ def accept(report, bench, vanilla, reference, views, threads, device, batch_size
 @click.option("--views", type=click.Choice(["test", "dev"]), default="test", show_default=True,
               help="Measure forget-VQA on the held-out test views or on the dev views (tuning).")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("-v", "--verbose", is_flag=True)
 @friendly

@@ -9,7 +9,7 @@ import threading
 
 import click
 
-from ..config import Config
+from ..config import SEED_LIMIT, Config, check_seeds
 from ..data import DataError
 
 log = logging.getLogger("surgery")
@@ -125,14 +125,19 @@ def main():
     """Make a multimodal LLM forget what a person looks like (Visual Knowledge Distillation unlearning)."""
 
 
+SEED = click.IntRange(0, SEED_LIMIT - 1)  # the type of a --seed option
+
+
 def seeds_option(ctx, param, value):
     """A click callback: "0,1,2" -> (0, 1, 2), distinct and non-negative."""
     try:
         seeds = tuple(int(x) for x in value.split(",") if x.strip())
     except ValueError:
         raise click.BadParameter(f"{value!r}: expected comma-separated seeds like 0,1,2") from None
-    if not seeds or min(seeds) < 0 or max(seeds) >= 2**32 or len(set(seeds)) != len(seeds):
-        raise click.BadParameter(f"{value!r}: expected distinct seeds in [0, 2^32)")
+    try:
+        check_seeds(seeds)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected distinct seeds in [0, 2^32)") from None
     return seeds
 
 

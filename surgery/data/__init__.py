@@ -42,11 +42,11 @@ class Row:
             return im.convert("RGB")
 
 
-def _image(value: str, where: str, base: Path, check: bool, decoded: set | None = None) -> Path:
-    """The image path `value` resolved against `base`; with `check`, it must exist and decode (once per file: the
-    paths already decoded are in `decoded`, and this one is added)."""
+def _image(value: str, where: str, base: Path, check: bool, decoded: set) -> Path:
+    """The image path `value` resolved against `base`; with `check`, it must exist and decode, once: `decoded` holds
+    the paths already decoded (a photo that many rows share), and this one is added."""
     image = (base / value).resolve()
-    if check and not (decoded is not None and image in decoded):
+    if check and image not in decoded:
         if not image.is_file():
             raise DataError(f"{where}: 'image' file not found: {value}")
         try:
@@ -54,12 +54,11 @@ def _image(value: str, where: str, base: Path, check: bool, decoded: set | None 
                 im.load()  # decodes every pixel: verify() passes a PNG whose chunks check out but whose stream is bad
         except Exception as e:
             raise DataError(f"{where}: 'image' cannot be decoded: {value} ({e})") from None
-        if decoded is not None:
-            decoded.add(image)
+        decoded.add(image)
     return image
 
 
-def _row(obj, where: str, base: Path, check_images: bool, decoded: set | None = None) -> Row:
+def _row(obj, where: str, base: Path, check_images: bool, decoded: set) -> Row:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     for key in ("question", "answer"):
@@ -110,7 +109,7 @@ def _objects(path: Path):
 def load_jsonl(path, check_images: bool = True) -> list[Row]:
     """Rows of a JSONL file; every problem raises DataError naming `file:line`."""
     path = Path(path)
-    decoded = set()  # a photo that many rows share is decoded once
+    decoded = set()
     rows = [_row(obj, where, path.parent, check_images, decoded) for obj, where in _objects(path)]
     if not rows:
         raise DataError(f"{path}: no rows")
@@ -122,11 +121,11 @@ def load_images(path, exclude: set[Path] = frozenset()) -> list[Row]:
     empty question and no answer. A photo in `exclude` (e.g. a forget photo) is refused; so is every problem a row of
     `load_jsonl` would be refused for, naming `file:line`."""
     path = Path(path)
-    rows = []
+    rows, decoded = [], set()
     for obj, where in _objects(path):
         if not isinstance(obj, dict) or not isinstance(obj.get("image"), str) or not obj["image"]:
             raise DataError(f"{where}: expected a JSON object with an 'image' path")
-        image = _image(obj["image"], where, path.parent, True)
+        image = _image(obj["image"], where, path.parent, True, decoded)
         if image in exclude:
             raise DataError(f"{where}: {obj['image']} is a forget photo: distilling it would keep what the run is to "
                             "forget")

@@ -195,15 +195,19 @@ def check_stop(settings, where: str = "") -> None:
             raise ValueError(f"{where}{name}={value!r}: expected a whole number of steps >= 1")
 
 
-def check_run_settings(settings: dict, where: str = "") -> None:
-    """Refuse run settings given as {Config field: value} (demo's and compare's --set) that a run would refuse, when
-    they are given, not after the models they need are built: Config.check and the selection fractions."""
+def check_run(settings, where: str = "") -> None:
+    """Refuse settings a run cannot use, before anything is loaded or built: the early stop's (check_stop), Config.check
+    and the selection fractions'. `settings`: a Config, or a dict of some of its fields (the demo's and compare's
+    --set, whose messages `where` starts)."""
+    check_stop(settings, where)
     try:
-        cfg = Config(**settings)
+        cfg = settings if isinstance(settings, Config) else Config(**settings)
         cfg.check()
         for name in ("prune_frac", "mask_frac"):
             check_fraction(name, getattr(cfg, name))
     except (TypeError, ValueError) as e:
+        if not where:
+            raise
         raise ValueError(f"{where}…: {e}") from None
 
 
