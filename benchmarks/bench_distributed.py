@@ -227,7 +227,7 @@ def measure(mode: str, args, world: distributed.World, device: str, folder: Path
         sort = "self_device_time_total" if cuda else "self_cpu_time_total"
         print(f"{mode}: top ops by {sort}, {args.steps} steps\n"
               + profiler.key_averages().table(sort_by=sort, row_limit=args.profile), file=sys.stderr)
-    peak = torch.cuda.max_memory_allocated(device) if cuda else pipeline.peak_memory(device)["rss_bytes"]
+    peak = torch.cuda.max_memory_allocated(device) if cuda else pipeline.peak_memory(device)["peak_rss_bytes"]
     breakdown = {}
     if args.memory_top and cuda:  # one more step, recorded (after the timing: recording slows allocation)
         ctx.cfg = replace(cfg, steps=1)

@@ -105,21 +105,21 @@ class CompareConfig:
 def _benchmark(cfg: CompareConfig, seed: int, cache: Path) -> Path:
     """The benchmark of this seed: --bench, or the demo's benchmark for the seed (generated once, cached)."""
     if cfg.bench:
-        return Path(cfg.bench)
+        return Path(cfg.bench).resolve()
     return benchmark(seed, cfg.bench_params or {}, cache)[0]
 
 
-def _vanilla(cfg: CompareConfig, bench: Path, seed: int, cache: Path) -> tuple[Path, bool, str]:
-    """(vanilla model, taken from the cache?, an id that changes when the model does)."""
+def _vanilla(cfg: CompareConfig, bench: Path, seed: int, cache: Path) -> tuple[Path, str, str]:
+    """(vanilla model, where it came from: "--model", "cache" or "trained", an id that changes when the model does)."""
     if cfg.model:
-        model = Path(cfg.model)
+        model = Path(cfg.model).resolve()
         files = sorted(p for p in model.iterdir() if p.is_file()) if model.is_dir() else []
         if not files:
             raise FileNotFoundError(f"--model {model}: not a model directory")
         stamp = json.dumps([[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files])
-        return model, True, f"{model.resolve()}:{hashlib.sha256(stamp.encode()).hexdigest()[:16]}"
+        return model, "--model", f"{model}:{hashlib.sha256(stamp.encode()).hexdigest()[:16]}"
     path, cached = vanilla_model(bench, FinetuneConfig(**{"seed": seed, "threads": cfg.threads, **cfg.finetune}), cache)
-    return path, cached, path.name              # the name holds the content hash of benchmark + fine-tune config
+    return path, "cache" if cached else "trained", path.name   # the name holds the content hash of benchmark + fine-tune config
 
 
 def _digest(bench: Path) -> str:
@@ -146,19 +146,6 @@ def _cache_root() -> Path:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def peak_rss() -> int | None:
-    """This process's peak resident memory in bytes (Linux: VmHWM, the high-water mark of its own address space).
-    Not getrusage's ru_maxrss: that one survives fork and exec, so a run started by a larger parent reports the
-    parent's peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def run_job(job: dict) -> dict:
     """One method on one seed: unlearn (into a scratch directory) -> evaluate -> relearning attack. Runs in a fresh
     process when isolated; a NonFiniteError is a result (diverged), any other error propagates."""
@@ -172,7 +159,7 @@ def run_job(job: dict) -> dict:
     try:
         try:
             report = run(cfg, overwrite=True, progress=job.get("progress", False))
-            memory = {**report["memory"], "peak_rss_bytes": peak_rss()}       # before evaluation and attack
+            memory = report["memory"]       # the run's own peak (before evaluation and attack)
         except NonFiniteError as e:
             log.warning("%s diverged on seed %d: %s", cfg.method, cfg.seed, e)
             return {"status": "diverged", "error": str(e)}
@@ -193,7 +180,7 @@ def run_job(job: dict) -> dict:
             "prepare_s": timings.get("prepare_s"), "total_s": timings.get("total_s"), "memory": memory,
             "memory_isolated": job["isolate"], "trainable_weights": report["trainable_weights"],
             "scope": report["scope"]["name"], "pruned_neurons": sum((report.get("pruned_neurons") or {}).values()),
-            "config": report["config"], "losses_last": report["losses"][-1] if report["losses"] else None}
+            "config": report["config"], "dtype": report["dtype"], "losses_last": report["losses"][-1] if report["losses"] else None}
 
 
 def _execute(job: dict, isolate: bool) -> dict:
@@ -396,11 +383,10 @@ def _method_result(cfg: CompareConfig, method: str, seed: int, vanilla: Path, va
         result, hit = _cached(path, partial(_execute, job, cfg.isolate))
     except Exception as e:  # noqa: BLE001  (one method's bug must not hide the others' results)
         log.error("%s failed on seed %d: %s: %s", method, seed, type(e).__name__, e)
-        result, hit = {"status": "failed", "error": f"{type(e).__name__}: {e}"}, False
-        ledger["failed"].append(f"{method}@{seed}")
+        result, hit = {"status": "failed", "error": f"{type(e).__name__}: {e}"}, None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    ledger["reused" if hit else "computed"].append(f"{method}@{seed}")
+    ledger["failed" if hit is None else "reused" if hit else "computed"].append(f"{method}@{seed}")
     ledger["timings"][f"{method}_s[{seed}]"] = time.perf_counter() - t
     log.info("%s seed %d: %s%s", method, seed, result["status"], " (cached)" if hit else "")
     return {**result, "cache_key": key}
@@ -411,7 +397,7 @@ def _seed_results(cfg: CompareConfig, seed: int, cache: Path, progress: bool,
     """The benchmark and vanilla model of one seed, the vanilla scores, and every method's result."""
     t = time.perf_counter()
     bench = _benchmark(cfg, seed, cache)
-    vanilla, vanilla_cached, vanilla_id = _vanilla(cfg, bench, seed, cache)
+    vanilla, vanilla_source, vanilla_id = _vanilla(cfg, bench, seed, cache)
     digest = _digest(bench)
     ledger["timings"][f"vanilla_s[{seed}]"] = time.perf_counter() - t
     key = hashlib.sha256(json.dumps([vanilla_id, digest, cfg.generation, cfg.views, EVAL_VERSION, __version__]).encode())
@@ -419,7 +405,7 @@ def _seed_results(cfg: CompareConfig, seed: int, cache: Path, progress: bool,
                           partial(_score, vanilla, bench, cfg.device, cfg.generation, seed, cfg.views))
     ledger["reused" if hit else "computed"].append(f"vanilla@{seed}")
     return {"bench": str(bench), "bench_digest": digest,
-            "vanilla_model": str(vanilla), "vanilla_cached": vanilla_cached, "vanilla": scores,
+            "vanilla_model": str(vanilla), "vanilla_source": vanilla_source, "vanilla": scores,
             "methods": {m: _method_result(cfg, m, seed, vanilla, vanilla_id, bench, digest, cache, progress, ledger)
                         for m in cfg.methods}}
 
@@ -428,7 +414,7 @@ def compare(out, cfg: CompareConfig, cache: Path | None = None, overwrite: bool 
             ) -> dict:
     """Run the comparison into `out` (atomically): report.json, table.md, compare.png and the benchmarks used."""
     cfg.check()
-    out, cache = Path(out), Path(cache) if cache else _cache_root()
+    out, cache = Path(out).resolve(), Path(cache).resolve() if cache else _cache_root().resolve()
     t0, ledger = time.perf_counter(), {"computed": [], "reused": [], "failed": [], "timings": {}}
     with atomic_dir(out, overwrite, {"--bench": cfg.bench, "--model": cfg.model}, keep={"--cache": cache}) as tmp, \
             torch_threads(cfg.threads):

@@ -6,6 +6,8 @@ import os
 import platform
 import resource
 import shutil
+import sys
+import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
@@ -181,9 +183,22 @@ def lay_out(cfg: Config, adapter, world: distributed.World) -> None:
                  "already in host memory; nothing moves")
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes. On Linux VmHWM, the high-water mark of its own address space:
+    getrusage's ru_maxrss (the fallback elsewhere) survives fork and exec, so a run started by a larger parent
+    reported the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
 def peak_memory(device) -> dict:
     """Peak resident memory of this process (bytes), and the CUDA allocator's peak on a GPU run."""
-    peak = {"rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    peak = {"peak_rss_bytes": peak_rss()}
     if str(device).startswith("cuda"):
         peak["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     return peak
@@ -328,6 +343,11 @@ def check_out(out, overwrite: bool, inputs=None, keep=None) -> None:
     blocker = next((a for a in path.parents if a.exists()), None)
     if blocker is not None and not blocker.is_dir():
         raise NotADirectoryError(f"--out {out}: {blocker} is a file, so the directory cannot be made")
+    if blocker is not None:     # found now, not after the run's work: a directory made and removed in the nearest one
+        try:                    # that exists (permissions, a read-only file system; os.access says yes to root)
+            os.rmdir(tempfile.mkdtemp(prefix=".surgery-probe-", dir=blocker))
+        except OSError as e:
+            raise PermissionError(f"--out {out}: cannot write in {blocker} ({e.strerror})") from None
 
 
 def run_inputs(cfg: Config) -> dict:

@@ -1,6 +1,7 @@
 """`surgery compare` on a hand-made benchmark and a tiny saved model (no fine-tuning): a diverging method is reported
 as diverged, results come from the cache on a re-run, and only what is new is computed."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import surgery.compare as compare_mod
 from surgery.cli import main
 from surgery.compare import CompareConfig, cache_key, compare
 from surgery.config import Config
+from surgery.pipeline import peak_rss
 
 PEOPLE = {"forget": ["Ada Velk", "Bo Quist"], "retain": ["Cy Morrow", "Di Tallis", "Ed Brisk"],
           "realworld": ["Flo Osei", "Gus Varga"]}
@@ -67,7 +69,7 @@ def test_diverged_method_is_reported_not_scored_and_results_are_cached(tmp_path,
     # parent must not leak into (getrusage's ru_maxrss would: it survives fork and exec)
     ballast = np.ones(384 * 2**20 // 8)
     first = compare(tmp_path / "a", small(bench, model, methods=("manu",)), cache, progress=False)
-    assert compare_mod.peak_rss() - first["seeds"]["3"]["methods"]["manu"]["memory"]["peak_rss_bytes"] > 256 * 2**20
+    assert peak_rss() - first["seeds"]["3"]["methods"]["manu"]["memory"]["peak_rss_bytes"] > 256 * 2**20
     del ballast
     assert json.loads(json.dumps(first, default=str)) == json.loads((tmp_path / "a" / "report.json").read_text())
     manu = first["seeds"]["3"]["methods"]["manu"]
@@ -79,6 +81,8 @@ def test_diverged_method_is_reported_not_scored_and_results_are_cached(tmp_path,
     assert set(manu["scores"]) == {"forget", "retain", "realworld"}
     assert first["summary"]["manu"]["forget_vqa"]["mean"] == manu["scores"]["forget"]["vqa"]
     assert first["seeds"]["3"]["vanilla_model"] == str(model) and first["seeds"]["3"]["bench"] == str(bench)
+    assert first["seeds"]["3"]["vanilla_source"] == "--model" and manu["dtype"] == "float32"
+    assert first["out"] == str((tmp_path / "a").resolve()) and first["cache"] == str(cache.resolve())
     assert sorted(first["computed"]) == ["manu@3", "vanilla@3"] and not first["failed"]
     assert (tmp_path / "a" / "table.md").read_text().startswith("| method |")
     assert Image.open(tmp_path / "a" / "compare.png").size[0] > 100
@@ -108,6 +112,17 @@ def test_diverged_method_is_reported_not_scored_and_results_are_cached(tmp_path,
     assert third["computed"] == ["manu@3"]
     assert third["seeds"]["3"]["methods"]["manu"]["pruned_neurons"] > manu["pruned_neurons"]
     assert third["summary"]["manu"]["peak_rss_bytes"]["n"] == 0          # in-process: no fair peak to report
+
+    # a run that fails is counted as failed, not as computed, and not cached
+    def boom(job, isolate):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(compare_mod, "_execute", boom)
+    failing = replace(more, overrides={"ga": {"lr": 1e30}, "manu": {"prune_frac": 0.07}})
+    fourth = compare(tmp_path / "e", failing, cache, progress=False)
+    assert fourth["failed"] == ["manu@3"] and fourth["computed"] == [] and sorted(fourth["reused"]) == ["ga@3", "vanilla@3"]
+    assert fourth["seeds"]["3"]["methods"]["manu"] == {"status": "failed", "error": "RuntimeError: boom",
+                                                       "cache_key": fourth["seeds"]["3"]["methods"]["manu"]["cache_key"]}
+    assert fourth["summary"]["manu"]["failed"] == 1 and "**failed** (1 of 1)" in fourth["table"]
 
 
 def test_bad_options_name_the_option(tmp_path):

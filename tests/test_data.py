@@ -72,3 +72,18 @@ def test_empty_and_missing_files(tmp_path, data):
         load_splits(text_only, data[1])
     with pytest.raises(DataError, match="retain-VQA split \\(rvqa\\) is empty"):
         load_splits(data[0], text_only)
+
+
+def test_duplicate_ids_name_both_rows(tmp_path, data):
+    path = write(tmp_path / "f.jsonl", [{"question": "q", "answer": "a", "id": 7}, {"question": "r", "answer": "b"},
+                                        {"question": "s", "answer": "c", "id": "7"}])
+    with pytest.raises(DataError, match=f"f.jsonl:3: id '7' is already the id of {path}:1"):
+        load_jsonl(path)
+    assert len(load_jsonl(write(tmp_path / "g.jsonl", [{"question": "q", "answer": "a", "id": 7},
+                                                       {"question": "r", "answer": "b", "id": 8}]))) == 2
+    forget, retain = data                       # their rows carry ids: fv0..., rv0...
+    rows = [json.loads(line) for line in retain.read_text().splitlines()]
+    rows[2]["id"] = "fq1"
+    clash = write(retain, rows)
+    with pytest.raises(DataError, match=f"{clash}:3: id 'fq1' is already the id of {forget}:7"):
+        load_splits(forget, clash)

@@ -386,3 +386,53 @@ def test_unreadable_checkpoints_and_saliency_files_are_clear_errors(tiny_dirs, d
         message = message or "not a saliency file written by `surgery collect`"
         assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert not out.exists()
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_any_work():
+    """collect and finetune found an unwritable --out only when they saved, after the work; check_out (called before
+    anything loads) now makes and removes a directory where --out would go. Root passes every permission check, so
+    as root the check runs in a forked child that drops to `nobody`."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+    from surgery.pipeline import check_out
+    base = Path(tempfile.mkdtemp())
+    try:
+        base.chmod(0o777)
+        locked = base / "locked"
+        locked.mkdir()
+        locked.chmod(0o555)
+
+        def attempt():
+            said = []
+            for out in (locked / "run", locked / "a" / "b", base / "free"):
+                try:
+                    check_out(out, False)
+                    said.append("ok")
+                except PermissionError as e:
+                    said.append(str(e))
+            return said
+
+        if os.geteuid() != 0:
+            said = attempt()
+        else:
+            read, write = os.pipe()
+            pid = os.fork()
+            if pid == 0:                        # the child: never returns into pytest
+                try:
+                    os.close(read)
+                    os.setgid(65534)
+                    os.setuid(65534)
+                    os.write(write, json.dumps(attempt()).encode())
+                finally:
+                    os._exit(0)
+            os.close(write)
+            with os.fdopen(read) as f:
+                said = json.loads(f.read())
+            os.waitpid(pid, 0)
+        assert said[0] == f"--out {locked / 'run'}: cannot write in {locked} (Permission denied)", said
+        assert said[1] == f"--out {locked / 'a' / 'b'}: cannot write in {locked} (Permission denied)", said
+        assert said[2] == "ok" and sorted(p.name for p in base.iterdir()) == ["locked"] and not any(locked.iterdir())
+    finally:
+        locked.chmod(0o755)
+        shutil.rmtree(base)

@@ -31,6 +31,7 @@ task "mc": four options A-D, one correct, distractors from other people; the ans
 A row with an image asks about "the person in the image" (VQA); one without names the person (QA).
 """
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -361,7 +362,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 def make_bench(out, seed: int = 0, people: int = 100, forget_share: float = 0.1, real_world: int = 20,
                train_views: int = 12, dev_views: int = 2, test_views: int = 4, extra_people: int = 300,
                tower_views: int = 12, train_attributes: int = 2, image_size: int = 40, mc_repeats: int = 3,
-               gen_views: int = 1, overwrite: bool = False) -> dict:
+               gen_views: int = 1, overwrite: bool = False, progress: bool = True) -> dict:
     """Write the benchmark into `out` (atomically, through `pipeline.atomic_dir`): `people` fictitious people
     (`forget_share` of them to forget), `real_world` people of the separate population, `extra_people` faces for
     the tower's pretraining alone. Per person: `tower_views` photos only the tower's pretraining sees (as CLIP's
@@ -369,7 +370,9 @@ def make_bench(out, seed: int = 0, people: int = 100, forget_share: float = 0.1,
     ask about (the name and `train_attributes` of the four attributes, multiple choice; free-form about everything
     on the first `gen_views` of them), `mc_repeats` shuffles of each multiple-choice QA row, and `dev_views` and
     `test_views` held-out photos, each asked everything. Returns a summary: people per split and row counts per
-    file."""
+    file. `progress`: a bar per population on stderr."""
+    from ..pipeline import atomic_dir, check_out
+    from ..progress import progress_bar
     out = Path(out)
     if people < 2 or real_world < 1 or people + real_world < 4:
         raise ValueError(f"need at least 2 people, 1 real-world person and 4 in all (got {people}, {real_world})")
@@ -386,8 +389,11 @@ def make_bench(out, seed: int = 0, people: int = 100, forget_share: float = 0.1,
                          f"{extra_people}, {mc_repeats}, {gen_views}, {train_attributes})")
     if image_size < 16:
         raise ValueError(f"--image-size must be at least 16 (got {image_size})")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"--out {out} already exists (pass --overwrite to replace it)")
+    check_out(out, overwrite)                   # before the work: the files are written only at the end
+    photos_per_person = tower_views + train_views + dev_views + test_views
+    logging.getLogger("surgery").info(
+        "make-bench: %d people, %d photos of %d px", people + real_world + extra_people,
+        (people + real_world) * photos_per_person + extra_people * tower_views, image_size)
 
     rng = np.random.default_rng(seed)
     faces = _faces(rng, people + real_world + extra_people)
@@ -404,7 +410,6 @@ def make_bench(out, seed: int = 0, people: int = 100, forget_share: float = 0.1,
             split = "realworld" if pop == "realworld" else ("forget" if i in forget_idx else "retain")
             everyone.append((f"{'rw' if pop == 'realworld' else 'p'}{i:03d}", split, p, pools))
 
-    from ..pipeline import atomic_dir
     with atomic_dir(out, overwrite) as tmp:
         (tmp / "images").mkdir()
         files = {k: [] for k in ("train", "forget", "retain", *(f"{v}_{s}" for v in ("dev", "eval")
@@ -420,7 +425,8 @@ def make_bench(out, seed: int = 0, people: int = 100, forget_share: float = 0.1,
                     _view(head, glasses, prng, image_size).save(tmp / rel, format="PNG")
             return paths
 
-        for number, (pid, split, person, pools) in enumerate(everyone):
+        for number, (pid, split, person, pools) in enumerate(progress_bar(everyone, "make-bench people",
+                                                                          show=progress, leave=False)):
             prng = np.random.default_rng([seed, 1, number])
             views = photos(pid, person["face"], prng, (("tower", tower_views), ("train", train_views),
                                                        ("dev", dev_views), ("test", test_views)))
@@ -432,7 +438,8 @@ def make_bench(out, seed: int = 0, people: int = 100, forget_share: float = 0.1,
                 files[split] += train
             for kind, prefix in (("dev", "dev"), ("test", "eval")):
                 files[f"{prefix}_{split}"] += _rows(person, f"{pid}-{kind}", views[kind], pools, prng, 1, 1)
-        for k, face in enumerate(faces[people + real_world:]):
+        for k, face in enumerate(progress_bar(faces[people + real_world:], "make-bench tower faces", show=progress,
+                                              leave=False)):
             views = photos(f"x{k:03d}", face, np.random.default_rng([seed, 2, k]), (("tower", tower_views),))
             pretrain += [{"image": rel, "entity": f"x{k:03d}", "face": _discrete(face)} for rel in views["tower"]]
         for name, rows in files.items():

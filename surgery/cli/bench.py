@@ -15,6 +15,9 @@ def _shares(ctx, param, value):
         raise click.BadParameter(f"{value!r}: expected comma-separated fractions like 0.1,0.2,0.3") from None
     if not shares or not all(0 < s <= 1 for s in shares):
         raise click.BadParameter(f"{value!r}: every share must be in (0, 1]")
+    twice = sorted({s for s in shares if shares.count(s) > 1})
+    if twice:
+        raise click.BadParameter(f"{value!r}: {', '.join(map(str, twice))} given twice (each share is one attack)")
     return shares
 
 

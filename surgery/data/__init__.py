@@ -113,7 +113,18 @@ def load_jsonl(path, check_images: bool = True) -> list[Row]:
     rows = [_row(obj, where, path.parent, check_images, decoded) for obj, where in _objects(path)]
     if not rows:
         raise DataError(f"{path}: no rows")
+    _unique_ids(rows)
     return rows
+
+
+def _unique_ids(rows: list[Row]) -> None:
+    """Refuse an "id" that two rows share (a file merged twice, or a row both to forget and to keep), naming both."""
+    first: dict[str, str] = {}
+    for r in rows:
+        if r.id is not None:
+            if r.id in first:
+                raise DataError(f"{r.where}: id {r.id!r} is already the id of {first[r.id]}: row ids must be unique")
+            first[r.id] = r.where
 
 
 def load_images(path, exclude: set[Path] = frozenset()) -> list[Row]:
@@ -182,6 +193,7 @@ def load_splits(forget, retain) -> Splits:
         raise DataError(f"--forget and --retain are the same file ({forget}): the rows to forget and the rows to "
                         "keep must differ")
     f, r = load_jsonl(forget), load_jsonl(retain)
+    _unique_ids(f + r)
     splits = Splits([x for x in f if x.is_vqa], [x for x in f if not x.is_vqa],
                     [x for x in r if x.is_vqa], [x for x in r if not x.is_vqa])
     if not splits.fvqa:

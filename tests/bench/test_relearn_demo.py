@@ -81,6 +81,9 @@ def test_relearn_curve_and_input_untouched(small_bench, tiny_dirs):
     assert json.loads(res.stdout)[0]["forget_vqa"] == r["forget_vqa"]          # seeded: the same run twice
     res = CliRunner().invoke(main, ["relearn", "--model", str(model), "--bench", str(small_bench), "--shares", "2"])
     assert res.exit_code == 2 and "share" in res.output
+    res = CliRunner().invoke(main, ["relearn", "--model", str(model), "--bench", str(small_bench), "--shares",
+                                    "0.2,0.5,0.20"])
+    assert res.exit_code == 2 and "0.2 given twice" in res.output
     assert r["lr"] == 1e-2 and r["hold_out"] == "rows" and r["measured_rows"] == len(
         [x for x in load_jsonl(small_bench / "eval_forget.jsonl") if x.is_vqa and x.options])
 
