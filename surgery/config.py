@@ -97,6 +97,8 @@ class Config:
              and self.prune_threshold >= 0, "a number >= 0 (I_u is never negative)"),
             ("mask_threshold", self.mask_threshold is None or number(self.mask_threshold)
              and self.mask_threshold >= 0, "a number >= 0 (the Fisher ratio is never negative)"),
+            ("mask_threshold", self.mask_threshold is not None or self.mask_frac is not None,
+             "a number >= 0 when --mask-frac is not given (the Fisher mask needs one of them)"),
             ("eps", number(self.eps) and 0 <= self.eps < math.inf, "a number >= 0"),
             ("teacher_memory_gb", number(self.teacher_memory_gb) and self.teacher_memory_gb >= 0, "a number >= 0"),
             ("steps", self.steps is None or self.epochs is None, "one of --steps and --epochs, not both"),

@@ -1,6 +1,7 @@
 """MaskedAdamW: AdamW that leaves masked-out entries (params and state) untouched."""
 import copy
 import math
+import numbers
 
 import torch
 
@@ -54,6 +55,22 @@ class MaskedAdamW(torch.optim.Optimizer):
         self.offload = bool(offload)  # before the groups: add_param_group places their state
         super().__init__(groups, defaults)
 
+    def __getstate__(self):
+        return {**super().__getstate__(), "offload": self.offload}  # torch's keeps defaults, state and groups only
+
+    def __setstate__(self, state):
+        state = dict(state)
+        self.offload = state.pop("offload", getattr(self, "offload", False))
+        super().__setstate__(state)
+
+    def reset_state(self) -> None:
+        """Every param back to step 0 with zero moments, under the mask it has now (its mask is part of its state:
+        replacing `self.state` or a param's entry with an empty dict, as one resets torch's AdamW, would lose it)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state[p]
+                self.state[p] = _new_state(p, _mask(st, p), "indices" in st, self.offload)
+
     def add_param_group(self, param_group: dict) -> None:
         """As Optimizer's; the group may hold "masks", one per param (None or missing = all True)."""
         group = dict(param_group)
@@ -80,14 +97,13 @@ class MaskedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():  # the closure runs its own backward
                 loss = closure()
+        self._check_step()      # every param, before any is updated: a bad one must not leave a step half done
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             batches = {}  # one op call per (kind, device, dtype, step)
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("MaskedAdamW does not support sparse gradients")
                 st = self.state[p]
                 kind = "mask" if "mask" in st else "indices"
                 key = (kind, p.device, p.dtype, int(st["step"]) + 1)
@@ -107,6 +123,26 @@ class MaskedAdamW(torch.optim.Optimizer):
                         self.state[p]["step"] += 1
                     del part  # offload: this chunk's device copies go before the next chunk's come
         return loss
+
+    def _check_step(self) -> None:
+        """What the ops would refuse part-way through a step, checked for every param first, each named by its
+        position across the groups (as state_dict numbers them)."""
+        i = 0
+        for g, group in enumerate(self.param_groups):
+            _check_hyperparameters({**self.defaults, **group}, f"param group {g}: ")
+            for p in group["params"]:
+                where = f"MaskedAdamW.step: param {i} (group {g}, shape {list(p.shape)}, {p.dtype})"
+                i += 1
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{where}: sparse gradients are not supported")
+                if p.grad.shape != p.shape or p.grad.dtype != p.dtype or p.grad.device != p.device:
+                    raise RuntimeError(f"{where}: its grad is {list(p.grad.shape)} {p.grad.dtype} on {p.grad.device}; "
+                                       f"expected the param's shape, dtype and device ({p.device})")
+                if "step" not in self.state.get(p, {}):
+                    raise RuntimeError(f"{where}: no optimizer state (its mask lives there; was the state replaced?): "
+                                       f"call reset_state() to start every param afresh under its mask")
 
     def _chunks(self, owners, lists, device):
         """(params, work, grads, exp_avg, exp_avg_sq, mask or indices) for the op: all at once, or with offload in
@@ -153,7 +189,10 @@ class MaskedAdamW(torch.optim.Optimizer):
             if len(g["params"]) != len(sg["params"]):
                 raise ValueError(f"MaskedAdamW.load_state_dict: param group {i} has {len(sg['params'])} params "
                                  f"saved, {len(g['params'])} here")
-            _check_hyperparameters({**self.defaults, **sg})
+            if any(sg.get(k) for k in UNSUPPORTED):
+                raise ValueError(f"MaskedAdamW.load_state_dict: param group {i} was saved with "
+                                 f"{', '.join(k for k in UNSUPPORTED if sg.get(k))}, which this optimizer does not have")
+            _check_hyperparameters({**self.defaults, **sg}, f"load_state_dict: param group {i}: ")
         params = dict(zip((i for sg in saved_groups for i in sg["params"]), (p for g in groups for p in g["params"])))
         placed = {}
         for i, saved in state_dict["state"].items():  # every state checked before any is placed
@@ -231,7 +270,7 @@ def _saved_state(i, p: torch.Tensor, saved: dict) -> dict:
                          f"exp_avg_sq, and mask or indices)")
     step = saved["step"]
     if not (torch.is_tensor(step) and step.numel() == 1 or isinstance(step, (int, float))) \
-            or not float(step) >= 0 or float(step) != int(step):
+            or not 0 <= float(step) < math.inf or float(step) != int(step):
         raise ValueError(f"{where}: saved step {step!r} is not a whole number >= 0")
     tensors = {k: v for k, v in saved.items() if k != "step"}
     bad = next((k for k, v in tensors.items() if not isinstance(v, torch.Tensor)), None)
@@ -293,16 +332,26 @@ def _tensor_list(params) -> list:
     return list(params)
 
 
-def _check_hyperparameters(group: dict) -> None:
-    """torch.optim.AdamW's checks (and `compact` is None, True or False), made when a group is added."""
+def _number(value) -> bool:
+    return not isinstance(value, bool) and (isinstance(value, numbers.Real) or
+                                            isinstance(value, torch.Tensor) and value.numel() == 1)
+
+
+def _check_hyperparameters(group: dict, where: str = "") -> None:
+    """torch.optim.AdamW's checks (and `compact` is None, True or False), made when a group is added and before
+    each step."""
     for name in ("lr", "eps", "weight_decay"):
-        value = group[name]
-        if isinstance(value, bool) or not (isinstance(value, (int, float)) or
-                                           isinstance(value, torch.Tensor) and value.numel() == 1):
-            raise ValueError(f"MaskedAdamW: invalid {name}: {value!r} (a number)")
-    lr, (beta1, beta2), eps, wd = float(group["lr"]), group["betas"], group["eps"], group["weight_decay"]
+        if not _number(group[name]):
+            raise ValueError(f"MaskedAdamW: {where}invalid {name}: {group[name]!r} (a number)")
+    betas = group["betas"]
+    if isinstance(betas, torch.Tensor) or not isinstance(betas, (tuple, list)) or len(betas) != 2 \
+            or not all(_number(b) for b in betas):
+        raise ValueError(f"MaskedAdamW: {where}invalid betas: {betas!r} (two numbers, (beta1, beta2))")
+    if not (group["compact"] is None or isinstance(group["compact"], bool)):
+        raise ValueError(f"MaskedAdamW: {where}invalid compact: {group['compact']!r} (None, True or False)")
+    lr, (beta1, beta2), eps, wd = float(group["lr"]), betas, group["eps"], group["weight_decay"]
     for name, value, ok in (("lr", lr, lr >= 0), ("eps", eps, eps >= 0), ("weight_decay", wd, wd >= 0),
                             ("betas[0]", beta1, 0 <= beta1 < 1), ("betas[1]", beta2, 0 <= beta2 < 1),
                             ("compact", group["compact"], group["compact"] in (None, True, False))):
         if not ok:
-            raise ValueError(f"MaskedAdamW: invalid {name}: {value}")
+            raise ValueError(f"MaskedAdamW: {where}invalid {name}: {value}")

@@ -363,6 +363,9 @@ def test_settings_a_run_cannot_use_are_refused_before_loading(data, tmp_path, mo
     code, output = invoke_in(tmp_path, monkeypatch, *common[:-4], "--retain", data[0], "--out", tmp_path / "out")
     assert code != 0 and "--forget and --retain are the same file" in output
     assert not (tmp_path / "out").exists()
+    from surgery.config import Config
+    with pytest.raises(ValueError, match="--mask-threshold None: expected a number >= 0 when --mask-frac is not given"):
+        Config(model="m", forget="f", retain="r", out="o", mask_threshold=None).check()   # the library: no mask rule
 
 
 def test_unreadable_checkpoints_and_saliency_files_are_clear_errors(tiny_dirs, data, tmp_path):

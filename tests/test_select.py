@@ -85,3 +85,30 @@ def test_fractions_outside_zero_one_are_refused():
             select_neurons(imp, frac=bad)
         with pytest.raises(ValueError, match="mask_frac"):
             fisher_mask(saliency(), vision_only, threshold=None, frac=bad)
+
+
+def test_nonsense_selections_are_refused_naming_the_argument():
+    """NaN scores used to be taken first by a fraction and never by a threshold; a threshold with a fraction dropped
+    the fraction; a 2-D importance gave indices of no neuron; Fisher of mismatched shapes broadcast."""
+    import numpy as np
+    nan = {0: torch.tensor([float("nan"), 1.0, 2.0, 0.5])}
+    for kw in ({"frac": 0.25}, {"threshold": 0.0}):
+        with pytest.raises(ValueError, match="importance of 0 is NaN at 1 of 4 entries \\(first at \\[0\\]\\)"):
+            select_neurons(nan, **kw)
+    imp = {0: torch.tensor([0.1, 5.0, 2.0, 0.3])}
+    with pytest.raises(ValueError, match="not both"):
+        select_neurons(imp, threshold=1.0, frac=0.5)
+    assert select_neurons(imp, frac=np.float32(0.5))[0].tolist() == [1, 2]          # numpy numbers are numbers
+    assert select_neurons(imp)[0].numel() == 0 and select_neurons({}, frac=0.5, per_layer=False) == {}
+    with pytest.raises(ValueError, match="shape \\[2, 2\\]: expected one score per neuron"):
+        select_neurons({0: torch.tensor([[0.1, 5.0], [3.0, 0.2]])}, frac=0.5)
+    with pytest.raises(ValueError, match="neither given"):
+        fisher_mask(saliency(), vision_only, threshold=None)
+    sal = saliency()
+    sal.fisher["rvqa"]["w"] = torch.rand(4)
+    with pytest.raises(ValueError, match="Fisher of 'w' is \\[4\\] in split rvqa, \\[3, 4\\] in fvqa"):
+        fisher_mask(sal, vision_only)
+    sal = saliency()
+    sal.fisher["fvqa"]["w"][1, 2] = float("nan")
+    with pytest.raises(ValueError, match="the Fisher ratio of 'w' is NaN at 1 of 12 entries \\(first at \\[1, 2\\]\\)"):
+        fisher_mask(sal, vision_only, threshold=None, frac=0.5)

@@ -44,15 +44,14 @@ def prune_neurons_(fc_in, fc_in_bias, fc_out: torch.Tensor, neurons: torch.Tenso
     """Zero rows `neurons` of each input projection [H, D] (a tensor, or a list for gated MLPs) and of its
     bias (tensor, list or None), and columns `neurons` of fc_out [D, H], in place."""
     fc_ins = list(fc_in) if isinstance(fc_in, (list, tuple)) else [fc_in]
-    if not isinstance(fc_out, torch.Tensor):
-        raise TypeError(f"prune_neurons_: fc_out must be a tensor, got {type(fc_out).__name__}")
+    index = reference.neuron_index(neurons, fc_out)     # refuses a non-tensor fc_out and a mask, as the twin does
     biases = [] if fc_in_bias is None else list(fc_in_bias) if isinstance(fc_in_bias, (list, tuple)) else [fc_in_bias]
-    if any(b is None for b in biases):
-        return reference.prune_neurons_(fc_in, fc_in_bias, fc_out, neurons)
+    if any(not isinstance(t, torch.Tensor) for t in fc_ins + biases):  # None biases, or a bad entry: the twin's
+        return reference.prune_neurons_(fc_in, fc_in_bias, fc_out, neurons)   # checks name it
     if not _compiled("prune_neurons_", fc_out.device):
         return reference.prune_neurons_(fc_in, fc_in_bias, fc_out, neurons)
     with torch.no_grad():
-        torch.ops.surgery.prune_neurons_(fc_ins, biases, fc_out, reference.neuron_index(neurons, fc_out).contiguous())
+        torch.ops.surgery.prune_neurons_(fc_ins, biases, fc_out, index.contiguous())
 
 
 def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, masks, *, step, lr, beta1, beta2, eps, weight_decay) -> None:
@@ -70,6 +69,7 @@ def sparse_adamw_(params, grads, exp_avgs, exp_avg_sqs, indices, *, step, lr, be
 def _adamw(op: str, lists: list, step, lr, beta1, beta2, eps, weight_decay) -> None:
     names = ("params", "grads", "exp_avgs", "exp_avg_sqs", "masks" if op == "masked_adamw_" else "indices")
     lists = [checks.tensor_list(op, name, x) for name, x in zip(names, lists)]  # tuples and generators too
+    checks.entries(op, lists)   # before lists[0][0].device, and the dispatcher's own message
     if not lists[0]:  # nothing to dispatch on: the checks alone (lengths, step, betas)
         return checks.adamw(op, *lists, op == "masked_adamw_", step, beta1, beta2)
     if not _compiled(op, lists[0][0].device, stacklevel=4):  # the twin makes every check itself

@@ -42,8 +42,18 @@ def tensor_list(op: str, name: str, x) -> list:
     return list(x)
 
 
+def entries(op: str, lists) -> None:
+    """Every entry of the op's parallel lists is a tensor (None is not a mask of every entry)."""
+    for i, entry in enumerate(zip(*lists)):
+        if not all(isinstance(t, torch.Tensor) for t in entry):
+            raise TypeError(f"{op}: entry {i} holds something that is not a tensor (a mask of every entry is "
+                            "torch.ones_like(param, dtype=torch.bool))")
+
+
 def step_and_betas(op: str, step, beta1: float, beta2: float) -> None:
     """1 - beta**step divides: beta = 1 would give inf or nan."""
+    if isinstance(step, bool):
+        raise TypeError(f"{op}: step must be an int, got bool")
     try:
         step = operator.index(step)  # an int, or what converts to one without loss (as the op's binding takes)
     except TypeError:
@@ -61,9 +71,8 @@ def adamw(op: str, params, grads, exp_avgs, exp_avg_sqs, sel, dense: bool, step,
         _fail(op, ": lists differ in length (params ", n, ", grads ", len(grads), ", exp_avgs ", len(exp_avgs),
               ", exp_avg_sqs ", len(exp_avg_sqs), ", masks " if dense else ", indices ", len(sel), ")")
     step_and_betas(op, step, beta1, beta2)
+    entries(op, (params, grads, exp_avgs, exp_avg_sqs, sel))
     for i, (p, g, m, v, s) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, sel)):
-        if not all(isinstance(t, torch.Tensor) for t in (p, g, m, v, s)):
-            raise TypeError(f"{op}: entry {i} holds something that is not a tensor")
         if p.device != params[0].device:
             _fail(op, ": params[", i, "] is on ", p.device, ", params[0] on ", params[0].device)
         if p.dtype not in PARAM_DTYPES:

@@ -9,7 +9,8 @@ def prune_neurons_(fc_in, fc_in_bias, fc_out: torch.Tensor, neurons: torch.Tenso
     """Zero rows `neurons` of every input projection (a tensor or a list: gated MLPs) and of its bias
     (a tensor, a list, or None), and columns `neurons` of `fc_out` [D, H], in place."""
     fc_ins = list(fc_in) if isinstance(fc_in, (list, tuple)) else [fc_in]
-    biases = list(fc_in_bias) if isinstance(fc_in_bias, (list, tuple)) else [fc_in_bias] * len(fc_ins)
+    # a bare bias is one bias (refused for a gated MLP's two projections, as by the op), not one per projection
+    biases = list(fc_in_bias) if isinstance(fc_in_bias, (list, tuple)) else [] if fc_in_bias is None else [fc_in_bias]
     idx = neuron_index(neurons, fc_out)
     checks.prune(fc_ins, biases, fc_out, idx)
     with torch.no_grad():
@@ -23,6 +24,8 @@ def prune_neurons_(fc_in, fc_in_bias, fc_out: torch.Tensor, neurons: torch.Tenso
 def neuron_index(neurons, fc_out: torch.Tensor) -> torch.Tensor:
     """`neurons` as int64 indices on fc_out's device; a bool mask or float values are refused, not cast (a cast
     would turn the mask [0, 0, 1] into the indices 0, 0, 1)."""
+    if not isinstance(fc_out, torch.Tensor):
+        raise TypeError(f"prune_neurons_: fc_out must be a tensor, got {type(fc_out).__name__}")
     if not isinstance(neurons, torch.Tensor) or neurons.dtype == torch.bool or neurons.is_floating_point() \
             or neurons.is_complex():
         raise TypeError(f"prune_neurons_: neurons must be an integer index tensor [n], got "

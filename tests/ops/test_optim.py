@@ -372,3 +372,90 @@ def test_pinned_layout_of_dense_state_and_a_loaded_strided_moment():
     other.load_state_dict(saved)
     assert other.state[p]["exp_avg"].is_contiguous()
     other.step()
+
+
+def test_a_copy_or_a_pickle_steps_as_the_original():
+    """torch's Optimizer.__getstate__ keeps defaults, state and groups: `offload` was lost, and the copy raised."""
+    import copy
+    import pickle
+    g = torch.Generator().manual_seed(4)
+    p = torch.nn.Parameter(torch.randn(6, generator=g))
+    opt = MaskedAdamW([p], masks=[torch.tensor([True, False, True, True, False, True])], lr=0.1)
+    p.grad = torch.randn(6, generator=g)
+    opt.step()
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        q = clone.param_groups[0]["params"][0]
+        assert q is not p and torch.equal(q, p) and clone.offload is False
+        q.grad = p.grad.clone()
+        clone.step()
+        twin = MaskedAdamW([r := torch.nn.Parameter(p.detach().clone())], lr=0.1)
+        twin.load_state_dict(opt.state_dict())
+        r.grad = p.grad.clone()
+        twin.step()
+        assert torch.equal(q, r) and q[1] == p[1] and int(clone.state[q]["step"]) == 2
+
+
+def test_one_bad_grad_stops_the_step_before_any_param_moves():
+    """A bad grad on a later param used to fail inside a later op call, after earlier params had stepped, and named
+    its place in that call (grads[1]) instead of the optimizer's."""
+    ps = [torch.nn.Parameter(torch.randn(8)) for _ in range(3)]
+    m = torch.zeros(8, dtype=torch.bool)
+    m[0] = True
+    opt = MaskedAdamW([{"params": ps[:1]}, {"params": ps[1:]}], masks=[m, None, None], lr=0.1)
+    for p in ps:
+        p.grad = torch.ones(8)
+    ps[2].grad_dtype = None                             # torch then lets a grad of another dtype be assigned
+    ps[2].grad = torch.ones(8, dtype=torch.float16)
+    before = [p.detach().clone() for p in ps]
+    with pytest.raises(RuntimeError, match=r"MaskedAdamW.step: param 2 \(group 1, shape \[8\], torch.float32\): its "
+                                           r"grad is \[8\] torch.float16"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(ps, before)) and all(int(st["step"]) == 0 for st in opt.state.values())
+    opt.param_groups[1]["lr"] = "fast"
+    with pytest.raises(ValueError, match="param group 1: invalid lr: 'fast'"):
+        opt.step()
+
+
+def test_state_replaced_by_hand_is_named_and_reset_state_keeps_the_masks():
+    p = torch.nn.Parameter(torch.randn(4))
+    mask = torch.tensor([True, False, True, True])
+    opt = MaskedAdamW([p], masks=[mask], lr=0.1)
+    p.grad = torch.randn(4)
+    opt.step()
+    opt.state[p] = {}                        # as one resets torch's AdamW
+    with pytest.raises(RuntimeError, match="param 0 .*no optimizer state .*reset_state\\(\\)"):
+        opt.step()
+    opt.state[p] = {"step": torch.tensor(5), "mask": mask.clone(), "exp_avg": torch.ones(4),
+                    "exp_avg_sq": torch.ones(4)}
+    opt.reset_state()
+    st = opt.state[p]
+    assert int(st["step"]) == 0 and torch.equal(st["mask"], mask) and not st["exp_avg"].any()
+    before = p.detach().clone()
+    opt.step()
+    assert p[1] == before[1] and not torch.equal(p, before)
+
+
+def test_load_state_dict_refuses_what_the_constructor_refuses():
+    q = torch.nn.Parameter(torch.randn(4))
+    saved = torch.optim.AdamW([torch.nn.Parameter(torch.randn(4))], maximize=True, amsgrad=True).state_dict()
+    opt = MaskedAdamW([q])
+    with pytest.raises(ValueError, match="param group 0 was saved with amsgrad, maximize"):
+        opt.load_state_dict(saved)
+    assert "maximize" not in opt.param_groups[0]
+    p = torch.nn.Parameter(torch.randn(3))
+    state = MaskedAdamW([p]).state_dict()
+    for step in (float("inf"), torch.tensor(float("inf"))):
+        state["state"] = {0: {"step": step, "mask": torch.ones(3, dtype=torch.bool), "exp_avg": torch.zeros(3),
+                              "exp_avg_sq": torch.zeros(3)}}
+        with pytest.raises(ValueError, match="saved step .* is not a whole number >= 0"):
+            MaskedAdamW([torch.nn.Parameter(torch.randn(3))]).load_state_dict(state)
+
+
+def test_hyperparameters_as_torch_takes_them_and_nothing_else():
+    import numpy as np
+    p = torch.nn.Parameter(torch.zeros(3))
+    MaskedAdamW([p], lr=np.float32(1e-3), betas=(np.float64(0.9), 0.99))        # numpy numbers, as AdamW takes
+    for bad, match in ((dict(compact=1), "invalid compact: 1"), (dict(betas=0.9), "invalid betas: 0.9"),
+                       (dict(betas=(0.9, 0.99, 0.5)), "invalid betas"), (dict(betas=(0.9, "x")), "invalid betas")):
+        with pytest.raises(ValueError, match=match):
+            MaskedAdamW([p], **bad)

@@ -156,3 +156,25 @@ def test_wrappers_compile_without_graph_breaks():
     step(b, w2, fo2)
     assert all(torch.equal(x, y) for k in a for x, y in zip(a[k], b[k]))
     assert torch.equal(w, w2) and torch.equal(fo, fo2)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_entries_that_are_not_tensors_raise_alike(path):
+    """[None] as "a mask of every entry" (as MaskedAdamW takes it) reached the dispatcher's message, or an
+    AttributeError; a bare bias for a gated MLP was taken by the twin as the bias of both projections."""
+    a = adamw_args()
+    for key in ("masks", "grads", "params"):
+        with pytest.raises(TypeError, match="masked_adamw_: entry 1 holds something that is not a tensor"):
+            op(path, "masked_adamw_")(*dict(a, **{key: [a[key][0], None]}).values(), **HP)
+    with pytest.raises(TypeError, match="step must be an int, got bool"):
+        op(path, "masked_adamw_")(*a.values(), **dict(HP, step=True))
+    prune = op(path, "prune_neurons_")
+    gate, up, b, down = torch.randn(6, 4), torch.randn(6, 4), torch.randn(6), torch.randn(4, 6)
+    before = [t.clone() for t in (gate, up, b, down)]
+    with pytest.raises(RuntimeError, match="1 biases for 2 input projections"):
+        prune([gate, up], b, down, torch.tensor([0, 3]))
+    with pytest.raises(RuntimeError, match=r"fc_in\[0\] must be a contiguous \[6, D\] matrix, got NoneType"):
+        prune([None], None, down, torch.tensor([0]))
+    with pytest.raises(TypeError, match="fc_out must be a tensor, got NoneType"):
+        prune(gate, None, None, torch.tensor([0]))
+    assert all(torch.equal(x, y) for x, y in zip(before, (gate, up, b, down)))
