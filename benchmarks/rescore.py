@@ -161,11 +161,26 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not args.report.is_file():
         ap.error(f"{args.report}: no such file")
+    try:
+        report = json.loads(args.report.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        ap.error(f"{args.report}: not a JSON file ({e})")
+    if not isinstance(report, dict) or not isinstance(report.get("per_seed"), dict):
+        ap.error(f"{args.report}: not a `surgery demo` report.json (no per_seed results)")
+    if args.threads < 1 or not args.tolerance >= 0:
+        ap.error(f"--threads must be >= 1 and --tolerance >= 0 (got {args.threads}, {args.tolerance})")
+    known = {"vanilla", "reference", "unlearned", "unlearned (beta=0)"}
+    models = set(args.models.split(",")) if args.models else None
+    if models and models - known:
+        ap.error(f"--models: unknown {', '.join(sorted(models - known))} (choose from {', '.join(sorted(known))})")
+    if args.json and not args.json.parent.is_dir():   # found now, not after the rescoring
+        ap.error(f"--json {args.json}: the directory {args.json.parent} does not exist")
     torch.set_num_threads(args.threads)
-    lines = rescore(args.report, args.seeds.split(",") if args.seeds else None,
-                    set(args.models.split(",")) if args.models else None, args.letter, args.tolerance)
+    lines = rescore(args.report, args.seeds.split(",") if args.seeds else None, models, args.letter, args.tolerance)
     if args.json:
-        args.json.write_text(json.dumps(lines, indent=1))
+        tmp = args.json.with_name(f".{args.json.name}.tmp")
+        tmp.write_text(json.dumps(lines, indent=1))
+        tmp.replace(args.json)
     bad = [x for x in lines if not x["ok"]]
     print(f"{len(lines) - len(bad)} of {len(lines)} accuracies agree with the report within {args.tolerance} points",
           file=sys.stderr)

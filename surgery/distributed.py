@@ -97,6 +97,22 @@ class World:
             raise RuntimeError(f"rank {differ[0]} holds other {what} than rank 0: every rank must derive the same "
                                "(non-deterministic selection?)")
 
+    def check_same_settings(self, settings: dict, skip=("device",)) -> None:
+        """Raise unless every rank runs with the same `settings` (a run's config; `skip`: what differs by rank),
+        naming the first field that differs: ranks that disagree on the step count or a batch size would wait on
+        each other's collectives until the timeout, or train on what no rank asked for."""
+        if self.size == 1:
+            return
+        mine = {k: v for k, v in settings.items() if k not in skip}
+        every = [None] * self.size
+        dist.all_gather_object(every, mine)
+        for r, theirs in enumerate(every):
+            differ = sorted(k for k in mine.keys() | theirs.keys() if theirs.get(k) != every[0].get(k))
+            if differ:
+                k = differ[0]
+                raise ValueError(f"rank {r} was started with other settings than rank 0: {k} {theirs.get(k)!r} "
+                                 f"against {every[0].get(k)!r} (every rank must get the same command)")
+
     def no_sync(self, model):
         """DDP's no_sync when `model` is DDP-wrapped: gradients accumulate locally until the next synced backward.
         The forward must run inside it too (DDP decides at forward time whether the backward syncs)."""

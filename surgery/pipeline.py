@@ -135,6 +135,7 @@ def prepare(cfg: Config, world: distributed.World | None = None):
     Returns (splits, adapter, params, layers): the trainable parameters and the vision layers selected."""
     world = world or distributed.World.current()
     check_run(cfg)
+    world.check_same_settings(cfg.to_dict())
     seed_everything(cfg.seed)
     check_device(cfg.device)
     splits = load_splits(cfg.forget, cfg.retain)

@@ -29,6 +29,7 @@ shares stage 0, and nothing retrains when nothing changed. Stage c's hash names 
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, replace
@@ -120,6 +121,34 @@ class FinetuneConfig:
                                     # seeds 0, 1, 2, 21: row disagreement with the vanilla model on retain and
                                     # real-world VQA 10.1 -> 9.9 %, mean |reference - vanilla| 1.52 -> 1.28 (README,
                                     # "The paired reference"). False: the reference until it (and its cache keys)
+
+    def check(self) -> None:
+        """Refuse a setting no model can be built with, naming it as `--set FIELD=VALUE` (before any work)."""
+        def whole(x, least):
+            return not isinstance(x, bool) and isinstance(x, int) and x >= least
+
+        def number(x, least, most=math.inf):
+            return not isinstance(x, bool) and isinstance(x, (int, float)) and least <= x <= most and x < math.inf
+
+        heads = 4   # models.tiny: four attention heads in the tower and in the LLM
+        rules = [(f, whole(getattr(self, f), 1), "a whole number >= 1") for f in (
+                     "vision_layers", "vision_hidden", "vision_intermediate", "patch_size", "text_hidden",
+                     "text_layers", "vocab_size", "llm_rows", "llm_epochs", "tower_epochs", "tower_batch_size",
+                     "text_epochs", "align_epochs", "batch_size")]
+        rules += [(f, whole(getattr(self, f), 0), "a whole number >= 0") for f in (
+                      "align_projector_epochs", "seed", "replay_rows", "warmup_steps", "tower_warmup_steps", "threads")]
+        rules += [(f, number(getattr(self, f), 0) and getattr(self, f) > 0, "a number > 0") for f in (
+                      "llm_lr", "tower_lr", "text_lr", "align_lr")]
+        rules += [(f, number(getattr(self, f), 0), "a number >= 0") for f in (
+                      "llm_weight_decay", "tower_weight_decay", "weight_decay")]
+        rules += [("llm_target", number(self.llm_target, 0, 100), "a letter accuracy in [0, 100]"),
+                  ("llm_inits", isinstance(self.llm_inits, tuple) and bool(self.llm_inits)
+                   and all(whole(i, 0) for i in self.llm_inits), "a non-empty list of whole numbers >= 0"),
+                  ("vision_hidden", self.vision_hidden % heads == 0, f"a multiple of the tower's {heads} heads"),
+                  ("text_hidden", self.text_hidden % heads == 0, f"a multiple of the LLM's {heads} heads")]
+        for name, ok, expected in rules:
+            if not ok:
+                raise ValueError(f"--set {name}={getattr(self, name)!r}: expected {expected}")
 
     @classmethod
     def quick(cls, seed: int = 0, **kw) -> "FinetuneConfig":
@@ -382,6 +411,7 @@ def finetune(bench, out, cfg: FinetuneConfig | None = None, overwrite: bool = Fa
     stage, and save it to `out` (atomically) as a normal HF checkpoint with finetune.json. `cache`: a directory
     where stages 0, a and b are kept by content hash and found again. Returns the report."""
     cfg = cfg or FinetuneConfig()
+    cfg.check()
     (bench, image_size), out = check_bench(bench, cfg), Path(out)
     from ..pipeline import check_out, torch_threads
     check_out(out, overwrite, {"--bench": bench}, keep={"--cache": cache})
@@ -451,9 +481,12 @@ def _finetune(bench: Path, image_size: int, out: Path | None, cfg: FinetuneConfi
                        "replay_rows": cfg.replay_rows,
                        "projector_losses": projector_losses, "losses": losses,
                        "seconds": time.perf_counter() - t}
+    cached["align"] = False                             # the last stage: the model itself, never kept apart
     seconds = time.perf_counter() - t0
-    report = {"config": asdict(cfg), "bench": str(bench), "rows": len(rows) - len(skip), "stage_keys": keys,
-              "stages": stages, "stages_cached": cached, "seconds": seconds,
+    from ..pipeline import environment
+    report = {"config": asdict(cfg), "seed": cfg.seed, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+              "environment": environment("cpu"), "bench": str(Path(bench).resolve()), "rows": len(rows) - len(skip),
+              "stage_keys": keys, "stages": stages, "stages_cached": cached, "seconds": seconds,
               "weights": sum(p.numel() for p in model.parameters()), "vocab": len(adapter.tokenizer)}
     with atomic_dir(out, overwrite, {"--bench": bench}, keep={"--cache": cache}) as tmp:
         save(adapter, tmp)
@@ -470,6 +503,7 @@ def vanilla_model(bench, cfg: FinetuneConfig, cache: Path, reference: bool = Fal
     model was cached)."""
     from ..pipeline import torch_threads
     cfg = replace(cfg, without_forget_images=reference)
+    cfg.check()
     bench, image_size = check_bench(bench, cfg)
     keys = keys or stage_keys(bench, cfg)   # hashes every image the stages read: once, for the lookup and the build
     name = "reference" if reference else "vanilla"

@@ -86,6 +86,7 @@ def convert_rows(table_rows: list[dict], source: str, image_dir: Path, stem: str
         def add(rec: dict, with_image: bool, kind: str):
             if with_image and not images:
                 raise DataError(f"{where}: an image question but the row has no image")
+            _check_texts(rec, where, kind)
             for image in images if with_image else [None]:
                 rec = {**rec, "image": image, "entity": entity, "id": f"{stem}-{i}-{len(out)}", "attribute": kind}
                 out.append({k: v for k, v in rec.items() if v is not None})
@@ -107,7 +108,25 @@ def convert_rows(table_rows: list[dict], source: str, image_dir: Path, stem: str
             add(rec, True, "train")
     if skipped:
         log.warning("%s: skipped %d metadata pairs with an empty question or answer", source, skipped)
+    nameless = sum(1 for r in out if "entity" not in r)
+    if nameless:
+        log.warning("%s: %d rows have no %s column value: they count as one person in the per-person intervals",
+                    source, nameless, "/".join(ID_COLUMNS))
     return out
+
+
+def _check_texts(rec: dict, where: str, kind: str) -> None:
+    """A question, an answer and option texts that are non-empty strings, as `surgery.data` reads them back: an
+    evaluation question is refused here, naming the parquet row, not when a later command reads the JSONL."""
+    for key in ("question", "answer"):
+        value = rec.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"{where}: a {kind} question has {'no' if value is None else 'an empty'} "
+                            f"{'Question' if key == 'question' else 'answer (Ground_Truth / Answer / the option)'}"
+                            f"{'' if value is None or isinstance(value, str) else f' ({type(value).__name__})'}")
+    empty = sorted(k for k, v in (rec.get("options") or {}).items() if not v.strip())
+    if empty:
+        raise DataError(f"{where}: a {kind} question has an empty option {empty[0]}")
 
 
 def import_mllmu(sources: list[str], out, overwrite: bool = False) -> dict:
@@ -124,6 +143,8 @@ def import_mllmu(sources: list[str], out, overwrite: bool = False) -> dict:
     jobs = []
     for s in sources:
         path, _, name = s.partition("=")
+        if Path(s).exists():            # a file whose name holds "=" is a file, not PARQUET=NAME
+            path, name = s, ""
         path = Path(path)
         if path.is_dir():
             files = sorted(path.glob("*.parquet"))

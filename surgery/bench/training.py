@@ -21,6 +21,10 @@ log = logging.getLogger("surgery")
 _BLANK = Image.new("RGB", (8, 8), (128, 128, 128))  # stands in for a photo where only the token layout matters
 
 
+class NonFiniteLoss(RuntimeError):
+    """A benchmark model's training loss (a stage, or the relearning attack) became inf or NaN."""
+
+
 def train_loop(params, n: int, loss, *, epochs: int, lr: float, batch_size: int, seed: int,
                weight_decay: float = 0.0, warmup_steps: int = 0, groups: list[int] | None = None,
                desc: str = "train", on_epoch=None, skip=frozenset()) -> list[float]:
@@ -50,13 +54,16 @@ def train_loop(params, n: int, loss, *, epochs: int, lr: float, batch_size: int,
         if skip:
             batches = [[i for i in b if i not in skip] for b in batches]
         total, bar = 0.0, progress_bar(batches, f"{desc} {epoch}/{epochs}", leave=False)
-        for batch in bar:
+        for number, batch in enumerate(bar, 1):
             if not batch:                           # the schedule goes on as in the run over every item
                 with warnings.catch_warnings():         # (torch warns of a schedule step before any update)
                     warnings.simplefilter("ignore", UserWarning)
                     sched.step()
                 continue
             value = loss(batch)
+            if not torch.isfinite(value):   # AdamW would carry it into every weight, and a model of NaN still scores
+                raise NonFiniteLoss(f"{desc}: the loss became {value.item()} at epoch {epoch}, batch {number} of "
+                                    f"{len(batches)} (lr {lr:g} too large?); nothing is kept")
             value.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()

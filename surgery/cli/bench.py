@@ -27,6 +27,9 @@ def _models(ctx, param, values):
     for v in values:
         name, sep, path = v.partition("=")
         name, path = (name, path) if sep else (v.rstrip("/").rsplit("/", 1)[-1], v)
+        if not name.strip() or not path:
+            raise click.BadParameter(f"{v!r}: expected NAME=DIR or DIR ({'the name' if path else 'the path'} is "
+                                     "empty)")
         if name in out:
             raise click.BadParameter(f"two models named {name!r}; use NAME=PATH")
         out[name] = path
@@ -66,7 +69,7 @@ def make_bench_cmd(out, seed, overwrite, as_json, verbose, **params):
 @click.option("--text-epochs", type=int, default=None, help="The LLM on the QA rows.")
 @click.option("--align-epochs", type=int, default=None, help="Projector + LLM on the VQA (+ QA) rows, tower frozen.")
 @click.option("--quick", is_flag=True, help="Toy sizes, one epoch per stage (a wiring check, not a model).")
-@click.option("--threads", type=int, default=1, show_default=True,
+@click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True,
               help="Torch CPU threads (0: torch's default). The model depends on it; 1 is what the demo builds and "
                    "caches.")
 @click.option("--cache", type=click.Path(), default=None,
@@ -105,8 +108,9 @@ def finetune(bench, out, seed, tower_epochs, text_epochs, align_epochs, quick, t
             value = float(value)                # 1 and 1.0 are one setting: one cache key
         if type(value) is not type(default):
             raise click.BadParameter(f"--set {name}={value!r}: expected {type(default).__name__}")
-        if name.endswith("_epochs") and value < 1:
-            raise click.BadParameter(f"--set {name}={value}: must be >= 1")
+        least = 0 if name == "align_projector_epochs" else 1           # 0: no projector-only step
+        if name.endswith("_epochs") and value < least:
+            raise click.BadParameter(f"--set {name}={value}: must be >= {least}")
         setattr(cfg, name, value)
     report = run(bench, out, cfg, overwrite, cache=cache)
     emit(report, as_json)

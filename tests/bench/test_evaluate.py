@@ -117,6 +117,9 @@ def test_evaluate_and_cli(model, small_bench, tiny_dirs):
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(main, ["eval", "--bench", str(small_bench / "nope"), "--model", "x"])
     assert r.exit_code == 1 and "no such directory" in r.output
+    for given, empty in ((f"={tiny_dirs['tiny-llava']}", "the name is empty"), ("m=", "the path is empty")):
+        r = CliRunner().invoke(main, ["eval", "--bench", str(small_bench), "--model", given])
+        assert r.exit_code == 2 and empty in r.output, r.output
 
 
 @torch.no_grad()

@@ -63,7 +63,8 @@ def test_stages_are_cached_and_shared(small_bench, tmp_path):
     assert not cached
     reference, cached = vanilla_model(small_bench, cfg, cache, reference=True)
     rep = json.loads((reference / "finetune.json").read_text())
-    assert not cached and rep["stages_cached"] == {"llm": True, "tower": False, "text": True}
+    assert not cached and rep["stages_cached"] == {"llm": True, "tower": False, "text": True, "align": False}
+    assert rep["seed"] == 0 and rep["dtype"] == "float32" and rep["environment"]["torch"] == torch.__version__
     assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["llm", "reference", "text", "tower", "tower",
                                                                       "vanilla"]
     van = json.loads((vanilla / "finetune.json").read_text())
@@ -163,6 +164,21 @@ def test_cli_finetune_and_bad_arguments(small_bench, tmp_path):
         r = CliRunner().invoke(main, ["finetune", "--bench", str(small_bench), "--out", str(tmp_path / "n"), "--quick",
                                       "--set", bad])
         assert r.exit_code == 2 and message in r.output and not (tmp_path / "n").exists(), (bad, r.output)
+    # values of the right type that no model can be built with: named, before any work (they crashed in a stage,
+    # or built a model with -1 layers)
+    for bad, message in (("batch_size=0", "--set batch_size=0: expected a whole number >= 1"),
+                         ("patch_size=0", "--set patch_size=0: expected a whole number >= 1"),
+                         ("vision_layers=-1", "--set vision_layers=-1: expected a whole number >= 1"),
+                         ("vision_hidden=30", "--set vision_hidden=30: expected a multiple of the tower's 4 heads"),
+                         ("replay_rows=-5", "--set replay_rows=-5: expected a whole number >= 0"),
+                         ("llm_target=150", "--set llm_target=150.0: expected a letter accuracy in [0, 100]"),
+                         ("align_lr=0", "--set align_lr=0.0: expected a number > 0")):
+        r = CliRunner().invoke(main, ["finetune", "--bench", str(small_bench), "--out", str(tmp_path / "n"), "--quick",
+                                      "--set", bad])
+        assert r.exit_code == 1 and message in r.output and not (tmp_path / "n").exists(), (bad, r.output)
+    r = CliRunner().invoke(main, ["finetune", "--bench", str(small_bench), "--out", str(tmp_path / "n"), "--threads",
+                                  "-1"])
+    assert r.exit_code == 2 and "--threads" in r.output
 
 
 def test_stage_versions_and_replay_invalidate_only_their_stages(small_bench, monkeypatch):

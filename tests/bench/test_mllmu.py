@@ -93,6 +93,30 @@ def test_bad_inputs(tmp_path):
     assert not (tmp_path / "o").exists() and not (tmp_path / "evil.jsonl").exists()
 
 
+def test_rows_our_loader_would_refuse_are_refused_at_the_import(tmp_path, caplog):
+    """A null Ground_Truth, an empty Question or option text used to be written and exit 0; `eval` then refused the
+    JSONL. A row without ID or Name is imported with a warning; a file whose name holds "=" is read as a file."""
+    gen = [{"Question": "What does this person do?", "Ground_Truth": None, "Type": "Image_Textual"}]
+    for i, (change, message) in enumerate((({"Generation_Task": gen}, "a Image_Textual question has no answer"),
+                                           ({"Generation_Task": [{**gen[0], "Ground_Truth": " "}]},
+                                            "a Image_Textual question has an empty answer"),
+                                           ({"Classification_Task": {"Pure_Text_Questions": [
+                                               mc(" ", "A", ["a", "b", "c", "d"])]}},
+                                            "a Pure_Text_Questions question has an empty Question"),
+                                           ({"Classification_Task": {"Pure_Text_Questions": [
+                                               mc("q?", "A", ["a", "", "c", "d"])]}},
+                                            "a Pure_Text_Questions question has an empty option B"))):
+        path = write(tmp_path / f"bad{i}.parquet", [{**EVAL[0], **change}])
+        r = CliRunner().invoke(main, ["import-mllmu", str(path), "--out", str(tmp_path / "o")])
+        assert r.exit_code == 1 and f"bad{i}.parquet:row 0: {message}" in r.output, r.output
+        assert not (tmp_path / "o").exists()
+    odd = write(tmp_path / "a=b.parquet", [{k: v for k, v in EVAL[0].items() if k != "ID"}])
+    r = CliRunner().invoke(main, ["import-mllmu", str(odd), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert len(load_jsonl(tmp_path / "o" / "a=b.jsonl")) == 5
+    assert "5 rows have no ID/id/Name/name column value" in caplog.text
+
+
 TEST_SET = [{  # the test set: several held-out views per person in `images`, fill-in-the-blank questions
     "ID": "3", "images": [{"bytes": png(3), "path": None}, {"bytes": png(4), "path": None}],
     "Classification_Task": {

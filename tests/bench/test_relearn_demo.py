@@ -84,6 +84,11 @@ def test_relearn_curve_and_input_untouched(small_bench, tiny_dirs):
     res = CliRunner().invoke(main, ["relearn", "--model", str(model), "--bench", str(small_bench), "--shares",
                                     "0.2,0.5,0.20"])
     assert res.exit_code == 2 and "0.2 given twice" in res.output
+    res = CliRunner().invoke(main, ["relearn", "--model", str(model), "--bench", str(small_bench), "--shares", "1",
+                                    "--epochs", "2", "--scope", "full", "--lr", "1e6"])
+    assert res.exit_code == 1 and "the loss became nan at epoch" in res.output and "lr 1e+06 too large?" in res.output, \
+        res.output[-2000:]
+    assert digest(model) == before
     assert r["lr"] == 1e-2 and r["hold_out"] == "rows" and r["measured_rows"] == len(
         [x for x in load_jsonl(small_bench / "eval_forget.jsonl") if x.is_vqa and x.options])
 

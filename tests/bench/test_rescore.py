@@ -56,3 +56,19 @@ def test_rescore_catches_a_changed_number(rescore, demo, tmp_path, capsys):
         line for line in out.splitlines() if "unlearned" in line and "retain" in line and " vqa " in line]
     with pytest.raises(SystemExit, match="seed 7 is not in"):
         rescore.main([str(changed), "--seeds", "7"])
+
+
+def test_rescore_refuses_bad_input_before_any_work(rescore, demo, tmp_path, capsys):
+    """A truncated or foreign report, an unknown model, nonsense numbers and a --json path that cannot be written
+    used to be tracebacks (the last after the whole rescoring)."""
+    (tmp_path / "cut.json").write_text(demo.read_text()[:100])
+    (tmp_path / "empty.json").write_text("{}")
+    for args, message in (([str(tmp_path / "cut.json")], "not a JSON file"),
+                          ([str(tmp_path / "empty.json")], "not a `surgery demo` report.json"),
+                          ([str(demo), "--models", "bogus"], "--models: unknown bogus"),
+                          ([str(demo), "--threads", "0"], "--threads must be >= 1"),
+                          ([str(demo), "--tolerance", "-1"], "--tolerance >= 0"),
+                          ([str(demo), "--json", str(tmp_path / "nodir" / "x.json")], "does not exist")):
+        with pytest.raises(SystemExit) as e:
+            rescore.main(args)
+        assert e.value.code == 2 and message in capsys.readouterr().err, args

@@ -4,6 +4,8 @@
                                        job (the imports and the process group are paid once)
     driver.py fail ARGS...             the `surgery` command ARGS, where at their second training step rank 1 raises
                                        an exception and rank 2 is killed (SIGKILL)
+    driver.py differ EXTRA ARGS...     the `surgery` command ARGS, rank 1's with the JSON list EXTRA appended (a
+                                       wrapper that gives one rank other settings)
 """
 import json
 import os
@@ -42,3 +44,6 @@ if __name__ == "__main__":
     elif mode == "fail":
         fail_at_second_step()
         surgery(sys.argv[2:], prog_name="surgery")
+    elif mode == "differ":
+        extra = json.loads(sys.argv[2]) if os.environ["RANK"] == "1" else []
+        surgery(sys.argv[3:] + extra, prog_name="surgery")

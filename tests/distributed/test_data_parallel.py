@@ -153,3 +153,14 @@ def test_failing_ranks_leave_no_output(tiny_dirs, data, tmp_path):
     assert not out.exists() and not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert "rank 1 of 3 failed: ValueError: injected failure" in job.stderr
     assert "exitcode: -9" in job.stderr
+
+
+def test_ranks_started_with_other_settings_are_refused(tiny_dirs, data, tmp_path):
+    """One rank with more steps used to finish the other's run and then hang in a collective until the timeout,
+    leaving rank 0's complete model in its hidden temporary directory; the settings are now compared first."""
+    out = tmp_path / "out"
+    job = torchrun("differ", json.dumps(["--steps", "30"]), "prune-and-mask", "--model", tiny_dirs["tiny-llava"],
+                   "--forget", data[0], "--retain", data[1], "--out", out, *COMMON, timeout=120)
+    assert job.returncode != 0
+    assert "rank 1 was started with other settings than rank 0: steps 30 against 2" in job.stderr, job.stderr[-3000:]
+    assert not out.exists() and not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
