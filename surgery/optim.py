@@ -351,7 +351,6 @@ def _check_hyperparameters(group: dict, where: str = "") -> None:
         raise ValueError(f"MaskedAdamW: {where}invalid compact: {group['compact']!r} (None, True or False)")
     lr, (beta1, beta2), eps, wd = float(group["lr"]), betas, group["eps"], group["weight_decay"]
     for name, value, ok in (("lr", lr, lr >= 0), ("eps", eps, eps >= 0), ("weight_decay", wd, wd >= 0),
-                            ("betas[0]", beta1, 0 <= beta1 < 1), ("betas[1]", beta2, 0 <= beta2 < 1),
-                            ("compact", group["compact"], group["compact"] in (None, True, False))):
+                            ("betas[0]", beta1, 0 <= beta1 < 1), ("betas[1]", beta2, 0 <= beta2 < 1)):
         if not ok:
             raise ValueError(f"MaskedAdamW: {where}invalid {name}: {value}")

@@ -17,8 +17,14 @@ def importance_abs(sal: Saliency, split: str, layer: int) -> torch.Tensor:
 
 def neuron_importance(sal: Saliency, layers: list[int], eps: float = 1e-8) -> dict[int, torch.Tensor]:
     """I_u = I_abs(fvqa) / (I_abs(fqa) + I_abs(rvqa) + I_abs(rqa) + eps), per layer: [H]."""
-    return {l: importance_abs(sal, "fvqa", l) / (importance_abs(sal, "fqa", l) + importance_abs(sal, "rvqa", l)
-                                                 + importance_abs(sal, "rqa", l) + eps) for l in layers}
+    return {l: _ratio(importance_abs(sal, "fvqa", l), importance_abs(sal, "fqa", l) + importance_abs(sal, "rvqa", l)
+                      + importance_abs(sal, "rqa", l), eps) for l in layers}
+
+
+def _ratio(forget: torch.Tensor, rest: torch.Tensor, eps: float) -> torch.Tensor:
+    """forget / (rest + eps), and 0 where forget is 0 (with eps = 0, a neuron or weight no split reaches would be
+    0 / 0 = NaN)."""
+    return torch.where(forget == 0, torch.zeros_like(forget), forget / (rest + eps))
 
 
 def check_fraction(name: str, frac) -> None:
@@ -130,7 +136,7 @@ def fisher_mask(sal: Saliency, reaches, threshold: float | None = 1.0, frac: flo
     _check_choice("fisher_mask", None if frac is not None else threshold, frac)
     _same_shapes(sal, ("fvqa", *REST))
     rest = fisher_union(sal, reaches)
-    ratio = {n: f / (rest[n] + eps) for n, f in sal.fisher["fvqa"].items()}
+    ratio = {n: _ratio(f, rest[n], eps) for n, f in sal.fisher["fvqa"].items()}
     _check_scores("the Fisher ratio", ratio)
     if frac is None:
         return {n: r >= threshold for n, r in ratio.items()}

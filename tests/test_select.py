@@ -112,3 +112,17 @@ def test_nonsense_selections_are_refused_naming_the_argument():
     sal.fisher["fvqa"]["w"][1, 2] = float("nan")
     with pytest.raises(ValueError, match="the Fisher ratio of 'w' is NaN at 1 of 12 entries \\(first at \\[1, 2\\]\\)"):
         fisher_mask(sal, vision_only, threshold=None, frac=0.5)
+
+
+def test_eps_zero_leaves_what_no_split_reaches_at_zero():
+    """With eps = 0 a weight or neuron that no split reaches is 0 / 0: scored 0 (never selected by a positive
+    threshold), not NaN (which the NaN check would refuse)."""
+    sal = saliency()
+    for s in sal.fisher:
+        sal.fisher[s]["w"][0, 0] = 0.0
+        sal.stats[s][0][1][2] = 0.0
+    mask = fisher_mask(sal, vision_only, threshold=0.5, eps=0.0)
+    assert not mask["w"][0, 0]
+    imp = neuron_importance(sal, [0, 1], eps=0.0)
+    assert imp[0][2] == 0 and not torch.isnan(imp[0]).any()
+    assert fisher_mask(sal, vision_only, threshold=None, frac=0.5, eps=0.0)["w"].sum() == 6
