@@ -33,7 +33,7 @@ from .bench.evaluate import evaluate
 from .bench.finetune import FinetuneConfig, cache_root, vanilla_model
 from .bench.lanes import spawned_process
 from .bench.relearn import HOLD_OUTS, LR, relearn
-from .config import Config, check_seeds
+from .config import Config, check_seeds, exclusive
 from .methods import METHODS, NonFiniteError, get
 from .methods.loop import check_run
 from .models import load
@@ -84,7 +84,7 @@ class CompareConfig:
         check_device(self.device)
         if self.model and not self.bench:
             raise ValueError("--model needs --bench: a vanilla model belongs to the benchmark it was trained on")
-        if self.steps < 1 or not self.lr > 0 or self.batch_size < 1:
+        if self.steps < 1 or not 0 < self.lr < math.inf or self.batch_size < 1:
             raise ValueError(f"--steps, --lr and --batch-size must be positive (got {self.steps}, {self.lr}, "
                              f"{self.batch_size})")
         if not 0 < self.relearn_share <= 1 or self.relearn_epochs < 1:
@@ -98,7 +98,7 @@ class CompareConfig:
             if bad:
                 raise ValueError(f"--set {method}.{bad[0]}: not a setting of a run (one of "
                                  f"{', '.join(sorted(settable))})")
-            check_run(values, f"--set {method}.")
+            check_run(exclusive(values), f"--set {method}.")
 
 
 # ----- the benchmark: every call into surgery.bench is in this section ---------------------------------------------
@@ -180,7 +180,7 @@ def run_job(job: dict) -> dict:
             "prepare_s": timings.get("prepare_s"), "total_s": timings.get("total_s"), "memory": memory,
             "memory_isolated": job["isolate"], "trainable_weights": report["trainable_weights"],
             "scope": report["scope"]["name"], "pruned_neurons": sum((report.get("pruned_neurons") or {}).values()),
-            "config": report["config"], "dtype": report["dtype"], "losses_last": report["losses"][-1] if report["losses"] else None}
+            "config": {**report["config"], "out": None}, "dtype": report["dtype"], "losses_last": report["losses"][-1] if report["losses"] else None}
 
 
 def _execute(job: dict, isolate: bool) -> dict:
@@ -196,7 +196,7 @@ def job_config(cfg: CompareConfig, method: str, seed: int, vanilla: Path, bench:
     forget, retain = _inputs(bench)
     base = Config(method=method, model=str(vanilla), forget=str(forget), retain=str(retain), out=str(out), seed=seed,
                   device=cfg.device, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, scope=cfg.scope)
-    return resolve(replace(base, **cfg.overrides.get(method, {})))[0]
+    return resolve(replace(base, **exclusive(cfg.overrides.get(method, {}))))[0]
 
 
 def cache_key(run_cfg: Config, trains: bool, vanilla_id: str, digest: str, cfg: CompareConfig) -> str:
@@ -291,7 +291,7 @@ def table(summary: dict, methods: tuple, seeds: tuple, views: str = "test", give
             "real-world QA ↑", "AG ↓", "AG people ↓", "s / step", "unlearn s", "peak mem (GiB)", "trainable", "scope"]
     lines = _rows(summary, head, lambda name, entry: [_cell(entry[f"{s}_{k}"]) for s, k in COLUMNS] + (
         ["–"] * 7 if name == "vanilla" else
-        [_cell(entry["AG"]), _cell(entry["AG_people"]), _cell(entry["step_s"], 2), _cell(entry["unlearn_s"], 0), _cell(_memory(entry), 2, 2**30),
+        [_cell(entry["AG"]), _cell(entry["AG_people"]), _cell(entry["step_s"], 2), _cell(entry["unlearn_s"], 1), _cell(_memory(entry), 2, 2**30),
          _cell(entry["trainable_weights"], 0), entry.get("scope", "")]))
     if any(entry["forget_vqa_letter"]["n"] for entry in summary.values()):
         head = ["method", *(f"{h} (letter)" for h in head[1:7]), "forget ROUGE-L ↓", "retain ROUGE-L ↑"]
@@ -325,8 +325,9 @@ def _rows(summary: dict, head: list, cells) -> list[str]:
             row = [f"**{status}** ({entry[status]} of {entry['runs']})"] + ["–"] * (len(head) - 2)
         else:
             row = cells(name, entry)
-            if name != "vanilla" and entry["diverged"]:
-                label += f" (diverged on {entry['diverged']} of {entry['runs']} seeds)"
+            for status in ("diverged", "failed"):
+                if name != "vanilla" and entry[status]:
+                    label += f" ({status} on {entry[status]} of {entry['runs']} seeds)"
         lines.append(f"| {label} | " + " | ".join(row) + " |")
     return lines
 
@@ -400,7 +401,8 @@ def _seed_results(cfg: CompareConfig, seed: int, cache: Path, progress: bool,
     vanilla, vanilla_source, vanilla_id = _vanilla(cfg, bench, seed, cache)
     digest = _digest(bench)
     ledger["timings"][f"vanilla_s[{seed}]"] = time.perf_counter() - t
-    key = hashlib.sha256(json.dumps([vanilla_id, digest, cfg.generation, cfg.views, EVAL_VERSION, __version__]).encode())
+    key = hashlib.sha256(json.dumps([vanilla_id, digest, cfg.generation, cfg.views, EVAL_VERSION, cfg.device,
+                                     cfg.threads, __version__, torch.__version__, transformers.__version__]).encode())
     scores, hit = _cached(cache / "compare" / f"vanilla-{key.hexdigest()[:20]}.json",
                           partial(_score, vanilla, bench, cfg.device, cfg.generation, seed, cfg.views))
     ledger["reused" if hit else "computed"].append(f"vanilla@{seed}")

@@ -12,6 +12,23 @@ def check_seeds(seeds) -> None:
         raise ValueError(f"--seeds: expected distinct seeds in [0, 2^32), got {list(seeds)}")
 
 
+EXCLUSIVE = (("steps", "epochs"), ("prune_threshold", "prune_frac"), ("mask_threshold", "mask_frac"))
+
+
+def exclusive(given: dict) -> dict:
+    """`given` settings (the demo's and compare's --set) with, for each pair of settings of which a run uses one
+    (EXCLUSIVE), the other nulled when only one is given, as the CLI's options do: the user's choice replaces the
+    default, and the report shows the one used. Both given is refused."""
+    out = dict(given)
+    for a, b in EXCLUSIVE:
+        if out.get(a) is not None and out.get(b) is not None:
+            raise ValueError(f"--set {a}={out[a]!r} and {b}={out[b]!r}: a run uses one of them; give one, not both")
+        for one, other in ((a, b), (b, a)):
+            if one in given and other not in given:
+                out[other] = None
+    return out
+
+
 @dataclass
 class Config:
     method: str = "vkd"                 # see surgery.methods.METHODS
@@ -104,6 +121,14 @@ class Config:
             ("steps", self.steps is None or self.epochs is None, "one of --steps and --epochs, not both"),
             ("schedule", self.schedule in (None, "combined", "alternating"), "combined or alternating"),
             ("scope", self.scope in (None, "mlp", "vision", "full"), "mlp, vision or full"),
+            ("dtype", self.dtype in ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"),
+             "auto, fp32, bf16 or fp16"),
+            ("layers", self.layers is None or isinstance(self.layers, (tuple, list)) and len(self.layers) == 2
+             and all(whole(x) for x in self.layers) and 0 <= self.layers[0] <= self.layers[1],
+             "two layer numbers A <= B, e.g. --layers 4-6 (--set layers=[4,6])"),
+            ("manu_weights", isinstance(self.manu_weights, (tuple, list)) and len(self.manu_weights) == 4
+             and all(number(x) and 0 <= x < math.inf for x in self.manu_weights),
+             "four weights >= 0 (abs, freq, var, rms)"),
         ]
         for name, ok, expected in rules:
             if not ok:

@@ -318,7 +318,8 @@ def check_out(out, overwrite: bool, inputs=None, keep=None) -> None:
     whose replacement would delete the current directory, an input or a directory to keep: an --out that is, or
     holds, the current directory, one of `inputs` or one of `keep` ({option: path} or (option, path) pairs; None is
     skipped, a path not made yet is not: a cache the run creates inside --out would go with it), or that lies inside an
-    input directory (the inputs are never modified; a directory to keep, such as a cache, may hold --out)."""
+    input directory or a directory to keep (the inputs are never modified; an --out inside the cache would replace
+    its entries, even one the run reads), or where nothing can be written."""
     path, here = Path(out).resolve(), Path.cwd().resolve()
     if path == here or path in here.parents:
         raise ValueError(f"--out {out} is {'the current directory' if path == here else 'a directory above the current one'}"
@@ -332,11 +333,12 @@ def check_out(out, overwrite: bool, inputs=None, keep=None) -> None:
         if path == source or path in source.parents:
             raise ValueError(f"--out {out} holds {option} {given}: the run replaces --out and would delete it; "
                              f"name another directory")
-    for option, given in pairs(inputs):
+    for option, given in pairs(inputs) + pairs(keep):
         source = Path(given).resolve()
-        if source.is_dir() and source in path.parents:
-            raise ValueError(f"--out {out} is inside {option} {given}: the inputs are never modified; "
-                             f"name a directory outside it")
+        if (source.is_dir() or (option, given) in pairs(keep)) and source in path.parents:
+            raise ValueError(f"--out {out} is inside {option} {given}: the inputs and the cache are never modified "
+                             f"by an --out (with --overwrite it would replace what is there); name a directory "
+                             f"outside it")
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"--out {out} is a file, not a directory")
     if path.exists() and not overwrite:

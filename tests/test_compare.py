@@ -137,6 +137,18 @@ def test_bad_options_name_the_option(tmp_path):
     assert r.exit_code == 1 and "--model needs --bench" in r.output
     r = run(main, ["compare", "--seeds", "0,0", "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "--seeds" in r.output
+    for seeds in ("1_0", "+3", "\u0663"):      # int() reads them all; a seed is written in ASCII digits
+        r = run(main, ["compare", "--seeds", seeds, "--out", str(tmp_path / "o")])
+        assert r.exit_code == 2 and "expected comma-separated seeds" in r.output, seeds
+    r = run(main, ["compare", "--lr", "inf", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "--lr" in r.output
+    r = run(main, ["compare", "--methods", "vkd", "--set", "vkd.mask_frac=0.5", "--set", "vkd.mask_threshold=2",
+                   "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "give one, not both" in r.output
+    r = run(main, ["compare", "--methods", "ga", "--set", "ga.layers=5", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "--layers 5: expected two layer numbers" in r.output
+    r = run(main, ["compare", "--methods", "ga", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "c" / "x")])
+    assert r.exit_code == 1 and "is inside --cache" in r.output
     r = run(main, ["compare", "--methods", "ga", "--set", "ga.lr=-1", "--out", str(tmp_path / "o")])
     assert r.exit_code == 1 and "--set ga.…: --lr -1" in r.output
     r = run(main, ["compare", "--methods", "ga", "--device", "tpu", "--out", str(tmp_path / "o")])
@@ -179,6 +191,9 @@ def test_seeds_aggregate_to_mean_and_sample_std():
     assert "| ga (diverged on 1 of 2 seeds) | 20.0 |" in likelihood and "1.00" in likelihood   # 1 GiB peak
     assert "(letter)" in letter.splitlines()[0] and "| vkd | 30.0 ± 0.0 |" in letter
     assert "over 2 benchmark seeds (0, 1)" in note
+    seeds[0]["methods"]["vkd"] = {"status": "failed", "error": "RuntimeError: x"}   # a failure on one seed is said
+    partial = compare_mod.table(compare_mod.summarize(seeds, ("ga", "vkd")), ("ga", "vkd"), (0, 1))
+    assert "| vkd (failed on 1 of 2 seeds) | 60.0 |" in partial
     given = compare_mod.table(summary, ("ga", "vkd"), (0, 1), given="model").split("\n\n")[-1]
     assert "over 2 seeds (one benchmark and one vanilla model, --bench and --model: the seeds vary the runs only)" \
         in given   # the same model twice is not a spread over benchmarks

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, check_seeds
+from ..config import Config, check_seeds, exclusive
 from ..data import load_jsonl
 from ..methods.loop import check_run
 from ..models import Example, load
-from ..pipeline import (atomic_dir, collect_saliency, environment, prune_and_mask, saliency_half, save_saliency,
-                        seed_everything, torch_threads)
+from ..pipeline import (atomic_dir, check_device, collect_saliency, environment, prune_and_mask, resolve_dtype,
+                        saliency_half, save_saliency, seed_everything, torch_threads)
 from .evaluate import CHANCE, COLUMNS, answer_logprobs, evaluate, option_answer, split_files, table
 from .finetune import QUICK_BENCH, FinetuneConfig, cache_root, model_plan
 from .lanes import From, Step, run_plan, spawned_process
@@ -121,11 +121,8 @@ class DemoConfig:
     @classmethod
     def make(cls, seeds=(0,), quick: bool = False, unlearn: dict | None = None, **kw) -> "DemoConfig":
         cfg = cls(seeds=tuple(seeds), quick=quick, **kw)
-        cfg.unlearn.update(unlearn or {})
+        cfg.unlearn.update(exclusive(unlearn or {}))  # the user's length or selection replaces the demo's
         given = set(unlearn or {})
-        for length, other in (("epochs", "steps"), ("steps", "epochs")):   # the user's length replaces the demo's
-            if length in given and other not in given:
-                cfg.unlearn[other] = None
         if quick:
             cfg.bench, cfg.finetune = dict(QUICK_BENCH), FinetuneConfig.quick()
             if not {"steps", "epochs"} & given:     # the user's length stands
@@ -151,6 +148,23 @@ class DemoConfig:
         if bad:
             raise ValueError(f"--set {bad[0]}: not a setting of prune-and-mask (one of {', '.join(sorted(known))})")
         check_run(self.unlearn, "--set ")
+        check_device(self.unlearn.get("device", "cpu"))
+        given = self.unlearn.get("distill_images")
+        if given is not None and not Path(given).is_file():
+            raise FileNotFoundError(f"--set distill_images={given}: file not found")
+        layers = self.unlearn.get("layers")
+        if layers is not None and layers[1] >= self.finetune.vision_layers:
+            raise ValueError(f"--set layers={list(layers)}: the demo's tower has layers 0-{self.finetune.vision_layers - 1}")
+
+
+def relocate(tmp: Path, out: Path) -> None:
+    """The reports the runs wrote under the temporary directory `tmp` (their --out, saliency and distill files) name
+    the place they will have under `out` once it is renamed there."""
+    old, new = json.dumps(str(tmp))[1:-1], json.dumps(str(out))[1:-1]
+    for path in tmp.rglob("*.json"):
+        text = path.read_text(encoding="utf-8")
+        if old in text:
+            path.write_text(text.replace(old, new), encoding="utf-8")
 
 
 def benchmark(seed: int, params: dict, cache: Path) -> tuple[Path, bool]:
@@ -432,10 +446,12 @@ def demo(out, cfg: DemoConfig | None = None, cache: Path | None = None, overwrit
         text = "\n\n".join([*(f"seed {s} ({cfg.views} views)\n{table(r['results'])}" for s, r in per_seed.items()),
                             seeds_table(mean, spread, cfg.seeds)])
         report = {"config": {**asdict(cfg), "out": str(out), "cache": str(cache)}, "seeds": list(cfg.seeds),
-                  "views": cfg.views, "dtype": "float32", "threads": torch.get_num_threads(),
+                  "views": cfg.views, "dtype": str(resolve_dtype(Config(**cfg.unlearn))).replace("torch.", ""),
+                  "benchmark_models_dtype": "float32", "threads": torch.get_num_threads(),
                   "environment": environment("cpu"),
                   "per_seed": {str(s): r for s, r in per_seed.items()}, "mean": mean, "spread": spread,
                   "targets": checks, "timings": timings, "table": text}
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        relocate(tmp, out.resolve())
     log.info("demo written to %s in %.0fs", out, timings["total_s"])
     return report

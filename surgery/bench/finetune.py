@@ -488,7 +488,9 @@ def _finetune(bench: Path, image_size: int, out: Path | None, cfg: FinetuneConfi
               "environment": environment("cpu"), "bench": str(Path(bench).resolve()), "rows": len(rows) - len(skip),
               "stage_keys": keys, "stages": stages, "stages_cached": cached, "seconds": seconds,
               "weights": sum(p.numel() for p in model.parameters()), "vocab": len(adapter.tokenizer)}
-    with atomic_dir(out, overwrite, {"--bench": bench}, keep={"--cache": cache}) as tmp:
+    # the cache is not kept from --out here: finetune() checked the user's --out against it first, and
+    # vanilla_model() builds into the cache itself
+    with atomic_dir(out, overwrite, {"--bench": bench}) as tmp:
         save(adapter, tmp)
         (tmp / "finetune.json").write_text(json.dumps(report, indent=2))
     log.info("%s model: %s (%.0fs)", "reference" if cfg.without_forget_images else "vanilla", out, seconds)

@@ -103,6 +103,10 @@ def friendly(fn):
             if kwargs.get("verbose"):
                 raise
             raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt as e:       # the shell's convention: 128 + the signal (130 Ctrl-C, 143 SIGTERM)
+            terminated = str(e).startswith("terminated by signal")
+            click.echo("Terminated." if terminated else "Aborted!", err=True)
+            sys.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
         finally:
             if main_thread:
                 signal.signal(signal.SIGTERM, before)
@@ -130,10 +134,10 @@ SEED = click.IntRange(0, SEED_LIMIT - 1)  # the type of a --seed option
 
 def seeds_option(ctx, param, value):
     """A click callback: "0,1,2" -> (0, 1, 2), distinct and non-negative."""
-    try:
-        seeds = tuple(int(x) for x in value.split(",") if x.strip())
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected comma-separated seeds like 0,1,2") from None
+    parts = [x.strip() for x in value.split(",") if x.strip()]
+    if not all(x.isascii() and x.isdigit() for x in parts):   # int() also reads "1_0", "+3" and non-ASCII digits
+        raise click.BadParameter(f"{value!r}: expected comma-separated seeds like 0,1,2")
+    seeds = tuple(int(x) for x in parts)
     try:
         check_seeds(seeds)
     except ValueError:

@@ -1,5 +1,6 @@
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,6 +159,10 @@ def test_demo_quick_end_to_end(tmp_path):
     b = load_file(str(out / "seed-0" / "unlearned-beta0" / "model.safetensors"))
     assert any(not a[k].equal(b[k]) for k in a)
     assert Image.open(out / "demo.png").size[0] > 100
+    # the kept runs' reports name where their files are now, not the temporary directory they were written in
+    kept = json.loads((out / "seed-0" / "unlearned" / "report.json").read_text())
+    assert kept["config"]["out"] == str((out / "seed-0" / "unlearned").resolve())
+    assert Path(kept["config"]["saliency"]).is_file() and ".tmp-" not in (out / "report.json").read_text()
     models = {d: load_file(str(out / "seed-0" / d / "model.safetensors")) for d in ("unlearned", "unlearned-beta0")}
     # second run, all in one process: benchmark and models come from the cache, and the numbers are the two-process
     # run's (a previous demo output is replaced without --overwrite)
@@ -255,6 +260,24 @@ def test_demo_seeds_dev_views_and_settings(tmp_path):
         assert DemoConfig.make(quick=quick, unlearn={"epochs": 1}).unlearn["steps"] is None
     with pytest.raises(ValueError, match=r"--seeds: expected distinct seeds in \[0, 2\^32\)"):
         DemoConfig.make(seeds=(0, 2**32))
+    # found in review: refused before the benchmark and models are built (they crashed, or ran, after)
+    for bad, match in (({"layers": 5}, "--layers 5: expected two layer numbers"),
+                       ({"layers": "4-6"}, "--layers '4-6': expected two layer numbers"),
+                       ({"layers": (1, 0)}, r"--layers \(1, 0\)"),
+                       ({"layers": (9, 9)}, "the demo's tower has layers 0-7"),
+                       ({"dtype": "fp8"}, "--dtype 'fp8'"), ({"device": "tpu"}, "--device 'tpu'"),
+                       ({"distill_images": str(tmp_path / "none.jsonl")}, "distill_images=.*file not found"),
+                       ({"manu_weights": (1, 1)}, "--manu-weights"),
+                       ({"mask_threshold": 2.0, "mask_frac": 0.5}, "give one, not both")):
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            DemoConfig.make(unlearn=bad)
+    chosen = DemoConfig.make(quick=True, unlearn={"mask_frac": 0.5}).unlearn   # the user's selection replaces the demo's
+    assert chosen["mask_frac"] == 0.5 and chosen["mask_threshold"] is None
+    assert DemoConfig.make(unlearn={"prune_threshold": 2.0}).unlearn["prune_frac"] is None
+    r = CliRunner().invoke(main, ["demo", "--quick", "--seeds", "1_0", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "expected comma-separated seeds" in r.output
+    r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(cache / "sub"), "--cache", str(cache)])
+    assert r.exit_code == 1 and "is inside --cache" in r.output and not (cache / "sub").exists()
     (tmp_path / "afile").write_text("")
     r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(tmp_path / "x"), "--cache", str(tmp_path / "afile")])
     assert r.exit_code == 1 and "--cache" in r.output and "is a file" in r.output and not (tmp_path / "x").exists()
