@@ -128,10 +128,11 @@ def resolve(cfg: Config) -> tuple[Config, "methods.Method"]:
     return replace(cfg, **{k: v for k, v in filled.items() if getattr(cfg, k) is None}), method
 
 
-def prepare(cfg: Config, world: distributed.World | None = None):
+def prepare(cfg: Config, world: distributed.World | None = None, method: "methods.Method | None" = None):
     """Validate data, load the model, freeze everything outside the scope; then, as asked, shard the frozen LLM over
     the ranks (--shard-llm; the model is loaded on the CPU first) and checkpoint its decoder layers (--checkpoint-llm)
     and the vision tower's blocks (--checkpoint-vision).
+    `method`: its check_inputs runs on the settings and data before the model is loaded.
     Returns (splits, adapter, params, layers): the trainable parameters and the vision layers selected."""
     world = world or distributed.World.current()
     check_run(cfg)
@@ -144,6 +145,8 @@ def prepare(cfg: Config, world: distributed.World | None = None):
         log.info("--stop-forget-accuracy: %d forget-VQA rows (%d photos) held back to measure forgetting on",
                  len(splits.held_back), len({str(r.image) for r in splits.held_back}))
     log.info("splits: %s", splits.counts())
+    if method is not None:
+        method.check_inputs(cfg, splits)
     adapter = load(cfg.model, device="cpu" if shards_llm(cfg, world) else cfg.device, dtype=resolve_dtype(cfg),
                    trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
     layers = range(cfg.layers[0], cfg.layers[1] + 1) if cfg.layers else None
@@ -152,6 +155,10 @@ def prepare(cfg: Config, world: distributed.World | None = None):
     selected = [m.layer for m in mlps]
     if not params:
         raise ValueError(f"scope {cfg.scope!r} with --layers {cfg.layers} selects no parameters")
+    if cfg.layers and (cfg.scope or "mlp") != "mlp":
+        log.warning("--layers %d-%d with --scope %s: the layers choose the MLPs whose statistics are collected and "
+                    "whose neurons are ranked and pruned; every weight of the scope (%d tensors) trains",
+                    *cfg.layers, cfg.scope, len(params))
     adapter.train_only(params)
     lay_out(cfg, adapter, world)
     return splits, adapter, params, selected
@@ -213,10 +220,11 @@ def run(cfg: Config, overwrite: bool = False, progress: bool = True) -> dict:
         raise ValueError(f"{method.name} does not train: --stop-forget-loss / --stop-forget-accuracy do not apply")
     out = Path(cfg.out)
     check_out(out, overwrite, run_inputs(cfg))
+    check_teacher_cache(cfg)
     with distributed.launch(cfg.device) as (world, device):
         cfg = replace(cfg, device=device)
         t0 = time.perf_counter()
-        splits, adapter, params, layers = prepare(cfg, world)
+        splits, adapter, params, layers = prepare(cfg, world, method)
         if str(cfg.device).startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(cfg.device)
         # only rank 0 writes; every rank reaches the final barrier before its directory becomes `out`
@@ -351,6 +359,20 @@ def check_out(out, overwrite: bool, inputs=None, keep=None) -> None:
             os.rmdir(tempfile.mkdtemp(prefix=".surgery-probe-", dir=blocker))
         except OSError as e:
             raise PermissionError(f"--out {out}: cannot write in {blocker} ({e.strerror})") from None
+
+
+def check_teacher_cache(cfg: Config) -> None:
+    """--teacher-cache: scratch files go there, so it must not be (or lie inside) an input directory, nor a file."""
+    if not cfg.teacher_cache:
+        return
+    path = Path(cfg.teacher_cache).resolve()
+    for option, given in run_inputs(cfg).items():
+        source = Path(given).resolve() if given else None
+        if source is not None and source.is_dir() and (path == source or source in path.parents):
+            raise ValueError(f"--teacher-cache {cfg.teacher_cache} is inside {option} {given}: the inputs are never "
+                             f"written to; name a directory outside it")
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"--teacher-cache {cfg.teacher_cache} is a file, not a directory")
 
 
 def run_inputs(cfg: Config) -> dict:

@@ -66,11 +66,15 @@ class Saliency:
         return sal
 
 
-def source_of(forget, retain, params: dict[str, torch.nn.Parameter], batch_size: int, held_back=()) -> dict:
-    """What a saliency file depends on: the two data files (SHA-256), the collection batch size, the photos held
-    back from the forget rows (--stop-forget-accuracy), and per trainable parameter its shape and fp64 Σθ, Σ|θ| (a
-    cheap fingerprint of the weights it was taken on, before pruning)."""
+def source_of(forget, retain, params: dict[str, torch.nn.Parameter], batch_size: int, held_back=(),
+              images=()) -> dict:
+    """What a saliency file depends on: the two data files (SHA-256), the photos their rows name (`images`: one
+    SHA-256 over the sorted SHA-256s of their bytes, so a photo changed in place is seen and a moved copy is not), the
+    collection batch size, the photos held back from the forget rows (--stop-forget-accuracy), and per trainable
+    parameter its shape and fp64 Σθ, Σ|θ| (a cheap fingerprint of the weights it was taken on, before pruning)."""
     digest = {k: hashlib.sha256(Path(f).read_bytes()).hexdigest() for k, f in (("forget", forget), ("retain", retain))}
+    photos = sorted(hashlib.sha256(Path(i).read_bytes()).hexdigest() for i in {str(i) for i in images})
+    digest["images"] = hashlib.sha256("".join(photos).encode()).hexdigest()
     weights = {n: [list(p.shape), float(p.detach().double().sum()), float(p.detach().double().abs().sum())]
                for n, p in params.items()}
     photos = sorted({os.path.relpath(r.image, Path(forget).parent) for r in held_back})
@@ -78,12 +82,18 @@ def source_of(forget, retain, params: dict[str, torch.nn.Parameter], batch_size:
             "weights": weights}
 
 
-def check_source(sal: Saliency, expected: dict, path) -> None:
-    """Refuse a saliency file collected from other data, another batch size or other weights."""
+def check_source(sal: Saliency, expected: dict, path, fisher: bool = True) -> None:
+    """Refuse a saliency file collected from other data, another batch size or other weights, or without the Fisher
+    diagonals the method needs (`fisher`)."""
     got = sal.source
     if not got:
         raise ValueError(f"--saliency {path}: records no source (written by an older surgery); collect it again")
+    if fisher and not any(sal.fisher.values()):
+        raise ValueError(f"--saliency {path}: holds activation statistics only, no Fisher diagonals (a manu run's); "
+                         f"this method needs both: use `surgery collect`'s, or a vkd or mmu run's")
     for key, what in (("forget", "forget file"), ("retain", "retain file"),
+                      ("images", "set of photos (one the rows name has changed, or the file was written before "
+                                 "surgery recorded them)"),
                       ("collect_batch_size", f"collect batch size ({got.get('collect_batch_size')}, now "
                                              f"{expected['collect_batch_size']})"),
                       ("held_back", "set of held-back forget photos (--stop-forget-accuracy, --stop-holdout, --seed): "
@@ -96,7 +106,8 @@ def check_source(sal: Saliency, expected: dict, path) -> None:
     for name, (shape, *sums) in expected["weights"].items():
         theirs = got["weights"][name]
         if theirs[0] != shape or not all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6) for a, b in zip(theirs[1:], sums)):
-            raise ValueError(f"--saliency {path}: collected on other weights ({name} differs): another model?")
+            raise ValueError(f"--saliency {path}: collected on other weights ({name} differs): another model, or "
+                             f"another --dtype?")
 
 
 def examples(rows: list[Row]) -> list[Example]:
@@ -245,10 +256,11 @@ def collect_or_load(adapter: Adapter, splits: Splits, params: dict[str, torch.nn
     weights (refused otherwise). `span`: collect's start, stop and record (a part of the pass)."""
     timings = {} if timings is None else timings
     t = time.perf_counter()
-    source = source_of(forget, retain, params, batch_size, splits.held_back)
+    images = [r.image for s in (*SPLITS, "held_back") for r in splits[s] if r.image is not None]
+    source = source_of(forget, retain, params, batch_size, splits.held_back, images)
     if saliency:
         sal = Saliency.load(saliency)
-        check_source(sal, source, saliency)
+        check_source(sal, source, saliency, fisher)
         log.info("saliency reused from %s", saliency)
         timings["saliency_load_s"] = time.perf_counter() - t
         return sal

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
@@ -222,9 +223,26 @@ def test_saliency_reuse_refuses_another_source(tiny_dirs, data, tmp_path):
              (["--model", model_dir, "--forget", edited], "another forget"),
              (["--model", model_dir, "--forget", data[0], "--collect-batch-size", 4], "another collect batch size (8, now 4)"),
              (["--model", model_dir, "--forget", data[0], "--layers", "0-0"], "other parameters")]
+    # a photo changed in place (the JSONL files untouched), and a manu run's statistics without Fisher diagonals
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(data[0].parent, copy)
+    photo = next(copy.glob("retain_img/*.png"))
+    with Image.open(photo) as im:
+        pixels = im.convert("RGB")
+    pixels.putpixel((0, 0), tuple(255 - v for v in pixels.getpixel((0, 0))))
+    pixels.save(photo)
+    assert run_cli("unlearn", "--method", "manu", "--model", model_dir, "--forget", data[0], "--retain", data[1],
+                   "--out", tmp_path / "manu").exit_code == 0
+    cases += [(["--model", model_dir, "--forget", copy / data[0].name, "--retain", copy / data[1].name],
+               "another set of photos"),
+              (["--model", model_dir, "--forget", data[0], "--saliency", tmp_path / "manu" / "saliency.safetensors"],
+               "no Fisher diagonals (a manu run's)")]
     for args, message in cases:
-        res = CliRunner().invoke(main, [str(a) for a in ["prune-and-mask", *args, "--retain", data[1], "--steps", 2,
-                                                         "--out", tmp_path / "c", "--saliency", saliency]])
+        given = [str(a) for a in args]
+        res = CliRunner().invoke(main, ["prune-and-mask", *given, *(["--retain", str(data[1])] * ("--retain" not in given)),
+                                        "--steps", "2", "--out", str(tmp_path / "c"),
+                                        *(["--saliency", str(saliency)] * ("--saliency" not in given))])
         assert res.exit_code == 1 and message in res.output and not (tmp_path / "c").exists(), (args, res.output)
 
 
@@ -279,6 +297,12 @@ def test_distill_images_on_the_cli(tiny_dirs, data, tmp_path):
     res = run_cli("prune-and-mask", *common, "--distill-images", bad, "--out", tmp_path / "b")
     assert res.exit_code == 1 and "bad.jsonl:6:" in res.output and "is a forget photo" in res.output, res.output
     assert not (tmp_path / "b").exists()
+    few = tmp_path / "few.jsonl"                    # checked before the model loads (and by --dry-run)
+    few.write_text("".join(photos.read_text().splitlines(keepends=True)[:2]))
+    for given, message in ((bad, "is a forget photo"), (few, "2 photos, fewer than the 4 of a retain batch")):
+        res = run_cli("prune-and-mask", "--model", tmp_path / "no-such-model", *common[2:], "--distill-images", given,
+                      "--out", tmp_path / "b", "--dry-run")
+        assert res.exit_code == 1 and message in res.output, res.output
     res = run_cli("unlearn", "--method", "ga", *common, "--distill-images", photos, "--out", tmp_path / "c")
     assert res.exit_code == 2 and "--distill-images" in res.output and not (tmp_path / "c").exists(), res.output
 
@@ -439,3 +463,32 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_work():
     finally:
         locked.chmod(0o755)
         shutil.rmtree(base)
+
+
+def test_teacher_cache_inside_an_input_is_refused_and_a_made_one_removed(tiny_dirs, data, tmp_path):
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dirs["tiny-llava"], model)
+    common = ["prune-and-mask", "--model", model, "--forget", data[0], "--retain", data[1], "--steps", 2,
+              "--teacher-memory", 0]
+    res = run_cli(*common, "--teacher-cache", model / "t", "--out", tmp_path / "a")
+    assert res.exit_code == 1 and "--teacher-cache" in res.output and "is inside --model" in res.output
+    assert not (model / "t").exists() and not (tmp_path / "a").exists()
+    res = run_cli(*common, "--teacher-cache", tmp_path / "new" / "deeper", "--out", tmp_path / "a")
+    assert res.exit_code == 0, res.output
+    assert not (tmp_path / "new").exists()             # made for the run's scratch, removed with it
+
+
+def test_options_a_method_does_not_read_are_named(data, tmp_path, caplog):
+    """A sweep may pass one set of options to every method: each one the method ignores is said, not silently
+    recorded as if it applied; --layers outside --scope mlp says what it still chooses."""
+    common = ["--model", "tiny-llava", "--forget", data[0], "--retain", data[1], "--out", tmp_path / "o", "--dry-run"]
+    res = run_cli("unlearn", "--method", "ga", *common, "--beta", 2, "--npo-beta", 0.5, "--mask-frac", 0.1)
+    assert res.exit_code == 0, res.output
+    for option in ("--beta", "--npo-beta", "--mask-frac"):
+        assert f"{option} is not a setting of ga: ignored" in caplog.text
+    caplog.clear()
+    res = run_cli("unlearn", "--method", "npo", *common, "--npo-beta", 0.5)
+    assert res.exit_code == 0 and "not a setting" not in caplog.text
+    res = run_cli("unlearn", "--method", "ga", *common, "--scope", "vision", "--layers", "1-1")
+    assert res.exit_code == 0 and "--layers 1-1 with --scope vision" in caplog.text and "trains" in caplog.text

@@ -1,10 +1,13 @@
 """The method commands: inspect, collect, prune-and-mask (VKD), unlearn (any method)."""
+import logging
 
 import click
 
 from ..config import Config
 from ..methods import METHODS
 from .common import config_from, data_options, emit, friendly, main, model_options, parallel_options
+
+log = logging.getLogger("surgery")
 
 
 @main.command()
@@ -139,6 +142,15 @@ def method_options(f):
     return f
 
 
+# options only some methods read: (the CLI's default, the methods that read it)
+USES = {"prune_threshold": (None, ("vkd", "manu")), "prune_frac": (None, ("vkd", "manu")),
+        "prune_global": (False, ("vkd", "manu")), "mask_threshold": (None, ("vkd", "mmu")),
+        "mask_frac": (None, ("vkd", "mmu")), "beta": (0.3, ("vkd",)), "saliency": (None, ("vkd", "mmu", "manu")),
+        "teacher_memory_gb": (8.0, ("vkd",)), "teacher_cache": (None, ("vkd",)), "npo_beta": (None, ("npo",)),
+        "npo_retain": (None, ("npo",)), "manu_weights": (None, ("manu",)), "vgid_sigma": (None, ("vgid",)),
+        "vgid_instruction": (None, ("vgid",))}
+
+
 def run_method(kw: dict) -> None:
     """Check the options, then run (or, with --dry-run, plan) the method in kw["method"]."""
     from ..pipeline import check_out, prepare, resolve, run, run_inputs
@@ -166,6 +178,12 @@ def run_method(kw: dict) -> None:
     cfg, method = resolve(config_from(kw))
     if cfg.distill_images and method.name != "vkd":
         raise click.BadParameter(f"is a setting of VKD, not of {method.name}", param_hint="--distill-images")
+    unused = [name for name, (default, users) in USES.items()
+              if kw.get(name) not in (None, False, default) and method.name not in users]
+    if kw.get("schedule") is not None and not method.trains:
+        unused.append("schedule")
+    for name in unused:                     # a sweep may pass one set of options to every method: said, not refused
+        log.warning("--%s is not a setting of %s: ignored", name.replace("_gb", "").replace("_", "-"), method.name)
     cfg.prune_per_layer = not kw.get("prune_global", False)
     if kw.get("prune_threshold") is not None:
         cfg.prune_frac = None
@@ -173,7 +191,7 @@ def run_method(kw: dict) -> None:
         cfg.mask_threshold = None
     if kw["dry_run"]:
         check_out(cfg.out, kw["overwrite"], run_inputs(cfg))
-        splits, adapter, params, layers = prepare(cfg)
+        splits, adapter, params, layers = prepare(cfg, method=method)
         return emit({"method": method.name, "trains": method.trains, "splits": splits.counts(),
                      "parameters": len(params), "layers": layers, "config": cfg.to_dict()}, True)  # the plan
     emit(run(cfg, overwrite=kw["overwrite"]), kw["as_json"])

@@ -128,6 +128,13 @@ class Method:
     needs_vanilla = False           # snapshot the params before prepare, for ctx.vanilla_logits
     forget_splits: tuple = ("fvqa",)
     retain_splits: tuple = ("rvqa",)
+    logs_forget_loss = True         # logs loss_fvqa, the forget-VQA answer loss --stop-forget-loss watches
+
+    def check_inputs(self, cfg: Config, splits: Splits) -> None:
+        """Refuse what this method cannot do with these settings and data, before the model is loaded."""
+        if cfg.stop_forget_loss is not None and not self.logs_forget_loss:
+            raise ValueError(f"--stop-forget-loss: {self.name} does not log the forget-VQA answer loss it watches; "
+                             "use --stop-forget-accuracy")
 
     def prepare(self, ctx: Context) -> None:
         """Selection, pruning, masks, cached teachers: whatever happens once before training."""
@@ -311,12 +318,16 @@ def train(ctx: Context, method: Method, progress: bool = True) -> list[dict]:
             opt.zero_grad(set_to_none=True)
             _backward(ctx, method, group, streams, sums)
             with torch.no_grad():
+                unreached = []              # no gradient reaches them (a dead layer at --scope full): no step
                 for n, p in ctx.params.items():
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
+                        unreached.append(p)
                     p.grad.masked_fill_(ctx.pruned[n], 0)         # pruned entries carry no gradient
                 # clip after masking: masked-out forget gradients must not shrink the norm of the rest
                 norm = torch.nn.utils.clip_grad_norm_(weights, cfg.max_grad_norm)
+                for p in unreached:         # as torch's AdamW skips a param without a grad: a zero one would still
+                    p.grad = None           # take weight decay and its moments' momentum
             key = "grad_norm" if len(groups) == 1 else f"grad_norm_{'forget' if group[0] in forget else 'retain'}"
             record[key] = norm.item()
             if not math.isfinite(record[key]):

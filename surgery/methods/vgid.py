@@ -40,6 +40,7 @@ class VGID(Method):
     defaults = {"alpha": 1.0, "schedule": "combined"}
     needs_vanilla = True
     forget_splits = ("fvqa", "fqa")
+    logs_forget_loss = False        # its forget terms are not the answer loss
     retain_splits = ("rvqa", "rqa")
 
     def prepare(self, ctx: Context) -> None:

@@ -120,6 +120,23 @@ class VKD(Method):
     pool: list = []                          # --distill-images rows (`distil_images`)
     drawn: list = []                         # the indices of them in the retain batch `encode` made last
 
+    def check_inputs(self, cfg, splits) -> None:
+        super().check_inputs(cfg, splits)
+        self.distil_pool(cfg, splits)       # --distill-images: every photo decoded, the count checked
+
+    def distil_pool(self, cfg, splits) -> list:
+        """The --distill-images rows (none without it); refused if a photo is a forget photo or they are fewer
+        than a retain batch."""
+        if not cfg.distill_images:
+            return []
+        forget = {r.image for r in (*splits.fvqa, *splits.held_back)}
+        pool = load_images(cfg.distill_images, exclude=forget)
+        per_step = min(cfg.batch_size, len(splits.rvqa))   # as many as the retain batch: one mean
+        if len(pool) < per_step:
+            raise ValueError(f"--distill-images {cfg.distill_images}: {len(pool)} photos, fewer than "
+                             f"the {per_step} of a retain batch (each step distils as many of them)")
+        return pool
+
     def prepare(self, ctx: Context) -> None:
         sal = saliency_of(ctx)
         t = time.perf_counter()
@@ -130,15 +147,10 @@ class VKD(Method):
 
     def distil_images(self, ctx: Context) -> None:
         """--distill-images: load the photos, cache their teacher features, and start their batch stream."""
-        self.pool, self.pool_teacher = [], None
-        if not ctx.cfg.distill_images:
+        self.pool, self.pool_teacher = self.distil_pool(ctx.cfg, ctx.splits), None
+        if not self.pool:
             return
-        forget = {r.image for r in (*ctx.splits.fvqa, *ctx.splits.held_back)}
-        self.pool = load_images(ctx.cfg.distill_images, exclude=forget)
-        per_step = min(ctx.cfg.batch_size, len(ctx.splits.rvqa))   # as many as the retain batch: one mean
-        if len(self.pool) < per_step:
-            raise ValueError(f"--distill-images {ctx.cfg.distill_images}: {len(self.pool)} photos, fewer than "
-                             f"the {per_step} of a retain batch (each step distils as many of them)")
+        per_step = min(ctx.cfg.batch_size, len(ctx.splits.rvqa))
         self.pool_teacher = teachers(ctx, self.pool)
         self.pool_stream = row_batches(len(self.pool), per_step, ctx.cfg.seed * 1000 + 7)
         ctx.info["distill_images"] = len(self.pool)

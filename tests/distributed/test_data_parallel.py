@@ -134,7 +134,7 @@ def test_sharded_gated_qwen_matches_one_process(runs):
 
 
 def test_sharded_run_removed_its_teacher_cache(runs):
-    assert (runs["dir"] / "teacher").is_dir() and not list((runs["dir"] / "teacher").iterdir())
+    assert not (runs["dir"] / "teacher").exists()       # the run made --teacher-cache, and removed it with its files
 
 
 def test_any_method_with_text_splits_and_dead_layers_matches_one_process(runs):

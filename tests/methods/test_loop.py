@@ -156,9 +156,11 @@ def test_stop_options_refuse_bad_values(tiny_dirs, data, tmp_path):
 
 def test_stop_forget_loss_needs_a_method_that_logs_the_forget_answer_loss(tiny_dirs, data, tmp_path):
     out = tmp_path / "npo"
-    with pytest.raises(ValueError, match="loss_fvqa"):       # refused at step 1 although 3 steps < the window
-        run(Config(method="npo", model=str(tiny_dirs["tiny-llava"]), forget=str(data[0]), retain=str(data[1]),
-                   out=str(out), steps=3, stop_forget_loss=1.0, stop_window=10), progress=False)
+    for method in ("npo", "vgid"):                            # refused before the model is loaded (it was at step 1)
+        with pytest.raises(ValueError, match=f"--stop-forget-loss: {method} does not log the forget-VQA answer loss"):
+            run(Config(method=method, model=str(tmp_path / "no-such-model"), forget=str(data[0]),
+                       retain=str(data[1]), out=str(out), steps=3, stop_forget_loss=1.0, stop_window=10),
+                progress=False)
     assert not out.exists() and not list(tmp_path.glob(".npo*"))
     with pytest.raises(ValueError, match="manu does not train"):   # a training-free method: refused, nothing written
         run(Config(method="manu", model=str(tiny_dirs["tiny-llava"]), forget=str(data[0]), retain=str(data[1]),
@@ -244,3 +246,20 @@ def test_stop_forget_accuracy_measures_held_back_photos_and_stops_at_the_first_c
     res = _prune_and_mask(tiny_dirs, data, tmp_path / "c", "--steps", "2", "--saliency",
                           str(tmp_path / "a" / "saliency.safetensors"))
     assert res.exit_code != 0 and "held-back forget photos" in res.output and not (tmp_path / "c").exists()
+
+
+def test_weights_no_gradient_reaches_take_no_step(tiny_dirs, data, tmp_path):
+    """At --scope full with weight decay, the tower's dead last layer and post-layernorm (LLaVA reads the layer
+    before) got a zero gradient filled in, and AdamW's decay moved them; as torch's AdamW skips a param without a
+    gradient, they must stay the input's, bit for bit, while the weights the loss reaches move."""
+    from safetensors.torch import load_file
+    model = tiny_dirs["tiny-llava"]
+    out = tmp_path / "full"
+    report = run(Config(method="ga", model=str(model), forget=str(data[0]), retain=str(data[1]), out=str(out),
+                        steps=3, scope="full", weight_decay=0.1), progress=False)
+    last = report["scope"]["live_layers"][1]
+    before, after = load_file(str(model / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    dead = [k for k in before if "post_layernorm" in k or any(f"encoder.layers.{j}." in k for j in range(last + 1, 64))]
+    assert dead and all(torch.equal(before[k], after[k]) for k in dead), [k for k in dead if not torch.equal(before[k], after[k])]
+    assert not torch.equal(before[next(k for k in before if f"encoder.layers.{last}.mlp.fc2.weight" in k)],
+                           after[next(k for k in after if f"encoder.layers.{last}.mlp.fc2.weight" in k)])
