@@ -263,13 +263,21 @@ def run(cfg: Config, overwrite: bool = False, progress: bool = True) -> dict:
 
 @contextmanager
 def scratch():
-    """A list the run adds its scratch directories to (`Context.scratch`); removed at the end, success or not."""
+    """A list the run adds its scratch directories to (`Context.scratch`); removed at the end, success or not: its
+    own (`.surgery-*`) with what they hold, any other (a --teacher-cache the run made for them) only if empty, since
+    another run may have put its scratch there meanwhile."""
     dirs = []
     try:
         yield dirs
     finally:
         for d in dirs:
-            shutil.rmtree(d, ignore_errors=True)
+            if Path(d).name.startswith(".surgery-"):
+                shutil.rmtree(d, ignore_errors=True)
+            else:
+                try:
+                    Path(d).rmdir()
+                except OSError:
+                    pass
 
 
 def collect_saliency(cfg: Config, overwrite: bool = False, progress: bool = True) -> dict:

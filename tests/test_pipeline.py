@@ -477,6 +477,12 @@ def test_teacher_cache_inside_an_input_is_refused_and_a_made_one_removed(tiny_di
     res = run_cli(*common, "--teacher-cache", tmp_path / "new" / "deeper", "--out", tmp_path / "a")
     assert res.exit_code == 0, res.output
     assert not (tmp_path / "new").exists()             # made for the run's scratch, removed with it
+    from surgery.pipeline import scratch
+    (tmp_path / "shared" / "other").mkdir(parents=True)   # another run's scratch in a made directory: kept
+    (tmp_path / "own").mkdir()
+    with scratch() as dirs:
+        dirs.extend([tmp_path / "own", tmp_path / "shared"])
+    assert not (tmp_path / "own").exists() and (tmp_path / "shared" / "other").is_dir()
 
 
 def test_options_a_method_does_not_read_are_named(data, tmp_path, caplog):

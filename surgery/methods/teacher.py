@@ -65,14 +65,13 @@ def cache(ctx, rows: list, features, batch_size: int) -> Features:
         return Features(photo, features(photos))
     world = ctx.world
     parent = Path(ctx.cfg.teacher_cache or Path(ctx.cfg.out).resolve().parent).resolve()
-    made = next((a for a in [parent, *parent.parents] if a.parent.exists()), parent)   # the first one made here
-    made = None if made.exists() else made
+    made = [a for a in [parent, *parent.parents] if not a.exists()]    # deepest first: the ones made here
     if world.main:
         parent.mkdir(parents=True, exist_ok=True)
     directory = Path(world.broadcast(tempfile.mkdtemp(prefix=".surgery-teacher-", dir=parent) if world.main else None))
     ctx.scratch.append(directory)
-    if made is not None and world.main:     # removed too, after the scratch inside it: nothing is left behind
-        ctx.scratch.append(made)
+    if world.main:                          # removed too, once empty, after the scratch inside: nothing is left behind
+        ctx.scratch.extend(made)
     if world.main:
         log.info("VKD teacher features: about %.1f GiB for %d photos, over --teacher-memory %.1f GiB: memory-mapped "
                  "from %s", need / 2**30, len(photos), ctx.cfg.teacher_memory_gb, directory)
