@@ -98,7 +98,11 @@ class CompareConfig:
             if bad:
                 raise ValueError(f"--set {method}.{bad[0]}: not a setting of a run (one of "
                                  f"{', '.join(sorted(settable))})")
-            check_run(exclusive(values), f"--set {method}.")
+            try:
+                values = exclusive(values)
+            except ValueError as e:
+                raise ValueError(f"--set {method}.…: {e}") from None
+            check_run(values, f"--set {method}.")
 
 
 # ----- the benchmark: every call into surgery.bench is in this section ---------------------------------------------

@@ -66,10 +66,14 @@ class MaskedAdamW(torch.optim.Optimizer):
     def reset_state(self) -> None:
         """Every param back to step 0 with zero moments, under the mask it has now (its mask is part of its state:
         replacing `self.state` or a param's entry with an empty dict, as one resets torch's AdamW, would lose it)."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                st = self.state[p]
-                self.state[p] = _new_state(p, _mask(st, p), "indices" in st, self.offload)
+        fresh = {}
+        for i, p in enumerate(p for group in self.param_groups for p in group["params"]):
+            st = self.state.get(p, {})
+            if not {"mask", "indices"} & st.keys():
+                raise ValueError(f"MaskedAdamW.reset_state: param {i} has no state to take its mask from (it was "
+                                 f"replaced): make a new MaskedAdamW with the masks, or load a saved state_dict")
+            fresh[p] = _new_state(p, _mask(st, p), "indices" in st, self.offload)
+        self.state.update(fresh)        # all or nothing
 
     def add_param_group(self, param_group: dict) -> None:
         """As Optimizer's; the group may hold "masks", one per param (None or missing = all True)."""
@@ -131,18 +135,19 @@ class MaskedAdamW(torch.optim.Optimizer):
         for g, group in enumerate(self.param_groups):
             _check_hyperparameters({**self.defaults, **group}, f"param group {g}: ")
             for p in group["params"]:
-                where = f"MaskedAdamW.step: param {i} (group {g}, shape {list(p.shape)}, {p.dtype})"
                 i += 1
                 if p.grad is None:
                     continue
+                where = lambda: f"MaskedAdamW.step: param {i - 1} (group {g}, shape {list(p.shape)}, {p.dtype})"  # noqa: E731
                 if p.grad.is_sparse:
-                    raise RuntimeError(f"{where}: sparse gradients are not supported")
+                    raise RuntimeError(f"{where()}: sparse gradients are not supported")
                 if p.grad.shape != p.shape or p.grad.dtype != p.dtype or p.grad.device != p.device:
-                    raise RuntimeError(f"{where}: its grad is {list(p.grad.shape)} {p.grad.dtype} on {p.grad.device}; "
-                                       f"expected the param's shape, dtype and device ({p.device})")
+                    raise RuntimeError(f"{where()}: its grad is {list(p.grad.shape)} {p.grad.dtype} on "
+                                       f"{p.grad.device}; expected the param's shape, dtype and device ({p.device})")
                 if "step" not in self.state.get(p, {}):
-                    raise RuntimeError(f"{where}: no optimizer state (its mask lives there; was the state replaced?): "
-                                       f"call reset_state() to start every param afresh under its mask")
+                    raise RuntimeError(f"{where()}: no optimizer state (its mask lives there, and was replaced): make "
+                                       f"a new MaskedAdamW with the masks, or load a saved state_dict; to restart "
+                                       f"from zero moments, keep the state and call reset_state()")
 
     def _chunks(self, owners, lists, device):
         """(params, work, grads, exp_avg, exp_avg_sq, mask or indices) for the op: all at once, or with offload in

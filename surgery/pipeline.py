@@ -270,8 +270,9 @@ def scratch():
     try:
         yield dirs
     finally:
-        for d in dirs:
-            if Path(d).name.startswith(".surgery-"):
+        own = [d for d in dirs if Path(d).name.startswith(".surgery-")]
+        for d in own + [d for d in dirs if d not in own]:      # the scratch first, then what held it
+            if d in own:
                 shutil.rmtree(d, ignore_errors=True)
             else:
                 try:

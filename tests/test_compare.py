@@ -144,7 +144,7 @@ def test_bad_options_name_the_option(tmp_path):
     assert r.exit_code == 1 and "--lr" in r.output
     r = run(main, ["compare", "--methods", "vkd", "--set", "vkd.mask_frac=0.5", "--set", "vkd.mask_threshold=2",
                    "--out", str(tmp_path / "o")])
-    assert r.exit_code == 1 and "give one, not both" in r.output
+    assert r.exit_code == 1 and "give one, not both" in r.output and "--set vkd.…" in r.output
     r = run(main, ["compare", "--methods", "ga", "--set", "ga.layers=5", "--out", str(tmp_path / "o")])
     assert r.exit_code == 1 and "--layers 5: expected two layer numbers" in r.output
     r = run(main, ["compare", "--methods", "ga", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "c" / "x")])

@@ -480,18 +480,23 @@ def test_teacher_cache_inside_an_input_is_refused_and_a_made_one_removed(tiny_di
     from surgery.pipeline import scratch
     (tmp_path / "shared" / "other").mkdir(parents=True)   # another run's scratch in a made directory: kept
     (tmp_path / "own").mkdir()
+    (tmp_path / "made" / ".surgery-teacher-2").mkdir(parents=True)   # a second spill inside a made directory,
+    (tmp_path / "made" / ".surgery-teacher-1").mkdir()                # listed after it: removed first, then it
     with scratch() as dirs:
-        dirs.extend([tmp_path / "own", tmp_path / "shared"])
+        dirs.extend([tmp_path / "own", tmp_path / "shared", tmp_path / "made" / ".surgery-teacher-1",
+                     tmp_path / "made", tmp_path / "made" / ".surgery-teacher-2"])
     assert not (tmp_path / "own").exists() and (tmp_path / "shared" / "other").is_dir()
+    assert not (tmp_path / "made").exists()
 
 
 def test_options_a_method_does_not_read_are_named(data, tmp_path, caplog):
     """A sweep may pass one set of options to every method: each one the method ignores is said, not silently
     recorded as if it applied; --layers outside --scope mlp says what it still chooses."""
     common = ["--model", "tiny-llava", "--forget", data[0], "--retain", data[1], "--out", tmp_path / "o", "--dry-run"]
-    res = run_cli("unlearn", "--method", "ga", *common, "--beta", 2, "--npo-beta", 0.5, "--mask-frac", 0.1)
+    res = run_cli("unlearn", "--method", "ga", *common, "--beta", 0, "--npo-beta", 0.5, "--mask-frac", 0.1,
+                  "--prune-frac", 0)
     assert res.exit_code == 0, res.output
-    for option in ("--beta", "--npo-beta", "--mask-frac"):
+    for option in ("--beta", "--npo-beta", "--mask-frac", "--prune-frac"):   # a 0 given is given
         assert f"{option} is not a setting of ga: ignored" in caplog.text
     caplog.clear()
     res = run_cli("unlearn", "--method", "npo", *common, "--npo-beta", 0.5)

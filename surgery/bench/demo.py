@@ -153,8 +153,10 @@ class DemoConfig:
         if given is not None and not Path(given).is_file():
             raise FileNotFoundError(f"--set distill_images={given}: file not found")
         layers = self.unlearn.get("layers")
-        if layers is not None and layers[1] >= self.finetune.vision_layers:
-            raise ValueError(f"--set layers={list(layers)}: the demo's tower has layers 0-{self.finetune.vision_layers - 1}")
+        live = self.finetune.vision_layers - 2          # LLaVA reads the layer before the last: the last is dead
+        if layers is not None and layers[0] > live:      # every layer dead (a range reaching past them is cut)
+            raise ValueError(f"--set layers={list(layers)}: the demo's tower has live layers 0-{live} (LLaVA reads "
+                             "the layer before the last)")
 
 
 def relocate(tmp: Path, out: Path) -> None:

@@ -142,7 +142,7 @@ class FinetuneConfig:
         rules += [(f, number(getattr(self, f), 0), "a number >= 0") for f in (
                       "llm_weight_decay", "tower_weight_decay", "weight_decay")]
         rules += [("llm_target", number(self.llm_target, 0, 100), "a letter accuracy in [0, 100]"),
-                  ("llm_inits", isinstance(self.llm_inits, tuple) and bool(self.llm_inits)
+                  ("llm_inits", isinstance(self.llm_inits, (tuple, list)) and bool(self.llm_inits)
                    and all(whole(i, 0) for i in self.llm_inits), "a non-empty list of whole numbers >= 0"),
                   ("vision_hidden", self.vision_hidden % heads == 0, f"a multiple of the tower's {heads} heads"),
                   ("text_hidden", self.text_hidden % heads == 0, f"a multiple of the LLM's {heads} heads")]

@@ -179,7 +179,8 @@ def run_method(kw: dict) -> None:
     if cfg.distill_images and method.name != "vkd":
         raise click.BadParameter(f"is a setting of VKD, not of {method.name}", param_hint="--distill-images")
     unused = [name for name, (default, users) in USES.items()
-              if kw.get(name) not in (None, False, default) and method.name not in users]
+              if kw.get(name) is not None and kw.get(name) is not False and kw.get(name) != default
+              and method.name not in users]
     if kw.get("schedule") is not None and not method.trains:
         unused.append("schedule")
     for name in unused:                     # a sweep may pass one set of options to every method: said, not refused

@@ -318,10 +318,12 @@ def train(ctx: Context, method: Method, progress: bool = True) -> list[dict]:
             opt.zero_grad(set_to_none=True)
             _backward(ctx, method, group, streams, sums)
             with torch.no_grad():
-                unreached = []              # no gradient reaches them (a dead layer at --scope full): no step
-                for n, p in ctx.params.items():
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
+                unreached = []              # no gradient reaches them (a dead layer at --scope full): no step.
+                for n, p in ctx.params.items():     # Under DDP in_graph gave the synced ones a zero gradient: they
+                    if p.grad is None or (ctx.synced and n in ctx.synced     # count as unreached too, as in one
+                                          and not any(ctx.reaches_param(s, n) for s in group)):   # process
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p)
                         unreached.append(p)
                     p.grad.masked_fill_(ctx.pruned[n], 0)         # pruned entries carry no gradient
                 # clip after masking: masked-out forget gradients must not shrink the norm of the rest

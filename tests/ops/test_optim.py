@@ -423,8 +423,10 @@ def test_state_replaced_by_hand_is_named_and_reset_state_keeps_the_masks():
     p.grad = torch.randn(4)
     opt.step()
     opt.state[p] = {}                        # as one resets torch's AdamW
-    with pytest.raises(RuntimeError, match="param 0 .*no optimizer state .*reset_state\\(\\)"):
+    with pytest.raises(RuntimeError, match="param 0 .*no optimizer state .*new MaskedAdamW with the masks"):
         opt.step()
+    with pytest.raises(ValueError, match="param 0 has no state to take its mask from"):
+        opt.reset_state()
     opt.state[p] = {"step": torch.tensor(5), "mask": mask.clone(), "exp_avg": torch.ones(4),
                     "exp_avg_sq": torch.ones(4)}
     opt.reset_state()
