@@ -138,14 +138,13 @@ class MaskedAdamW(torch.optim.Optimizer):
                 i += 1
                 if p.grad is None:
                     continue
-                where = lambda: f"MaskedAdamW.step: param {i - 1} (group {g}, shape {list(p.shape)}, {p.dtype})"  # noqa: E731
                 if p.grad.is_sparse:
-                    raise RuntimeError(f"{where()}: sparse gradients are not supported")
+                    raise RuntimeError(f"{_label(i - 1, g, p)}: sparse gradients are not supported")
                 if p.grad.shape != p.shape or p.grad.dtype != p.dtype or p.grad.device != p.device:
-                    raise RuntimeError(f"{where()}: its grad is {list(p.grad.shape)} {p.grad.dtype} on "
+                    raise RuntimeError(f"{_label(i - 1, g, p)}: its grad is {list(p.grad.shape)} {p.grad.dtype} on "
                                        f"{p.grad.device}; expected the param's shape, dtype and device ({p.device})")
                 if "step" not in self.state.get(p, {}):
-                    raise RuntimeError(f"{where()}: no optimizer state (its mask lives there, and was replaced): make "
+                    raise RuntimeError(f"{_label(i - 1, g, p)}: no optimizer state (its mask lives there, and was replaced): make "
                                        f"a new MaskedAdamW with the masks, or load a saved state_dict; to restart "
                                        f"from zero moments, keep the state and call reset_state()")
 
@@ -335,6 +334,11 @@ def _tensor_list(params) -> list:
     if isinstance(params, set):
         raise TypeError("MaskedAdamW: params must be an ordered collection (a list), not a set")
     return list(params)
+
+
+def _label(i: int, g: int, p: torch.Tensor) -> str:
+    """A param in step's messages: its position across the groups (as state_dict numbers them), group, shape, dtype."""
+    return f"MaskedAdamW.step: param {i} (group {g}, shape {list(p.shape)}, {p.dtype})"
 
 
 def _number(value) -> bool:

@@ -350,12 +350,10 @@ def check_out(out, overwrite: bool, inputs=None, keep=None) -> None:
         if path == source or path in source.parents:
             raise ValueError(f"--out {out} holds {option} {given}: the run replaces --out and would delete it; "
                              f"name another directory")
-    for option, given in pairs(inputs) + pairs(keep):
-        source = Path(given).resolve()
-        if (source.is_dir() or (option, given) in pairs(keep)) and source in path.parents:
-            raise ValueError(f"--out {out} is inside {option} {given}: the inputs and the cache are never modified "
-                             f"by an --out (with --overwrite it would replace what is there); name a directory "
-                             f"outside it")
+    holder = inside(path, pairs(inputs)) or inside(path, pairs(keep), made_later=True)
+    if holder:
+        raise ValueError(f"--out {out} is inside {holder[0]} {holder[1]}: the inputs and the cache are never modified "
+                         f"by an --out (with --overwrite it would replace what is there); name a directory outside it")
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"--out {out} is a file, not a directory")
     if path.exists() and not overwrite:
@@ -370,16 +368,25 @@ def check_out(out, overwrite: bool, inputs=None, keep=None) -> None:
             raise PermissionError(f"--out {out}: cannot write in {blocker} ({e.strerror})") from None
 
 
+def inside(path: Path, pairs, made_later: bool = False):
+    """The first (option, directory) of `pairs` that is `path` or holds it; a directory not made yet counts only when
+    `made_later` (a cache the run will create)."""
+    for option, given in pairs:
+        source = Path(given).resolve()
+        if (source.is_dir() or made_later) and (path == source or source in path.parents):
+            return option, given
+    return None
+
+
 def check_teacher_cache(cfg: Config) -> None:
     """--teacher-cache: scratch files go there, so it must not be (or lie inside) an input directory, nor a file."""
     if not cfg.teacher_cache:
         return
     path = Path(cfg.teacher_cache).resolve()
-    for option, given in run_inputs(cfg).items():
-        source = Path(given).resolve() if given else None
-        if source is not None and source.is_dir() and (path == source or source in path.parents):
-            raise ValueError(f"--teacher-cache {cfg.teacher_cache} is inside {option} {given}: the inputs are never "
-                             f"written to; name a directory outside it")
+    holder = inside(path, [(o, g) for o, g in run_inputs(cfg).items() if g])
+    if holder:
+        raise ValueError(f"--teacher-cache {cfg.teacher_cache} is inside {holder[0]} {holder[1]}: the inputs are "
+                         f"never written to; name a directory outside it")
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"--teacher-cache {cfg.teacher_cache} is a file, not a directory")
 

@@ -311,6 +311,10 @@ def train(ctx: Context, method: Method, progress: bool = True) -> list[dict]:
     if by_accuracy and steps < cfg.stop_every:
         log.warning("%s: %d steps are fewer than --stop-every %d: the early stop cannot fire", method.name, steps,
                     cfg.stop_every)
+    # per update, the synced params none of its splits reaches: under DDP in_graph gives them a zero gradient, and
+    # they take no step, as in one process (where their gradient stays None)
+    unreachable = {tuple(g): {n for n in (ctx.synced or ()) if not any(ctx.reaches_param(s, n) for s in g)}
+                   for g in groups}
     history, t0 = [], time.perf_counter()
     for step in progress_bar(range(1, steps + 1), method.name, show=progress and world.main):
         record, sums = {"step": step}, {}
@@ -318,10 +322,9 @@ def train(ctx: Context, method: Method, progress: bool = True) -> list[dict]:
             opt.zero_grad(set_to_none=True)
             _backward(ctx, method, group, streams, sums)
             with torch.no_grad():
-                unreached = []              # no gradient reaches them (a dead layer at --scope full): no step.
-                for n, p in ctx.params.items():     # Under DDP in_graph gave the synced ones a zero gradient: they
-                    if p.grad is None or (ctx.synced and n in ctx.synced     # count as unreached too, as in one
-                                          and not any(ctx.reaches_param(s, n) for s in group)):   # process
+                unreached = []              # no gradient reaches them (a dead layer at --scope full): no step
+                for n, p in ctx.params.items():
+                    if p.grad is None or n in unreachable[tuple(group)]:
                         if p.grad is None:
                             p.grad = torch.zeros_like(p)
                         unreached.append(p)

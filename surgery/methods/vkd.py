@@ -122,7 +122,7 @@ class VKD(Method):
 
     def check_inputs(self, cfg, splits) -> None:
         super().check_inputs(cfg, splits)
-        self.distil_pool(cfg, splits)       # --distill-images: every photo decoded, the count checked
+        self.pool = self.distil_pool(cfg, splits)   # --distill-images: decoded and counted once, kept for prepare
 
     def distil_pool(self, cfg, splits) -> list:
         """The --distill-images rows (none without it); refused if a photo is a forget photo or they are fewer
@@ -147,7 +147,7 @@ class VKD(Method):
 
     def distil_images(self, ctx: Context) -> None:
         """--distill-images: load the photos, cache their teacher features, and start their batch stream."""
-        self.pool, self.pool_teacher = self.distil_pool(ctx.cfg, ctx.splits), None
+        self.pool, self.pool_teacher = self.pool or self.distil_pool(ctx.cfg, ctx.splits), None
         if not self.pool:
             return
         per_step = min(ctx.cfg.batch_size, len(ctx.splits.rvqa))
