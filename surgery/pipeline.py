@@ -254,7 +254,7 @@ def run(cfg: Config, overwrite: bool = False, progress: bool = True) -> dict:
                 **ctx.info, "losses": history,
             }
             if world.main:
-                save(adapter, tmp, state_dict=state)
+                report["checkpoint"] = save(adapter, tmp, state_dict=state)
                 (tmp / "report.json").write_text(json.dumps(report, indent=2))
             world.barrier()
         log.info("wrote %s in %.1fs", out, ctx.timings["total_s"])

@@ -503,3 +503,27 @@ def test_options_a_method_does_not_read_are_named(data, tmp_path, caplog):
     assert res.exit_code == 0 and "not a setting" not in caplog.text
     res = run_cli("unlearn", "--method", "ga", *common, "--scope", "vision", "--layers", "1-1")
     assert res.exit_code == 0 and "--layers 1-1 with --scope vision" in caplog.text and "trains" in caplog.text
+
+
+def test_each_methods_own_options_are_config_fields_with_the_clis_defaults():
+    """Method.reads names Config fields; each option the CLI warns about is read by some method, and its default in
+    the warning table is the option's own default (else a default value would be warned about)."""
+    import dataclasses
+
+    from surgery import methods
+    from surgery.cli.method import FIELD, OWN_DEFAULTS
+    from surgery.config import Config
+    fields = {f.name for f in dataclasses.fields(Config)}
+    read = set()
+    for name in methods.METHODS:
+        reads = methods.get(name).reads
+        assert set(reads) <= fields, (name, set(reads) - fields)
+        read |= set(reads)
+    assert {FIELD.get(o, o) for o in OWN_DEFAULTS} <= read
+    import click
+    command = main.commands["unlearn"]
+    params, ctx = {p.name: p for p in command.params}, click.Context(command)
+    for option, default in OWN_DEFAULTS.items():
+        given = params[option].get_default(ctx)
+        given = None if type(given).__name__ == "Sentinel" else given    # click >= 8.2: "no default"
+        assert (False if params[option].is_flag and given is None else given) == default, option

@@ -142,13 +142,12 @@ def method_options(f):
     return f
 
 
-# options only some methods read: (the CLI's default, the methods that read it)
-USES = {"prune_threshold": (None, ("vkd", "manu")), "prune_frac": (None, ("vkd", "manu")),
-        "prune_global": (False, ("vkd", "manu")), "mask_threshold": (None, ("vkd", "mmu")),
-        "mask_frac": (None, ("vkd", "mmu")), "beta": (0.3, ("vkd",)), "saliency": (None, ("vkd", "mmu", "manu")),
-        "teacher_memory_gb": (8.0, ("vkd",)), "teacher_cache": (None, ("vkd",)), "npo_beta": (None, ("npo",)),
-        "npo_retain": (None, ("npo",)), "manu_weights": (None, ("manu",)), "vgid_sigma": (None, ("vgid",)),
-        "vgid_instruction": (None, ("vgid",))}
+# the CLI's defaults of the options that only some methods read (each method names those it reads: Method.reads)
+OWN_DEFAULTS = {"prune_threshold": None, "prune_frac": None, "prune_global": False, "mask_threshold": None,
+                "mask_frac": None, "beta": 0.3, "saliency": None, "teacher_memory_gb": 8.0, "teacher_cache": None,
+                "npo_beta": None, "npo_retain": False, "manu_weights": None, "vgid_sigma": None,
+                "vgid_instruction": None}
+FIELD = {"prune_global": "prune_per_layer"}   # an option whose Config field has another name
 
 
 def run_method(kw: dict) -> None:
@@ -178,9 +177,9 @@ def run_method(kw: dict) -> None:
     cfg, method = resolve(config_from(kw))
     if cfg.distill_images and method.name != "vkd":
         raise click.BadParameter(f"is a setting of VKD, not of {method.name}", param_hint="--distill-images")
-    unused = [name for name, (default, users) in USES.items()
+    unused = [name for name, default in OWN_DEFAULTS.items()
               if kw.get(name) is not None and kw.get(name) is not False and kw.get(name) != default
-              and method.name not in users]
+              and FIELD.get(name, name) not in method.reads]
     if kw.get("schedule") is not None and not method.trains:
         unused.append("schedule")
     for name in unused:                     # a sweep may pass one set of options to every method: said, not refused

@@ -129,6 +129,8 @@ class Method:
     forget_splits: tuple = ("fvqa",)
     retain_splits: tuple = ("rvqa",)
     logs_forget_loss = True         # logs loss_fvqa, the forget-VQA answer loss --stop-forget-loss watches
+    reads: tuple = ()               # the Config fields of its own it reads, beyond every method's (the CLI warns
+                                    # when one is given to a method that does not read it)
 
     def check_inputs(self, cfg: Config, splits: Splits) -> None:
         """Refuse what this method cannot do with these settings and data, before the model is loaded."""

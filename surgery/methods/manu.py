@@ -110,6 +110,7 @@ def text_neurons(ctx: Context, mlps: dict, weights, frac) -> tuple[dict, dict]:
 
 class MANU(Method):
     name = "manu"
+    reads = ("prune_threshold", "prune_frac", "prune_per_layer", "saliency", "manu_weights")
     paper = "MANU: Modality-Aware Neuron Unlearning (Liu et al. 2025, arXiv 2502.15910)"
     default_scope = "full"
     defaults = {"schedule": "combined"}

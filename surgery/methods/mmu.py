@@ -19,6 +19,7 @@ from .vkd import saliency_of, select_and_mask
 
 class MMU(Method):
     name = "mmu"
+    reads = ("mask_threshold", "mask_frac", "saliency")
     paper = "MMUnlearner (Huo et al. 2025, arXiv 2502.11051)"
     default_scope = "full"
     defaults = {"alpha": 1.0, "schedule": "alternating"}

@@ -18,6 +18,7 @@ from .losses import answer_logprob
 
 class NPO(Method):
     name = "npo"
+    reads = ("npo_beta", "npo_retain")
     paper = "Negative Preference Optimization (Zhang et al. 2024, arXiv 2404.05868); MLLMU-Bench baseline"
     default_scope = "full"
     defaults = {"alpha": 1.0, "schedule": "combined"}

@@ -35,6 +35,7 @@ def noised(image: Image.Image, sigma: float, rng: np.random.Generator) -> Image.
 
 class VGID(Method):
     name = "vgid"
+    reads = ("vgid_sigma", "vgid_instruction")
     paper = "VGID: Visual-Noise Guided In-Context Distillation (Chen et al. 2026, arXiv 2606.00105)"
     default_scope = "full"
     defaults = {"alpha": 1.0, "schedule": "combined"}

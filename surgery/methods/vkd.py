@@ -112,6 +112,8 @@ def teachers(ctx: Context, rows) -> "teacher.Features":
 
 class VKD(Method):
     name = "vkd"
+    reads = ("prune_threshold", "prune_frac", "prune_per_layer", "mask_threshold", "mask_frac", "beta", "saliency",
+             "teacher_memory_gb", "teacher_cache", "distill_images")
     paper = "Robust MLLM Unlearning via Visual Knowledge Distillation (arXiv 2512.11325)"
     default_scope = "mlp"
     defaults = {"alpha": 1.25, "schedule": "combined"}

@@ -2,6 +2,7 @@
 rows become model inputs. Modules are found by module path (transformers 5.x), never by checkpoint key."""
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -82,6 +83,7 @@ class Adapter:
 
     def __init__(self, model, tokenizer, image_processor=None, processor=None):
         self.model, self.tokenizer, self.image_processor, self.processor = model, tokenizer, image_processor, processor
+        self.source: Path | None = None  # the checkpoint directory it was loaded from (models.load sets it)
         self.model_type = model.config.model_type
         self.family = family_of(self.model_type)
         layers = model.get_submodule(self.family.layers)

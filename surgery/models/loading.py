@@ -8,6 +8,7 @@ import torch
 import transformers
 
 from .adapters import Adapter, family_of
+from .checkpoint import keep_source_weights
 from .tiny import TINY, build_tiny, image_processor_class
 
 log = logging.getLogger("surgery")
@@ -95,7 +96,9 @@ def load(model: str, device="cpu", dtype=torch.float32, trust_remote_code: bool 
     except SafetensorError as e:
         raise ValueError(f"--model {model}: cannot read the safetensors weights in {path} ({e}); "
                          f"is a file truncated?") from None
-    return Adapter(m.to(device).eval(), tok, ip, proc)
+    adapter = Adapter(m.to(device).eval(), tok, ip, proc)
+    adapter.source = Path(path)
+    return adapter
 
 
 def llava_processor(adapter: Adapter):
@@ -109,11 +112,20 @@ def llava_processor(adapter: Adapter):
         chat_template=getattr(adapter.processor, "chat_template", None) or adapter.tokenizer.chat_template)
 
 
-def save(adapter: Adapter, out: Path, state_dict: dict | None = None) -> None:
+def save(adapter: Adapter, out: Path, state_dict: dict | None = None) -> dict | None:
     """A normal HF checkpoint: safetensors weights, config, tokenizer, image processor (and processor), loadable
     and usable with AutoModelForImageTextToText + AutoProcessor alone. `state_dict`: the weights to write instead of
-    the model's own (a sharded model's, gathered)."""
+    the model's own (a sharded model's, gathered). A model loaded from a checkpoint in another dtype keeps that
+    checkpoint's tensors for every weight the run left unchanged (`checkpoint.keep_source_weights`, whose summary
+    is returned; None for a model not loaded from a directory)."""
     adapter.model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
+    kept = None
+    if adapter.source is not None:
+        kept = keep_source_weights(Path(out), adapter.source)
+        if kept["restored"]:
+            log.info("%d of %d tensors, left unchanged by the run, are written as the checkpoint's (%s), bit for bit; "
+                     "the rest in the run's dtype (%s)", kept["restored"], kept["tensors"],
+                     "/".join(kept["checkpoint_dtypes"]), str(adapter.model.dtype).replace("torch.", ""))
     adapter.tokenizer.save_pretrained(out)
     processor = adapter.processor
     if adapter.model_type == "llava" and adapter.image_processor is not None and \
@@ -123,3 +135,4 @@ def save(adapter: Adapter, out: Path, state_dict: dict | None = None) -> None:
         adapter.image_processor.save_pretrained(out)
     if processor is not None:
         processor.save_pretrained(out)
+    return kept
