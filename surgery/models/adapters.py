@@ -83,7 +83,8 @@ class Adapter:
 
     def __init__(self, model, tokenizer, image_processor=None, processor=None):
         self.model, self.tokenizer, self.image_processor, self.processor = model, tokenizer, image_processor, processor
-        self.source: Path | None = None  # the checkpoint directory it was loaded from (models.load sets it)
+        self.source: Path | None = None  # the checkpoint directory it was loaded from (models.load sets it) ...
+        self.source_header: dict = {}    # ... and its tensors' names, files and dtypes (checkpoint.header)
         self.model_type = model.config.model_type
         self.family = family_of(self.model_type)
         layers = model.get_submodule(self.family.layers)
@@ -169,6 +170,9 @@ class Adapter:
         template_owner = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
         if getattr(template_owner, "chat_template", None):
             return template_owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if self.family.style == "qwen":   # the family's own turn, as its template renders it
+            return ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n" + ("<|vision_start|><|image_pad|><|vision_end|>" if has_image else "")
+                    + prompt + "<|im_end|>\n<|im_start|>assistant\n")
         return ("USER: <image>\n" if has_image else "USER: ") + prompt + " ASSISTANT:"
 
     def _chat_frame(self, has_image: bool) -> tuple[str, str] | None:

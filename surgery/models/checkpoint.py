@@ -1,88 +1,135 @@
-"""Keep the input checkpoint's own bytes for every weight a run did not change.
+"""A checkpoint's weight files, and keeping its own bytes for every weight a run did not change.
 
 A run loads, trains and saves in one dtype (--dtype). When that is not the checkpoint's (an fp16 LLaVA trained in
 bf16 on a GPU, an fp32 checkpoint in bf16), save_pretrained would write every weight in the run's dtype, the frozen
-LLM too: rounded (a downcast) or twice the size (an upcast). Here each saved tensor that equals the checkpoint's
-tensor of the same name cast to the run's dtype, bit for bit, is replaced by the checkpoint's tensor itself; a
-tensor the run changed keeps the run's dtype and values. save_pretrained writes the checkpoint's key names
-(`save_original_format`), so the two sides are matched by name, file to file. config.json keeps the run's dtype:
-loaded with `dtype="auto"` the output is the model the run evaluated; loaded in the checkpoint's dtype, its frozen
-weights are the checkpoint's exactly.
+LLM too: rounded (a downcast) or twice the size (an upcast). `keep_source_weights` replaces each saved tensor that
+equals the checkpoint's tensor of the same name cast to the run's dtype, bit for bit, by the checkpoint's tensor
+itself; a tensor the run changed keeps the run's dtype and values. save_pretrained writes the checkpoint's key names
+(`save_original_format`), so the two sides are matched by name. config.json keeps the run's dtype: loaded with
+`dtype="auto"` the output is the model the run evaluated; loaded in the checkpoint's dtype, its frozen weights are
+the checkpoint's exactly.
 """
 import json
+import logging
 import os
+import struct
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+log = logging.getLogger("surgery")
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
-BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+          "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+NAMES = {v: k for k, v in DTYPES.items()}
 
 
 def weight_files(directory: Path) -> list[Path]:
-    """The safetensors files that hold a checkpoint's weights, as from_pretrained finds them: the index's shards,
-    else model.safetensors (other *.safetensors in the directory, such as a surgery run's masks, are not weights)."""
+    """The safetensors files that hold a checkpoint's weights, as from_pretrained picks them: model.safetensors,
+    else the shards its index names (other *.safetensors in the directory, such as a surgery run's masks, are not
+    weights)."""
     directory = Path(directory)
+    if (directory / SINGLE).is_file():
+        return [directory / SINGLE]
     if (directory / INDEX).is_file():
         return [directory / s for s in sorted(set(json.loads((directory / INDEX).read_text())["weight_map"].values()))]
-    return [directory / SINGLE] if (directory / SINGLE).is_file() else []
+    return []
 
 
-def dtypes(files: list[Path]) -> dict[str, tuple[Path, str]]:
-    """name -> (file, safetensors dtype string) for every tensor in `files`, read from the headers only."""
+def header(files: list[Path]) -> dict[str, tuple[Path, str]]:
+    """name -> (file, safetensors dtype) of every tensor in `files`, read from the files' headers only."""
     found = {}
     for f in files:
         with safe_open(f, framework="pt") as h:
-            found.update({k: (f, h.get_slice(k).get_dtype()) for k in h.keys()})
+            found.update({k: (Path(f), h.get_slice(k).get_dtype()) for k in h.keys()})
     return found
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bitwise equality (NaN equals itself, -0 differs from 0)."""
     return a.shape == b.shape and a.dtype == b.dtype and \
-        torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+        torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
 
 
-def keep_source_weights(out: Path, source: Path) -> dict:
+def write_streaming(path: Path, specs: dict[str, tuple[str, list[int]]], get, metadata: dict | None = None) -> None:
+    """A safetensors file at `path` holding get(name) for each name of `specs` (name -> (safetensors dtype, shape)),
+    written one tensor at a time (save_file would hold them all in memory: a 7B model's 14 GB). The format: an 8-byte
+    little-endian header length, the JSON header (dtype, shape and byte range of each tensor), then the bytes."""
+    entries, offset = {}, 0
+    for name, (dtype, shape) in specs.items():
+        size = torch.Size(shape).numel() * torch.empty((), dtype=DTYPES[dtype]).element_size()
+        entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps({**({"__metadata__": metadata} if metadata else {}), **entries}, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for name, (dtype, shape) in specs.items():
+            t = get(name)
+            if NAMES[t.dtype] != dtype or list(t.shape) != list(shape):
+                raise ValueError(f"{path}: {name} is {NAMES[t.dtype]} {list(t.shape)}, its header says {dtype} {shape}")
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def data_bytes(path: Path) -> int:
+    """The bytes of tensor data a safetensors file holds, from its header."""
+    with open(path, "rb") as f:
+        entries = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    return sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in entries.items() if k != "__metadata__")
+
+
+def keep_source_weights(out: Path, source: Path, source_header: dict[str, tuple[Path, str]]) -> dict:
     """Rewrite the weight files in `out` so that every tensor the run left unchanged is the one in `source`, in the
-    checkpoint's dtype (the module's docstring). Only tensors whose dtype differs from the checkpoint's are read;
-    each rewritten file replaces its original atomically. Returns {"tensors", "restored", "checkpoint_dtypes",
-    "saved_dtypes"}: how many tensors the output holds, how many were written back from the checkpoint."""
-    out = Path(out)
-    src, files = dtypes(weight_files(source)), weight_files(out)
+    checkpoint's dtype (the module's docstring). `source_header`: `header(weight_files(source))`, read when the
+    model was loaded, so that a run in the checkpoint's dtype never reads `source` again. Each rewritten file
+    replaces its original atomically; if `source` cannot be read now, the output stays as save_pretrained wrote it
+    (a warning says so). Returns {"tensors", "restored", "checkpoint_dtypes", "saved_dtypes"}."""
+    out, files = Path(out), weight_files(out)
     restored = 0
     for f in files:
         with safe_open(f, framework="pt") as h:
             names, meta = list(h.keys()), h.metadata()
-            differ = [k for k in names if k in src and src[k][1] != h.get_slice(k).get_dtype()]
-            tensors = {k: h.get_tensor(k) for k in names} if differ else {}
-        kept = 0
-        for k in differ:
-            with safe_open(src[k][0], framework="pt") as s:
-                original = s.get_tensor(k)
-            if original.is_floating_point() and tensors[k].is_floating_point() \
-                    and _same_bits(original.to(tensors[k].dtype), tensors[k]):
-                tensors[k], kept = original, kept + 1
-        if kept:
-            tmp = f.with_name(f.name + ".tmp")
-            save_file(tensors, tmp, metadata=meta)
+            differ = [k for k in names if k in source_header and source_header[k][1] != h.get_slice(k).get_dtype()]
+        if not differ:
+            continue
+        tmp = f.with_name(f.name + ".tmp")
+        try:
+            keep = set()
+            with safe_open(f, framework="pt") as h:
+                for k in differ:
+                    with safe_open(source_header[k][0], framework="pt") as s:
+                        original = s.get_tensor(k)
+                    saved = h.get_tensor(k)
+                    if original.is_floating_point() and saved.is_floating_point() \
+                            and _same_bits(original.to(saved.dtype), saved):
+                        keep.add(k)
+                if not keep:
+                    continue
+
+                def get(k):
+                    if k not in keep:
+                        return h.get_tensor(k)
+                    with safe_open(source_header[k][0], framework="pt") as s:
+                        return s.get_tensor(k)
+                specs = {k: (source_header[k][1] if k in keep else h.get_slice(k).get_dtype(),
+                             h.get_slice(k).get_shape()) for k in names}
+                write_streaming(tmp, specs, get, meta)
             os.replace(tmp, f)
-        restored += kept
-    saved = dtypes(files)
-    if restored and (out / INDEX).is_file():  # total_size counts bytes, which changed with the dtypes
+            restored += len(keep)
+        except Exception as e:   # the run's work is in `out` already: keep it as save_pretrained wrote it
+            tmp.unlink(missing_ok=True)
+            log.warning("%s: the weights the run left unchanged stay in the run's dtype, not the checkpoint's (%s: %s)",
+                        f.name, source, e)
+    saved = header(files)
+    if restored and (out / INDEX).is_file():   # total_size counts bytes, which changed with the dtypes
         index = json.loads((out / INDEX).read_text())
         if "total_size" in index.get("metadata", {}):
-            total = 0
-            for f in files:
-                with safe_open(f, framework="pt") as h:
-                    for k in h.keys():
-                        total += BYTES.get(h.get_slice(k).get_dtype(), 1) * \
-                            int(torch.Size(h.get_slice(k).get_shape()).numel())
-            index["metadata"]["total_size"] = total
+            index["metadata"]["total_size"] = sum(data_bytes(f) for f in files)
             (out / (INDEX + ".tmp")).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
             os.replace(out / (INDEX + ".tmp"), out / INDEX)
     return {"tensors": len(saved), "restored": restored,
-            "checkpoint_dtypes": sorted({d for _, d in src.values()}),
+            "checkpoint_dtypes": sorted({d for _, d in source_header.values()}),
             "saved_dtypes": sorted({d for _, d in saved.values()})}

@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from .adapters import Adapter, family_of
-from .checkpoint import keep_source_weights
+from .checkpoint import header, keep_source_weights, weight_files
 from .tiny import TINY, build_tiny, image_processor_class
 
 log = logging.getLogger("surgery")
@@ -47,7 +47,21 @@ def _named_image_processor(path: str):
 
 
 def _load_aux(path: str, trust_remote_code: bool):
-    tok = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ValueError(f"--model {path}: no tokenizer could be loaded from it (tokenizer.json, tokenizer.model or "
+                         f"tokenizer_config.json missing or unreadable?): {str(e).splitlines()[0]}") from None
+    if not getattr(tok, "chat_template", None):   # older exports keep it beside the processor, not the tokenizer
+        for name, read in (("chat_template.jinja", lambda t: t), ("chat_template.json",
+                                                                  lambda t: json.loads(t).get("chat_template"))):
+            if (Path(path) / name).is_file():
+                try:
+                    tok.chat_template = read((Path(path) / name).read_text(encoding="utf-8"))
+                except (ValueError, AttributeError) as e:
+                    log.warning("%s: unreadable (%s); the tokenizer has no chat template", Path(path) / name, e)
+                if getattr(tok, "chat_template", None):
+                    break
     image_processor = processor = None
     try:
         image_processor = transformers.AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -75,30 +89,88 @@ def load(model: str, device="cpu", dtype=torch.float32, trust_remote_code: bool 
                     "(use it to try the pipeline)", path)
         m, tok, ip = build_tiny(path, seed=seed)
         return Adapter(m.to(device=device, dtype=dtype), tok, ip, None)
-    if not (Path(path) / "config.json").is_file():
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
         raise FileNotFoundError(f"--model {model}: {path} has no config.json (not a Hugging Face checkpoint directory)")
+    try:   # an unknown type: our list of families, before transformers' "does not recognize this architecture"
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"--model {model}: {config_file} is not a JSON object ({e})") from None
+    if model_type is not None:
+        _family(model, model_type)
     config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    family_of(config.model_type)  # unknown type: a clear error before loading any weights
-    files = os.listdir(path)
-    if not any(f.endswith(".safetensors") for f in files):
-        pickles = sorted(f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
-        raise FileNotFoundError(f"--model {model}: no .safetensors weights in {path} (surgery loads safetensors only"
+    _family(model, config.model_type)
+    weights = weight_files(path)
+    if not weights:
+        pickles = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
+        raise FileNotFoundError(f"--model {model}: no safetensors weights in {path} (neither model.safetensors nor "
+                                f"model.safetensors.index.json; surgery loads safetensors only"
                                 + (f"; {', '.join(pickles)} is a pickle checkpoint, refused because loading it can run "
                                    f"code: convert it to safetensors first)" if pickles else ")"))
     tok, ip, proc = _load_aux(path, trust_remote_code)
     if ip is None:  # training would fail at its first photo
         raise ValueError(f"--model {model}: no image processor could be loaded from {path} "
                          f"(preprocessor_config.json missing or unreadable; see the warning above)")
+    _check_tokenizer(model, path, tok, config)
     from safetensors import SafetensorError
     try:
-        m = transformers.AutoModelForImageTextToText.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
-    except SafetensorError as e:
-        raise ValueError(f"--model {model}: cannot read the safetensors weights in {path} ({e}); "
-                         f"is a file truncated?") from None
+        source = header(weights)
+        m, info = transformers.AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, output_loading_info=True)
+    except (SafetensorError, OSError) as e:
+        unreadable = [f.name for f in weights if not _readable(f)]
+        raise ValueError(f"--model {model}: cannot read the safetensors weights in {path}"
+                         + (f" ({', '.join(unreadable)})" if unreadable else "") + f": {e}; is a file truncated "
+                         "or missing?") from None
+    missing, unexpected = sorted(info.get("missing_keys") or []), sorted(info.get("unexpected_keys") or [])
+    if missing:   # transformers would fill them with random values and carry on
+        raise ValueError(f"--model {model}: {len(missing)} of the {config.model_type} model's weights are not in "
+                         f"{path} ({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''}); refused, since they "
+                         f"would be random. Do the checkpoint's names match the model's (e.g. a PEFT export's "
+                         f"'base_model.model.' prefix), and is every shard complete?"
+                         + (f" Its unused names: {', '.join(unexpected[:3])}" if unexpected else ""))
+    if unexpected:
+        log.warning("%s: %d tensors the %s model does not use are not loaded, and not saved with the output (%s%s)",
+                    path, len(unexpected), config.model_type, ", ".join(unexpected[:3]), ", …" if len(unexpected) > 3
+                    else "")
     adapter = Adapter(m.to(device).eval(), tok, ip, proc)
-    adapter.source = Path(path)
+    adapter.source, adapter.source_header = Path(path), source
     return adapter
+
+
+def _family(model: str, model_type: str):
+    try:
+        return family_of(model_type)
+    except ValueError as e:
+        raise ValueError(f"--model {model}: {e}") from None
+
+
+def _readable(f: Path) -> bool:
+    from safetensors import safe_open
+    try:
+        with safe_open(f, framework="pt") as h:
+            h.keys()
+        return True
+    except Exception:
+        return False
+
+
+def _check_tokenizer(model: str, path: str, tok, config) -> None:
+    """A tokenizer that cannot encode text, or that does not know the model's image token, would fail at the first
+    row with a message about image features; say what is wrong with the directory instead."""
+    if not tok("a photo of a person", add_special_tokens=False)["input_ids"]:
+        raise ValueError(f"--model {model}: the tokenizer loaded from {path} ({type(tok).__name__}, {len(tok)} tokens) "
+                         f"encodes text to nothing: are tokenizer.json / tokenizer_config.json missing?")
+    image_id = getattr(config, "image_token_id", None)
+    if image_id is None:
+        image_id = getattr(config, "image_token_index", None)
+    if image_id is not None and not 0 <= image_id < len(tok):
+        raise ValueError(f"--model {model}: config.json's image token id {image_id} is not in the tokenizer loaded "
+                         f"from {path} ({len(tok)} tokens): is it the model's own tokenizer?")
+    if family_of(config.model_type).style == "qwen" and image_id is not None \
+            and tok.convert_tokens_to_ids("<|image_pad|>") != image_id:
+        raise ValueError(f"--model {model}: the tokenizer loaded from {path} does not map <|image_pad|> to "
+                         f"config.json's image token id {image_id}: is it the model's own tokenizer?")
 
 
 def llava_processor(adapter: Adapter):
@@ -121,7 +193,7 @@ def save(adapter: Adapter, out: Path, state_dict: dict | None = None) -> dict | 
     adapter.model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     kept = None
     if adapter.source is not None:
-        kept = keep_source_weights(Path(out), adapter.source)
+        kept = keep_source_weights(Path(out), adapter.source, adapter.source_header)
         if kept["restored"]:
             log.info("%d of %d tensors, left unchanged by the run, are written as the checkpoint's (%s), bit for bit; "
                      "the rest in the run's dtype (%s)", kept["restored"], kept["tensors"],

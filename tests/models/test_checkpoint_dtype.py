@@ -10,7 +10,7 @@ from transformers import AutoModelForImageTextToText
 
 from surgery.cli import main
 from surgery.models import load
-from surgery.models.checkpoint import keep_source_weights, weight_files
+from surgery.models.checkpoint import header, keep_source_weights, weight_files
 
 
 def tensors(directory):
@@ -74,7 +74,7 @@ def test_a_sharded_output_is_rewritten_shard_by_shard_with_its_index(tiny_dirs, 
     model.save_pretrained(out, max_shard_size="150KB")
     assert len(weight_files(out)) > 1
     changed, = [k for k in tensors(out) if "multi_modal_projector.linear_1.weight" in k]  # the checkpoint's name
-    done = keep_source_weights(out, source)
+    done = keep_source_weights(out, source, header(weight_files(source)))
     original, saved = tensors(source), tensors(out)
     assert done["restored"] == len(saved) - 1 and done["saved_dtypes"] == ["BF16", "F32"]
     assert saved[changed].dtype == torch.bfloat16
@@ -92,5 +92,5 @@ def test_a_run_in_the_checkpoints_dtype_rewrites_nothing(tiny_dirs, tmp_path):
     out = tmp_path / "out"
     AutoModelForImageTextToText.from_pretrained(source).save_pretrained(out)
     before = (out / "model.safetensors").stat().st_mtime_ns
-    assert keep_source_weights(out, source)["restored"] == 0
+    assert keep_source_weights(out, source, header(weight_files(source)))["restored"] == 0
     assert (out / "model.safetensors").stat().st_mtime_ns == before
