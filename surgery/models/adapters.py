@@ -171,8 +171,9 @@ class Adapter:
         if getattr(template_owner, "chat_template", None):
             return template_owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         if self.family.style == "qwen":   # the family's own turn, as its template renders it
-            return ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n" + ("<|vision_start|><|image_pad|><|vision_end|>" if has_image else "")
-                    + prompt + "<|im_end|>\n<|im_start|>assistant\n")
+            image = "<|vision_start|><|image_pad|><|vision_end|>" if has_image else ""
+            return ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n" + image + prompt
+                    + "<|im_end|>\n<|im_start|>assistant\n")
         return ("USER: <image>\n" if has_image else "USER: ") + prompt + " ASSISTANT:"
 
     def _chat_frame(self, has_image: bool) -> tuple[str, str] | None:

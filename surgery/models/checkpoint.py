@@ -35,7 +35,12 @@ def weight_files(directory: Path) -> list[Path]:
     if (directory / SINGLE).is_file():
         return [directory / SINGLE]
     if (directory / INDEX).is_file():
-        return [directory / s for s in sorted(set(json.loads((directory / INDEX).read_text())["weight_map"].values()))]
+        try:
+            shards = json.loads((directory / INDEX).read_text(encoding="utf-8"))["weight_map"].values()
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{directory / INDEX}: not a weight index (a JSON object with a weight_map of "
+                             f"name -> shard file): {type(e).__name__}: {e}") from None
+        return [directory / s for s in sorted(set(shards))]
     return []
 
 
@@ -58,20 +63,26 @@ def write_streaming(path: Path, specs: dict[str, tuple[str, list[int]]], get, me
     """A safetensors file at `path` holding get(name) for each name of `specs` (name -> (safetensors dtype, shape)),
     written one tensor at a time (save_file would hold them all in memory: a 7B model's 14 GB). The format: an 8-byte
     little-endian header length, the JSON header (dtype, shape and byte range of each tensor), then the bytes."""
+    width = {name: torch.empty((), dtype=DTYPES[dtype]).element_size() for name, (dtype, _) in specs.items()}
+    order = sorted(specs, key=lambda name: (-width[name], name))   # as safetensors: every tensor stays aligned
     entries, offset = {}, 0
-    for name, (dtype, shape) in specs.items():
-        size = torch.Size(shape).numel() * torch.empty((), dtype=DTYPES[dtype]).element_size()
+    for name in order:
+        dtype, shape = specs[name]
+        size = torch.Size(shape).numel() * width[name]
         entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     head = json.dumps({**({"__metadata__": metadata} if metadata else {}), **entries}, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(head)) + head)
-        for name, (dtype, shape) in specs.items():
+        for name in order:
+            dtype, shape = specs[name]
             t = get(name)
             if NAMES[t.dtype] != dtype or list(t.shape) != list(shape):
                 raise ValueError(f"{path}: {name} is {NAMES[t.dtype]} {list(t.shape)}, its header says {dtype} {shape}")
             f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def data_bytes(path: Path) -> int:
@@ -84,7 +95,8 @@ def data_bytes(path: Path) -> int:
 def keep_source_weights(out: Path, source: Path, source_header: dict[str, tuple[Path, str]]) -> dict:
     """Rewrite the weight files in `out` so that every tensor the run left unchanged is the one in `source`, in the
     checkpoint's dtype (the module's docstring). `source_header`: `header(weight_files(source))`, read when the
-    model was loaded, so that a run in the checkpoint's dtype never reads `source` again. Each rewritten file
+    model was loaded: only the tensors whose dtype the run changed are read from `source` again (none in a run in
+    the dtype of every checkpoint tensor). Each rewritten file
     replaces its original atomically; if `source` cannot be read now, the output stays as save_pretrained wrote it
     (a warning says so). Returns {"tensors", "restored", "checkpoint_dtypes", "saved_dtypes"}."""
     out, files = Path(out), weight_files(out)
@@ -128,7 +140,10 @@ def keep_source_weights(out: Path, source: Path, source_header: dict[str, tuple[
         index = json.loads((out / INDEX).read_text())
         if "total_size" in index.get("metadata", {}):
             index["metadata"]["total_size"] = sum(data_bytes(f) for f in files)
-            (out / (INDEX + ".tmp")).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            with open(out / (INDEX + ".tmp"), "w", encoding="utf-8") as f:
+                f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(out / (INDEX + ".tmp"), out / INDEX)
     return {"tensors": len(saved), "restored": restored,
             "checkpoint_dtypes": sorted({d for _, d in source_header.values()}),

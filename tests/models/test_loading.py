@@ -49,10 +49,16 @@ def test_tensors_the_model_does_not_use_are_named(tiny_dirs, tmp_path, caplog):
 def test_a_tokenizer_that_encodes_nothing_or_lacks_the_image_token_is_refused(tiny_dirs, tmp_path):
     d = copy(tiny_dirs, "tiny-qwen2-vl", tmp_path, "q")
     config = json.loads((d / "config.json").read_text())
-    config["image_token_id"] = 10 ** 6
-    (d / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"image token id 1000000 is not in the tokenizer"):
-        load(str(d))
+    for image_id, message in ((10 ** 6, r"image token id 1000000 is not in the tokenizer"),
+                              (5, r"does not map <\|image_pad\|> to config.json's image token id 5")):
+        (d / "config.json").write_text(json.dumps({**config, "image_token_id": image_id}))
+        with pytest.raises(ValueError, match=message):
+            load(str(d))
+    empty = copy(tiny_dirs, "tiny-qwen2-vl", tmp_path, "empty")
+    (empty / "tokenizer.json").unlink()     # Qwen2Tokenizer then loads with one token and encodes text to nothing
+    (empty / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "Qwen2Tokenizer"}))
+    with pytest.raises(ValueError, match=r"no tokenizer could be loaded|encodes text to nothing"):
+        load(str(empty))
 
 
 def test_a_missing_tokenizer_is_named(tiny_dirs, tmp_path):
@@ -60,11 +66,12 @@ def test_a_missing_tokenizer_is_named(tiny_dirs, tmp_path):
     for f in d.glob("tokenizer*"):
         f.unlink()
     (d / "special_tokens_map.json").unlink(missing_ok=True)
-    with pytest.raises(ValueError, match=r"no tokenizer could be loaded|encodes text to nothing"):
+    with pytest.raises(ValueError, match=r"no tokenizer could be loaded"):
         load(str(d))
 
 
-def test_a_chat_template_kept_beside_the_processor_is_read(tiny_dirs, tmp_path):
+@pytest.mark.parametrize("kept_in", ["chat_template.json", "chat_template.jinja"])
+def test_a_chat_template_kept_beside_the_processor_is_read(tiny_dirs, tmp_path, kept_in):
     d = copy(tiny_dirs, "tiny-qwen2-vl", tmp_path, "legacy")
     template = load(str(d)).tokenizer.chat_template
     assert template
@@ -73,8 +80,18 @@ def test_a_chat_template_kept_beside_the_processor_is_read(tiny_dirs, tmp_path):
     (d / "tokenizer_config.json").write_text(json.dumps(config))
     for f in ("chat_template.jinja", "chat_template.json"):
         (d / f).unlink(missing_ok=True)
-    (d / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    assert not load(str(d)).tokenizer.chat_template
+    (d / kept_in).write_text(json.dumps({"chat_template": template}) if kept_in.endswith(".json") else template)
     assert load(str(d)).tokenizer.chat_template == template
+
+
+def test_without_any_chat_template_qwen_gets_its_own_turn(tiny_dirs):
+    """The fallback turn holds Qwen's image placeholder (a LLaVA turn would give no image token at all)."""
+    adapter = load(str(tiny_dirs["tiny-qwen2-vl"]))
+    adapter.tokenizer.chat_template, adapter.processor = None, None
+    turn = adapter.chat("Who is this?", True)
+    assert turn.startswith("<|im_start|>system\n") and "<|vision_start|><|image_pad|><|vision_end|>Who is this?" in turn
+    assert turn.endswith("<|im_start|>assistant\n")
 
 
 def test_unknown_model_type_and_truncated_shard_are_named(tiny_dirs, tmp_path):
@@ -134,6 +151,7 @@ def test_streaming_writer_matches_save_file(tmp_path, seed):
     a scalar and an empty tensor among them: the same tensors, dtypes, shapes and metadata read back."""
     g = torch.Generator().manual_seed(seed)
     tensors = {"a.weight": torch.randn(7, 5, generator=g), "b": torch.randn(3, generator=g).to(torch.bfloat16),
+               "z": torch.randn(5, generator=g),   # after an odd-length bf16 tensor in name order: must stay aligned
                "c": torch.randn(2, 3, 4, generator=g).half(), "scalar": torch.randn((), generator=g),
                "empty": torch.zeros(0, 4), "ids": torch.randint(0, 9, (6,), generator=g),
                "mask": torch.rand(5, generator=g) > 0.5, "d64": torch.randn(3, generator=g, dtype=torch.float64)}
@@ -149,6 +167,10 @@ def test_streaming_writer_matches_save_file(tmp_path, seed):
         assert h.metadata() == {"format": "pt"}
     n = struct.unpack("<Q", ours.read_bytes()[:8])[0]
     assert n % 8 == 0 and ours.stat().st_size == 8 + n + sum(t.numel() * t.element_size() for t in tensors.values())
+    entries = json.loads(ours.read_bytes()[8:8 + n])
+    spans = sorted(e["data_offsets"] for k, e in entries.items() if k != "__metadata__")
+    assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))     # no gap, no overlap
+    assert all(entries[k]["data_offsets"][0] % tensors[k].element_size() == 0 for k in tensors)   # aligned
     with pytest.raises(ValueError, match=r"b is BF16 \[3\], its header says F32"):
         write_streaming(tmp_path / "bad.safetensors", {"b": ("F32", [3])}, lambda k: tensors[k])
 
@@ -164,3 +186,11 @@ def test_keep_source_weights_counts_what_it_restored(tiny_dirs, tmp_path):
     saved = load_file(str(out / "model.safetensors"))
     assert done["restored"] == len(saved) - 1 and done["saved_dtypes"] == ["F16", "F32"]
     assert [k for k, v in saved.items() if v.dtype == torch.float16] == ["multi_modal_projector.linear_1.bias"]
+
+
+def test_a_malformed_index_is_named(tiny_dirs, tmp_path):
+    d = copy(tiny_dirs, "tiny-llava", tmp_path, "badindex")
+    (d / "model.safetensors").rename(d / "model-00001-of-00001.safetensors")
+    (d / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json: not a weight index"):
+        load(str(d))
