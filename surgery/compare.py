@@ -29,11 +29,12 @@ from . import __version__
 # the benchmark: used only in the section marked below, so that a new benchmark version is a change there (lanes:
 # the spawned process that isolates a run)
 from .bench.demo import bench_digest, benchmark
-from .bench.evaluate import evaluate
+from .bench.evaluate import evaluate, split_files
 from .bench.finetune import FinetuneConfig, cache_root, vanilla_model
 from .bench.lanes import spawned_process
 from .bench.relearn import HOLD_OUTS, LR, relearn
 from .config import Config, check_seeds, exclusive
+from .data import load_jsonl, load_splits
 from .methods import METHODS, NonFiniteError, get
 from .methods.loop import check_run
 from .models import load
@@ -133,6 +134,20 @@ def _digest(bench: Path) -> str:
 def _inputs(bench: Path) -> tuple[Path, Path]:
     """The method's forget and retain files (training rows; evaluation uses the held-out views)."""
     return bench / "forget.jsonl", bench / "retain.jsonl"
+
+
+def _check_bench(bench: Path, views: str) -> None:
+    """Every file a run reads, read (and its photos decoded) once before any model work: a broken benchmark is an
+    input error, named with its file and line, not a failure of every method in turn."""
+    load_splits(*_inputs(bench))
+    files = split_files(bench, views)
+    rows = {split: load_jsonl(path) for split, path in files.items()}
+    if "forget" not in files:
+        raise FileNotFoundError(f"--bench {bench}: no forget file for the {views} views (the relearning attack "
+                                "measures forgetting on it)")
+    if not any(r.is_vqa and r.options for r in rows["forget"]):
+        raise ValueError(f"{files['forget']}: no multiple-choice VQA rows (the relearning attack measures forgetting "
+                         "on them)")
 
 
 def _score(model: Path, bench: Path, device: str, generation: bool, seed: int, views: str) -> dict:
@@ -402,6 +417,7 @@ def _seed_results(cfg: CompareConfig, seed: int, cache: Path, progress: bool,
     """The benchmark and vanilla model of one seed, the vanilla scores, and every method's result."""
     t = time.perf_counter()
     bench = _benchmark(cfg, seed, cache)
+    _check_bench(bench, cfg.views)
     vanilla, vanilla_source, vanilla_id = _vanilla(cfg, bench, seed, cache)
     digest = _digest(bench)
     ledger["timings"][f"vanilla_s[{seed}]"] = time.perf_counter() - t

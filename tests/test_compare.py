@@ -241,3 +241,25 @@ def test_cache_key_omits_later_memory_options_when_off(monkeypatch, option):
     """--checkpoint-vision and --offload-optimizer came later: off, they are not hashed (the keys from before them
     hold); on, they are."""
     assert key_before(monkeypatch, lambda k: k == option) == key() != key(**{option: True})
+
+
+def test_a_broken_benchmark_is_an_input_error_before_any_run(tmp_path, bench, tiny_dirs, monkeypatch):
+    """A duplicate id across forget/retain or an eval_forget without multiple-choice photo rows used to be scored on
+    the vanilla model and then reported as every method's failure, with a table of failures written."""
+    ran = []
+    monkeypatch.setattr(compare_mod, "_score", lambda *a, **k: ran.append(a) or {})
+    retain = (bench / "retain.jsonl").read_text().splitlines()
+    first = json.loads((bench / "forget.jsonl").read_text().splitlines()[0])
+    (bench / "forget.jsonl").write_text("".join(json.dumps({**json.loads(l), "id": f"f{i}"}) + "\n" for i, l in
+                                                enumerate((bench / "forget.jsonl").read_text().splitlines())))
+    (bench / "retain.jsonl").write_text("\n".join(retain + [json.dumps({**first, "id": "f0"})]) + "\n")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"retain.jsonl:\d+: id 'f0' is already the id of .*forget.jsonl:1"):
+        compare(out, small(bench, tiny_dirs["tiny-llava"]), cache=tmp_path / "cache")
+    assert not ran and not out.exists()
+    (bench / "retain.jsonl").write_text("\n".join(retain) + "\n")
+    text_only = [json.loads(l) for l in (bench / "eval_forget.jsonl").read_text().splitlines()]
+    (bench / "eval_forget.jsonl").write_text("".join(json.dumps(r) + "\n" for r in text_only if "image" not in r))
+    with pytest.raises(ValueError, match=r"eval_forget.jsonl: no multiple-choice VQA rows"):
+        compare(out, small(bench, tiny_dirs["tiny-llava"]), cache=tmp_path / "cache")
+    assert not ran and not out.exists()

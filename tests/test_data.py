@@ -87,3 +87,19 @@ def test_duplicate_ids_name_both_rows(tmp_path, data):
     clash = write(retain, rows)
     with pytest.raises(DataError, match=f"{clash}:3: id 'fq1' is already the id of {forget}:7"):
         load_splits(forget, clash)
+
+
+def test_fields_surgery_does_not_read_are_named_once_per_file(tmp_path, caplog):
+    """A misspelt "image" used to turn a photo question into a text one without a word."""
+    img = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(img)
+    rows = [{"question": "Who?", "answer": "Ada", "Image": "a.png", "task": "gen"},
+            {"question": "Who?", "answer": "Bo", "Image": "a.png", "notes": "x"},
+            {"question": "Job?", "answer": "chef", "image": "a.png", "attribute": "job", "face": 1}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = load_jsonl(path)
+    assert [r.is_vqa for r in loaded] == [False, False, True]
+    assert f"{path}:1: field 'Image' is not one surgery reads" in caplog.text and "did you mean 'image'?" in caplog.text
+    assert f"{path}:2: field 'notes' is not one surgery reads" in caplog.text
+    assert caplog.text.count("'Image'") == 1 and "'task'" not in caplog.text and "'face'" not in caplog.text

@@ -29,7 +29,7 @@ log = logging.getLogger("surgery")
 SPLITS = ("forget", "retain", "realworld")
 VIEWS = {"test": "eval", "dev": "dev"}   # --views -> file prefix
 CHANCE = 25.0  # four options
-LETTER = re.compile(r"\b([A-D])\b")
+LETTER = re.compile(r"\b([A-D])\b")   # MLLMU-Bench's four options; a row with other option keys: parse_letter
 COLUMNS = [("forget", "vqa"), ("forget", "qa"), ("retain", "vqa"), ("retain", "qa"), ("realworld", "vqa"),
            ("realworld", "qa")]
 
@@ -164,10 +164,12 @@ def _greedy(adapter: Adapter, cache, mask, first: torch.Tensor, max_new_tokens: 
 
 
 def _continuation_logprobs(adapter: Adapter, cache, mask, first: torch.Tensor, answers: list[list[list[int]]]):
-    """Summed log-probability of every answer (token ids, EOS included) after its prompt: `answers[i]` are the k
-    answers of prompt i (the same k for every prompt). Returns [B, k]. The cache is expanded to B*k rows."""
-    k = len(answers[0])
-    flat = [a for per_prompt in answers for a in per_prompt]
+    """Summed log-probability of every answer (token ids, EOS included) after its prompt: `answers[i]` are the
+    answers of prompt i, k at most. Returns [B, k], -inf where prompt i has fewer than k answers (a row with fewer
+    options: its places are filled with a copy of its first answer, scored and then masked). The cache is expanded
+    to B*k rows."""
+    k = max(map(len, answers))
+    flat = [a for per_prompt in answers for a in per_prompt + [per_prompt[0]] * (k - len(per_prompt))]
     width = max(map(len, flat))
     ids = torch.full((len(flat), width), adapter.tokenizer.pad_token_id, dtype=torch.long)
     valid = torch.zeros((len(flat), width), dtype=torch.bool)
@@ -179,11 +181,16 @@ def _continuation_logprobs(adapter: Adapter, cache, mask, first: torch.Tensor, a
     logits = adapter.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
     logp = torch.cat([first.repeat_interleave(k, 0)[:, None], torch.log_softmax(logits[:, :-1].float(), -1)], 1)
     token_logp = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1) * valid
-    return token_logp.sum(1).view(-1, k)
+    scores = token_logp.sum(1).view(-1, k)
+    absent = torch.tensor([[j >= len(a) for j in range(k)] for a in answers], device=scores.device)
+    return scores.masked_fill(absent, float("-inf"))
 
 
-def parse_letter(text: str) -> str | None:
-    m = LETTER.search(text)
+def parse_letter(text: str, letters=None) -> str | None:
+    """The first standalone option letter in `text`: A-D, or one of `letters` (a row's option keys) when given."""
+    pattern = LETTER if letters is None or set(letters) <= set("ABCD") else \
+        re.compile(r"\b(" + "|".join(map(re.escape, sorted(letters, key=len, reverse=True))) + r")\b")
+    m = pattern.search(text)
     return m.group(1) if m else None
 
 
@@ -209,12 +216,13 @@ def score_mc(adapter: Adapter, rows: list[Row], images=None, batch_size: int = 6
         if not letter:
             return hits, None
         texts = generate(adapter, [Example(r.prompt(), None, images(r)) for r in rows], 12, batch_size)
-        return hits, [parse_letter(t) == r.correct for t, r in zip(texts, rows)]
+        return hits, [parse_letter(t, r.options) == r.correct for t, r in zip(texts, rows)]
     hits, letter_hits = [], []
     for chunk in _chunks(rows, batch_size):
         cache, mask, first = _prefill(adapter, images.prompts(adapter, chunk))
         if letter:
-            letter_hits += [parse_letter(t) == r.correct for t, r in zip(_greedy(adapter, cache, mask, first, 12), chunk)]
+            letter_hits += [parse_letter(t, r.options) == r.correct
+                            for t, r in zip(_greedy(adapter, cache, mask, first, 12), chunk)]
         letters = [sorted(r.options) for r in chunk]
         answers = [[adapter.answer_ids(option_answer(r, l)) for l in ls] for r, ls in zip(chunk, letters)]
         best = _continuation_logprobs(adapter, cache, mask, first, answers).argmax(1).tolist()
@@ -231,7 +239,7 @@ def score_letter(adapter: Adapter, rows: list[Row], images=None, batch_size: int
     """Per multiple-choice row: does the greedy answer's first letter A-D name the correct option?"""
     images = images or ImageCache()
     texts = generate(adapter, [Example(r.prompt(), None, images(r)) for r in rows], 12, batch_size)
-    return [parse_letter(t) == r.correct for t, r in zip(texts, rows)]
+    return [parse_letter(t, r.options) == r.correct for t, r in zip(texts, rows)]
 
 
 def score_rouge(adapter: Adapter, rows: list[Row], images=None, batch_size: int = 64,

@@ -22,7 +22,7 @@ from ..data import DataError
 
 log = logging.getLogger("surgery")
 ID_COLUMNS = ("ID", "id", "Name", "name")
-LETTER = re.compile(r"^\(?([A-Da-d])[).:]?$")
+LETTER = re.compile(r"^\(?([A-Za-z])[).:]?$")
 
 
 def _field(value, where: str, name: str):
@@ -39,11 +39,20 @@ def _mc(q: dict, where: str) -> dict:
     try:
         options, correct = {k: str(v) for k, v in q["Options"].items() if v is not None}, q["Correct_Answer"]
         question = q["Question"]
+        null = sorted(k for k, v in q["Options"].items() if v is None)
     except (KeyError, TypeError, AttributeError) as e:
         raise DataError(f"{where}: a classification question lacks {e}") from None
+    if null:   # a struct column gives every row the union of the option keys, with nulls where a row has fewer
+        log.warning("%s: option%s %s %s null: the question is imported with %d options (%s)", where,
+                    "s" if len(null) > 1 else "", ", ".join(null), "are" if len(null) > 1 else "is", len(options),
+                    ", ".join(sorted(options)))
     letter = LETTER.match(str(correct).strip())
     by_text = [k for k, v in options.items() if v.strip() == str(correct).strip()]
-    correct = letter.group(1).upper() if letter else (by_text[0] if len(by_text) == 1 else None)
+    if letter and letter.group(1).upper() not in options and len(by_text) != 1:
+        raise DataError(f"{where}: Correct_Answer {q['Correct_Answer']!r} names no option: the question's options are "
+                        f"{', '.join(sorted(options))}")
+    correct = letter.group(1).upper() if letter and letter.group(1).upper() in options else \
+        (by_text[0] if len(by_text) == 1 else None)
     if correct not in options:
         raise DataError(f"{where}: Correct_Answer {q['Correct_Answer']!r} is neither a letter nor the text of one of "
                         f"the options {sorted(options)}")
@@ -53,7 +62,7 @@ def _mc(q: dict, where: str) -> dict:
 
 def _images(row: dict, where: str, image_dir: Path, stem: str, i: int) -> list[str]:
     """Write the row's image (`image`) or views (`images`, the test set) as PNG; their paths relative to OUT."""
-    values = [v for v in (row.get("images") if row.get("images") is not None else [row.get("image")]) if v is not None]
+    values = [v for v in (row.get("images") if row.get("images") else [row.get("image")]) if v is not None]
     paths = []
     for k, value in enumerate(values):
         data = value.get("bytes") if isinstance(value, dict) else value
@@ -70,7 +79,9 @@ def _images(row: dict, where: str, image_dir: Path, stem: str, i: int) -> list[s
 
 def _free_form(q, where: str, task: str, answer_key: str) -> dict:
     try:
-        return {"question": q["Question"], "answer": q[answer_key], "task": task}
+        answer = q[answer_key]      # a number (a year, a count) is its text, as option values are
+        return {"question": q["Question"], "task": task,
+                "answer": str(answer) if isinstance(answer, (int, float)) and not isinstance(answer, bool) else answer}
     except (KeyError, TypeError) as e:
         raise DataError(f"{where}: a {task} question lacks {e}") from None
 
@@ -121,9 +132,10 @@ def _check_texts(rec: dict, where: str, kind: str) -> None:
     for key in ("question", "answer"):
         value = rec.get(key)
         if not isinstance(value, str) or not value.strip():
-            raise DataError(f"{where}: a {kind} question has {'no' if value is None else 'an empty'} "
-                            f"{'Question' if key == 'question' else 'answer (Ground_Truth / Answer / the option)'}"
-                            f"{'' if value is None or isinstance(value, str) else f' ({type(value).__name__})'}")
+            what = "Question" if key == "question" else "answer (Ground_Truth / Answer / the option)"
+            raise DataError(f"{where}: a {kind} question has " + (f"no {what}" if value is None else
+                            f"an empty {what}" if isinstance(value, str) else
+                            f"a {type(value).__name__} as its {what}, not text"))
     empty = sorted(k for k, v in (rec.get("options") or {}).items() if not v.strip())
     if empty:
         raise DataError(f"{where}: a {kind} question has an empty option {empty[0]}")

@@ -99,7 +99,7 @@ def relearn(model, bench, share: float = 0.2, epochs: int = 5, lr: float | None 
     n = sum(f["measured_rows"] for f in folds)      # the accuracy over every measured row, whichever fold measured it
     curve = folds[0]["forget_vqa"] if len(folds) == 1 else \
         [sum(f["forget_vqa"][e] * f["measured_rows"] for f in folds) / n for e in range(epochs + 1)]
-    result = {"share": share, "epochs": epochs, "rows": folds[0]["rows"], "lr": lr, "scope": scope,
+    result = {"share": share, "epochs": epochs, "rows": sum(f["rows"] for f in folds), "lr": lr, "scope": scope,
               "hold_out": hold_out, "measured_rows": n, "forget_vqa": curve, "before": curve[0], "after": curve[-1],
               "AG": curve[-1] - curve[0], "seconds": time.perf_counter() - t0,
               **({"folds": folds} if hold_out == "people" else {})}

@@ -1,5 +1,7 @@
 """JSONL rows -> the four splits fvqa / fqa / rvqa / rqa, validated before any model work starts."""
+import difflib
 import json
+import logging
 import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -8,6 +10,8 @@ from PIL import Image
 
 SPLITS = ("fvqa", "fqa", "rvqa", "rqa")
 FIELDS = {"question": str, "answer": str, "image": str, "options": dict, "correct": str, "entity": str, "id": (str, int)}
+NOTES = ("task", "attribute", "face")   # fields the benchmark's own files carry for people, not for surgery
+log = logging.getLogger("surgery")
 
 
 class DataError(ValueError):
@@ -109,11 +113,20 @@ def _objects(path: Path):
 def load_jsonl(path, check_images: bool = True) -> list[Row]:
     """Rows of a JSONL file; every problem raises DataError naming `file:line`."""
     path = Path(path)
-    decoded = set()
-    rows = [_row(obj, where, path.parent, check_images, decoded) for obj, where in _objects(path)]
+    decoded, unknown = set(), {}
+    rows = []
+    for obj, where in _objects(path):
+        rows.append(_row(obj, where, path.parent, check_images, decoded))
+        for key in obj:
+            if key not in FIELDS and key not in NOTES:
+                unknown.setdefault(key, where)
     if not rows:
         raise DataError(f"{path}: no rows")
     _unique_ids(rows)
+    for key, where in unknown.items():   # a misspelt "image" would silently make a photo question a text one
+        near = difflib.get_close_matches(key.lower(), FIELDS, n=1, cutoff=0.75)
+        log.warning("%s: field %r is not one surgery reads (%s), and is ignored%s", where, key, ", ".join(FIELDS),
+                    f": did you mean {near[0]!r}?" if near else "")
     return rows
 
 

@@ -60,6 +60,27 @@ def test_likelihood_matches_one_by_one(model, small_bench):
     assert hits == expect
 
 
+def test_rows_with_different_option_counts_score_in_one_batch(model, small_bench):
+    """A batch holding rows of 3, 4 and 5 options (an imported benchmark's) scores each row on its own options,
+    as the one-by-one reference does (the batched path once assumed the first row's count for all of them)."""
+    from dataclasses import replace
+    rows = []
+    for i, r in enumerate(rows_of(small_bench, "retain", n=6)):
+        options = dict(r.options)
+        if i % 3 == 0:                                          # 3 options: one that is not the answer dropped
+            options.pop(next(l for l in sorted(options, reverse=True) if l != r.correct))
+        if i % 3 == 1:                                          # 5 options
+            options["E"] = "a lighthouse keeper"
+        rows.append(replace(r, options=options))
+    assert sorted({len(r.options) for r in rows}) == [3, 4, 5]
+    single = {(i, l): logprob_one(model, Example(r.prompt(), option_answer(r, l), r.load_image()))
+              for i, r in enumerate(rows) for l in r.options}
+    expect = [max(r.options, key=lambda l: single[i, l]) == r.correct for i, r in enumerate(rows)]
+    for batch_size in (len(rows), 4):
+        assert score_likelihood(model, rows, batch_size=batch_size) == expect
+    assert parse_letter("E. a lighthouse keeper", "ABCDE") == "E" and parse_letter("E.", "ABCD") is None
+
+
 def test_kept_prompts_score_as_fresh_ones_on_a_changed_model(small_bench, tiny_dirs, monkeypatch):
     """ImageCache(prompts=True) (the held-back check) encodes each chunk's prompts once, and scores as a fresh
     encoding does after the model's weights change."""

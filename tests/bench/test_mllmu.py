@@ -155,3 +155,29 @@ def test_ambiguous_correct_answer(tmp_path):
     bad = [{**EVAL[0], "Classification_Task": {"Pure_Text_Questions": [mc("q?", "Paris", ["a", "b", "c", "d"])]}}]
     r = CliRunner().invoke(main, ["import-mllmu", str(write(tmp_path / "bad.parquet", bad)), "--out", str(tmp_path / "o")])
     assert r.exit_code == 1 and "bad.parquet:row 0" in r.output and "'Paris'" in r.output
+
+
+def test_odd_but_usable_rows_are_imported_as_a_user_would_expect(tmp_path, caplog):
+    """A null option (a struct column gives every row the union of the option keys) is dropped with a warning naming
+    the row; a fifth option and its letter are kept; a numeric Ground_Truth is its text; `images: []` beside an
+    `image` reads the image. A letter that names no option says so."""
+    five = {"Question": "q5?", "Options": {"A": "a", "B": "b", "C": "c", "D": "d", "E": "e"}, "Correct_Answer": "E"}
+    three = {"Question": "q3?", "Options": {"A": "a", "B": "b", "C": "c", "D": None}, "Correct_Answer": "(b)"}
+    row = {**EVAL[0], "images": [], "Classification_Task": {
+        "Image_Textual_Questions": [mc("Where was this person born?", "B", ["Oslo", "Lima", "Kyiv", "Rome"])],
+        "Pure_Text_Questions": [five, three]},
+           "Generation_Task": [{"Question": "Born when?", "Ground_Truth": 1987, "Type": "Pure_Text"}]}
+    path = write(tmp_path / "odd.parquet", [row])
+    r = CliRunner().invoke(main, ["import-mllmu", str(path), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    rows = load_jsonl(tmp_path / "o" / "odd.jsonl")
+    mc_rows = {x.question.split("\n")[0]: x for x in rows if x.options}
+    assert (sorted(mc_rows["q5?"].options), mc_rows["q5?"].correct) == (list("ABCDE"), "E")
+    assert (sorted(mc_rows["q3?"].options), mc_rows["q3?"].correct) == (list("ABC"), "B")
+    assert "odd.parquet:row 0: options D, E are null: the question is imported with 3 options (A, B, C)" in caplog.text
+    assert [x.answer for x in rows if x.question == "Born when?"] == ["1987"]
+    assert any(x.is_vqa for x in rows)           # the row's `image`, though `images` is an empty list
+    bad = {**three, "Options": {"A": "a", "B": "b", "C": "c", "D": None}, "Correct_Answer": "D"}
+    path = write(tmp_path / "bad.parquet", [{**EVAL[0], "Classification_Task": {"Pure_Text_Questions": [bad]}}])
+    r = CliRunner().invoke(main, ["import-mllmu", str(path), "--out", str(tmp_path / "o2")])
+    assert r.exit_code == 1 and "Correct_Answer 'D' names no option: the question's options are A, B, C" in r.output

@@ -107,6 +107,7 @@ def test_relearn_on_held_out_people(small_bench, tiny_dirs):
         assert f["measured_rows"] == len([x for x in eval_rows if x.entity in measured])
     # every forget person is measured once; the curve is the accuracy over all of them
     assert r["measured_rows"] == len(eval_rows) == sum(f["measured_rows"] for f in r["folds"])
+    assert r["rows"] == sum(f["rows"] for f in r["folds"])        # what both attacks trained on, not fold 0's
     for e in range(2):
         assert r["forget_vqa"][e] == pytest.approx(
             sum(f["forget_vqa"][e] * f["measured_rows"] for f in r["folds"]) / r["measured_rows"])
