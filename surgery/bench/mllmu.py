@@ -48,11 +48,11 @@ def _mc(q: dict, where: str) -> dict:
                     ", ".join(sorted(options)))
     letter = LETTER.match(str(correct).strip())
     by_text = [k for k, v in options.items() if v.strip() == str(correct).strip()]
-    if letter and letter.group(1).upper() not in options and len(by_text) != 1:
+    named = letter.group(1).upper() if letter else None
+    correct = named if named in options else (by_text[0] if len(by_text) == 1 else None)
+    if correct is None and named is not None:
         raise DataError(f"{where}: Correct_Answer {q['Correct_Answer']!r} names no option: the question's options are "
                         f"{', '.join(sorted(options))}")
-    correct = letter.group(1).upper() if letter and letter.group(1).upper() in options else \
-        (by_text[0] if len(by_text) == 1 else None)
     if correct not in options:
         raise DataError(f"{where}: Correct_Answer {q['Correct_Answer']!r} is neither a letter nor the text of one of "
                         f"the options {sorted(options)}")

@@ -53,6 +53,16 @@ def header(files: list[Path]) -> dict[str, tuple[Path, str]]:
     return found
 
 
+def readable(f: Path) -> bool:
+    """Whether safetensors can open `f` (its header is whole and covers the file)."""
+    try:
+        with safe_open(f, framework="pt") as h:
+            h.keys()
+        return True
+    except Exception:
+        return False
+
+
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bitwise equality (NaN equals itself, -0 differs from 0)."""
     return a.shape == b.shape and a.dtype == b.dtype and \
@@ -96,9 +106,9 @@ def keep_source_weights(out: Path, source: Path, source_header: dict[str, tuple[
     """Rewrite the weight files in `out` so that every tensor the run left unchanged is the one in `source`, in the
     checkpoint's dtype (the module's docstring). `source_header`: `header(weight_files(source))`, read when the
     model was loaded: only the tensors whose dtype the run changed are read from `source` again (none in a run in
-    the dtype of every checkpoint tensor). Each rewritten file
-    replaces its original atomically; if `source` cannot be read now, the output stays as save_pretrained wrote it
-    (a warning says so). Returns {"tensors", "restored", "checkpoint_dtypes", "saved_dtypes"}."""
+    the dtype of every checkpoint tensor). Each rewritten file replaces its original atomically; if `source` cannot
+    be read now, the output stays as save_pretrained wrote it (a warning says so). Returns {"tensors", "restored",
+    "checkpoint_dtypes", "saved_dtypes"}."""
     out, files = Path(out), weight_files(out)
     restored = 0
     for f in files:

@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from .adapters import Adapter, family_of
-from .checkpoint import header, keep_source_weights, weight_files
+from .checkpoint import header, keep_source_weights, readable, weight_files
 from .tiny import TINY, build_tiny, image_processor_class
 
 log = logging.getLogger("surgery")
@@ -118,7 +118,7 @@ def load(model: str, device="cpu", dtype=torch.float32, trust_remote_code: bool 
         m, info = transformers.AutoModelForImageTextToText.from_pretrained(
             path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, output_loading_info=True)
     except (SafetensorError, OSError) as e:
-        unreadable = [f.name for f in weights if not _readable(f)]
+        unreadable = [f.name for f in weights if not readable(f)]
         raise ValueError(f"--model {model}: cannot read the safetensors weights in {path}"
                          + (f" ({', '.join(unreadable)})" if unreadable else "") + f": {e}; is a file truncated "
                          "or missing?") from None
@@ -143,16 +143,6 @@ def _family(model: str, model_type: str):
         return family_of(model_type)
     except ValueError as e:
         raise ValueError(f"--model {model}: {e}") from None
-
-
-def _readable(f: Path) -> bool:
-    from safetensors import safe_open
-    try:
-        with safe_open(f, framework="pt") as h:
-            h.keys()
-        return True
-    except Exception:
-        return False
 
 
 def _check_tokenizer(model: str, path: str, tok, config) -> None:
