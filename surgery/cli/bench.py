@@ -1,5 +1,7 @@
 """The benchmark commands: make-bench, finetune, eval, accept, relearn, import-mllmu."""
 import logging
+import time
+from pathlib import Path
 
 import click
 
@@ -148,19 +150,29 @@ def eval_cmd(bench, models, views, ablate, device, batch_size, no_letter, no_rou
     results = {}
     for name, path in models.items():
         seed_everything(seed)
+        t = time.perf_counter()
         adapter = load(path, device=device, seed=seed)
-        results[name + (f" (ablate {ablate})" if ablate else "")] = evaluate(
-            adapter, bench, batch_size=batch_size, letter=not no_letter, rouge=not no_rouge, views=views,
-            resamples=resamples, seed=seed, ablate=ablate)
+        results[name + (f" (ablate {ablate})" if ablate else "")] = {
+            **evaluate(adapter, bench, batch_size=batch_size, letter=not no_letter, rouge=not no_rouge, views=views,
+                       resamples=resamples, seed=seed, ablate=ablate),
+            "provenance": _provenance(device, model=path, bench=bench, views=views, ablate=ablate, seed=seed,
+                                      resamples=resamples, dtype=str(adapter.model.dtype).replace("torch.", ""),
+                                      seconds=time.perf_counter() - t)}
     click.echo(f"{views} views" + (f", vision {ablate} ablated" if ablate else ""), err=True)
     click.echo(table(results), err=True)
     emit(results, as_json)
 
 
+def _provenance(device: str, **what) -> dict:
+    """What a result was computed from and where: absolute paths, the settings, the environment."""
+    from ..pipeline import environment
+    paths = {k: str(Path(v).resolve()) for k, v in what.items() if k in ("model", "bench") and v is not None}
+    return {**what, **paths, "environment": environment(device)}
+
+
 def _accept_targets(report, bench, vanilla, reference) -> dict[str, tuple[str, str, str]]:
     """{label: (bench, vanilla, reference)} from a demo report.json or from the three directories."""
     import json
-    from pathlib import Path
     if report is None:
         if not (bench and vanilla and reference):
             raise click.UsageError("give --report, or all of --bench, --vanilla and --reference")
@@ -222,6 +234,9 @@ def accept(report, bench, vanilla, reference, views, threads, device, batch_size
         for label, (b, v, r) in targets.items():
             reports[label] = run(b, v, r, views=views, device=device, batch_size=batch_size, resamples=resamples,
                                  seed=seed)
+            reports[label]["provenance"] = _provenance(device, bench=b, vanilla=str(Path(v).resolve()),
+                                                       reference=str(Path(r).resolve()), views=views, seed=seed,
+                                                       resamples=resamples, threads=threads)
             click.echo((f"{label}: " if report else "") + render(reports[label]), err=True)
     emit(reports, as_json)
     missed = sum(r["cells_total"] - r["met"] for r in reports.values())
@@ -261,6 +276,7 @@ def relearn(model, bench, shares, epochs, lr, scope, hold_out, views, device, se
         seed_everything(seed)
         r = run(model, bench, share=share, epochs=epochs, lr=lr, scope=scope, seed=seed, device=device, views=views,
                 hold_out=hold_out)
+        r["provenance"] = _provenance(device, model=model, bench=bench, views=views, seed=seed)
         click.echo(f"{share:>5.0%}: forget-VQA " + " -> ".join(f"{a:.1f}" for a in r["forget_vqa"])
                    + f"   AG {r['AG']:+.1f}", err=True)
         results.append(r)

@@ -70,6 +70,9 @@ def test_accept_scores_as_the_likelihoods_say(small_bench, tiny_dirs):
     report = json.loads(r.stdout[r.stdout.index("{"):r.stdout.rindex("}") + 1])[str(small_bench)]
     table = {c["cell"]: c for c in report["cells"]}
     assert len(table) == 19 and report["met"] == sum(c["met"] for c in table.values())
+    p = report["provenance"]
+    assert (p["vanilla"], p["bench"], p["resamples"]) == (str(tiny_dirs["tiny-llava"].resolve()),
+                                                          str(small_bench.resolve()), 20)
     assert r.exit_code == (0 if report["met"] == 19 else 1), r.output
     if report["met"] < 19:
         assert f"{19 - report['met']} of 19 acceptance cells missed" in r.output

@@ -202,3 +202,14 @@ def test_every_accuracy_carries_its_interval(model, small_bench):
                                             for x in load_jsonl(small_bench / "dev_retain.jsonl"))
     with pytest.raises(ValueError, match="--views"):
         evaluate(model, small_bench, views="train")
+
+
+def test_eval_json_says_what_it_was_computed_from(small_bench, tiny_dirs):
+    r = CliRunner().invoke(main, ["eval", "--bench", str(small_bench), "--model", f"m={tiny_dirs['tiny-llava']}",
+                                  "--no-letter", "--no-rouge", "--seed", "4", "--json"])
+    assert r.exit_code == 0, r.output
+    import json
+    p = json.loads(r.stdout)["m"]["provenance"]
+    assert p["model"] == str(tiny_dirs["tiny-llava"].resolve()) and p["bench"] == str(small_bench.resolve())
+    assert (p["seed"], p["views"], p["dtype"]) == (4, "test", "float32") and p["seconds"] > 0
+    assert p["environment"]["torch"] == torch.__version__ and p["environment"]["device"] == "cpu"

@@ -120,6 +120,8 @@ def test_relearn_on_held_out_people(small_bench, tiny_dirs):
                                     "--epochs", "1", "--seed", "3", "--hold-out", "people", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)[0]["forget_vqa"] == r["forget_vqa"]
+    p = json.loads(res.stdout)[0]["provenance"]
+    assert (p["model"], p["seed"], p["environment"]["device"]) == (str(model.resolve()), 3, "cpu")
 
 
 def test_demo_quick_end_to_end(tmp_path):
