@@ -448,7 +448,8 @@ def compare(out, cfg: CompareConfig, cache: Path | None = None, overwrite: bool 
         markdown = table(summary, cfg.methods, cfg.seeds, cfg.views, "model" if cfg.model else "bench" if cfg.bench else "")
         figure(summary, cfg.methods, tmp / "compare.png")
         ledger["timings"]["total_s"] = time.perf_counter() - t0
-        report = {"compare": asdict(cfg), "out": str(out), "cache": str(cache), "environment": environment(cfg.device),
+        given = {k: str(Path(v).resolve()) for k, v in (("bench", cfg.bench), ("model", cfg.model)) if v}
+        report = {"compare": {**asdict(cfg), **given}, "out": str(out), "cache": str(cache), "environment": environment(cfg.device),
                   "seeds": {str(k): v for k, v in seeds.items()}, "summary": summary, "table": markdown, **ledger}
         (tmp / "table.md").write_text(markdown + "\n")
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))

@@ -68,7 +68,11 @@ def test_diverged_method_is_reported_not_scored_and_results_are_cached(tmp_path,
     # MANU alone, in its own process (the default): scored, with that process's own peak memory, which a large
     # parent must not leak into (getrusage's ru_maxrss would: it survives fork and exec)
     ballast = np.ones(384 * 2**20 // 8)
-    first = compare(tmp_path / "a", small(bench, model, methods=("manu",)), cache, progress=False)
+    import os
+    monkeypatch.chdir(tmp_path)       # --bench and --model given relative: the report names them absolute
+    first = compare(tmp_path / "a", small(os.path.relpath(bench), os.path.relpath(model), methods=("manu",)), cache,
+                    progress=False)
+    monkeypatch.undo()
     assert peak_rss() - first["seeds"]["3"]["methods"]["manu"]["memory"]["peak_rss_bytes"] > 256 * 2**20
     del ballast
     assert json.loads(json.dumps(first, default=str)) == json.loads((tmp_path / "a" / "report.json").read_text())
@@ -83,6 +87,7 @@ def test_diverged_method_is_reported_not_scored_and_results_are_cached(tmp_path,
     assert first["seeds"]["3"]["vanilla_model"] == str(model) and first["seeds"]["3"]["bench"] == str(bench)
     assert first["seeds"]["3"]["vanilla_source"] == "--model" and manu["dtype"] == "float32"
     assert first["out"] == str((tmp_path / "a").resolve()) and first["cache"] == str(cache.resolve())
+    assert (first["compare"]["bench"], first["compare"]["model"]) == (str(bench.resolve()), str(model.resolve()))
     assert sorted(first["computed"]) == ["manu@3", "vanilla@3"] and not first["failed"]
     assert (tmp_path / "a" / "table.md").read_text().startswith("| method |")
     assert Image.open(tmp_path / "a" / "compare.png").size[0] > 100
