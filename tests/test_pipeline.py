@@ -162,6 +162,9 @@ def test_inspect_json(tiny_dirs):
     info = json.loads(res.stdout)
     assert info["model_type"] == "qwen2_5_vl" and info["mlp"]["inputs"] == ["gate_proj", "up_proj"]
     assert info["live_layers"] == [0, 3] and info["scope_weights"] > 0
+    assert (info["checkpoint_dtypes"], info["dtype"]) == (["F32"], "float32")
+    res = run_cli("inspect", "--model", tiny_dirs["tiny-qwen2.5-vl"], "--dtype", "bf16", "--json")
+    assert json.loads(res.stdout)["dtype"] == "bfloat16"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

@@ -30,6 +30,9 @@ def inspect(model, device, dtype, seed, trust_remote_code, scope, layers, as_jso
         "projector": adapter.family.projector, "scope": scope or "mlp",
         "scope_parameters": len(params), "scope_weights": sum(p.numel() for p in params.values()),
         "total_weights": total,
+        # the checkpoint's tensors' dtypes (none for a tiny-* model) and the one a run would load and train in
+        "checkpoint_dtypes": sorted({d for _, d in adapter.source_header.values()}),
+        "dtype": str(adapter.model.dtype).replace("torch.", ""),
     }
     if not as_json:
         for k, v in result.items():
