@@ -1,6 +1,7 @@
 """The benchmark's acceptance: judged on the vanilla and reference models alone, never on an unlearned one.
 
-Nineteen cells per benchmark seed, each a number and the line it must reach (chance: four options, 25 %):
+Nineteen cells per benchmark seed, each a number and the line it must reach (chance: four options, 25 %; on a
+benchmark with other option counts, the mean of 1 / options over its forget and retain VQA rows):
 
   vanilla             VQA (option likelihood) forget / retain / real-world >= 85; QA >= 95;
                       MLLMU-Bench's greedy letter on VQA and on QA, each split, >= 80
@@ -13,7 +14,8 @@ scores it, without ROUGE, and the greedy letter for the vanilla model only.
 from pathlib import Path
 
 from ..models import load
-from .evaluate import CHANCE, evaluate
+from ..data import load_jsonl
+from .evaluate import CHANCE, chance, evaluate, split_files
 
 VQA_MIN, QA_MIN, LETTER_MIN = 85.0, 95.0, 80.0
 OVER_CHANCE = 10.0          # the ablated vanilla model and the reference model on faces: at most chance + 10
@@ -23,9 +25,9 @@ RUNS = {"vanilla": None, "vanilla (ablate mlp)": "mlp", "vanilla (ablate embeddi
         "reference": None}
 
 
-def cells(results: dict) -> list[dict]:
+def cells(results: dict, at_chance: float = CHANCE) -> list[dict]:
     """The acceptance cells of `results` ({run name in RUNS: `evaluate`'s result}), in the README table's order:
-    [{"cell", "value", "line", "met"}]."""
+    [{"cell", "value", "line", "met"}]. `at_chance`: the VQA accuracy of a random pick (`evaluate.chance`)."""
     out = []
 
     def add(name, value, line, met):
@@ -39,7 +41,7 @@ def cells(results: dict) -> list[dict]:
         for split in SPLITS:
             add(f"vanilla {key.replace('_', ' ')} {split}", score("vanilla", split, key), f">= {line:g}",
                 lambda v: v >= line)
-    ceiling = CHANCE + OVER_CHANCE
+    ceiling = at_chance + OVER_CHANCE
     for kind in ("mlp", "embeddings"):
         for split in ("forget", "retain"):
             add(f"ablate {kind}: vqa {split}", score(f"vanilla (ablate {kind})", split, "vqa"), f"<= {ceiling:g}",
@@ -66,8 +68,12 @@ def accept(bench, vanilla, reference, *, views: str = "test", device: str = "cpu
         results[name] = evaluate(models[path], Path(bench), batch_size=batch_size, letter=name == "vanilla",
                                  rouge=False, kinds=("vqa", "qa") if ablate is None else ("vqa",), views=views,
                                  resamples=resamples, seed=seed, ablate=ablate)
-    table = cells(results)
+    files = split_files(bench, views)
+    vqa = [r for split in ("forget", "retain") if split in files for r in load_jsonl(files[split]) if r.is_vqa]
+    at_chance = chance(vqa)
+    table = cells(results, at_chance)
     return {"bench": str(bench), "vanilla": str(vanilla), "reference": str(reference), "views": views,
+            "chance": at_chance,
             "results": results, "cells": table, "met": sum(c["met"] for c in table), "cells_total": len(table)}
 
 

@@ -28,7 +28,7 @@ from .ablation import ablated
 log = logging.getLogger("surgery")
 SPLITS = ("forget", "retain", "realworld")
 VIEWS = {"test": "eval", "dev": "dev"}   # --views -> file prefix
-CHANCE = 25.0  # four options
+CHANCE = 25.0  # four options: the built-in benchmark's (a user's: `chance`)
 LETTER = re.compile(r"\b([A-D])\b")   # MLLMU-Bench's four options; a row with other option keys: parse_letter
 COLUMNS = [("forget", "vqa"), ("forget", "qa"), ("retain", "vqa"), ("retain", "qa"), ("realworld", "vqa"),
            ("realworld", "qa")]
@@ -186,6 +186,12 @@ def _continuation_logprobs(adapter: Adapter, cache, mask, first: torch.Tensor, a
     return scores.masked_fill(absent, float("-inf"))
 
 
+def chance(rows: list[Row]) -> float:
+    """The accuracy in % of picking an option at random, over multiple-choice `rows` (25 for four options each)."""
+    rows = [r for r in rows if r.options]
+    return 100.0 * sum(1 / len(r.options) for r in rows) / len(rows) if rows else CHANCE
+
+
 def parse_letter(text: str, letters=None) -> str | None:
     """The first standalone option letter in `text`: A-D, or one of `letters` (a row's option keys) when given."""
     pattern = LETTER if letters is None or set(letters) <= set("ABCD") else \
@@ -236,7 +242,8 @@ def score_likelihood(adapter: Adapter, rows: list[Row], images=None, batch_size:
 
 
 def score_letter(adapter: Adapter, rows: list[Row], images=None, batch_size: int = 64) -> list[bool]:
-    """Per multiple-choice row: does the greedy answer's first letter A-D name the correct option?"""
+    """Per multiple-choice row: does the greedy answer's first option letter (A-D, or the row's own keys: parse_letter)
+    name the correct option?"""
     images = images or ImageCache()
     texts = generate(adapter, [Example(r.prompt(), None, images(r)) for r in rows], 12, batch_size)
     return [parse_letter(t, r.options) == r.correct for t, r in zip(texts, rows)]

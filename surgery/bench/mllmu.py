@@ -12,6 +12,7 @@ stands for every parquet file in it (the test set ships as shards). Multiple-cho
 (ROUGE-L in `surgery eval`)."""
 import io
 import json
+import math
 import logging
 import re
 from pathlib import Path
@@ -35,17 +36,18 @@ def _field(value, where: str, name: str):
     return value
 
 
-def _mc(q: dict, where: str) -> dict:
+def _mc(q: dict, where: str, nulls: list) -> dict:
+    """A multiple-choice question; a question with null options appends (where, their letters) to `nulls`."""
     try:
         options, correct = {k: str(v) for k, v in q["Options"].items() if v is not None}, q["Correct_Answer"]
         question = q["Question"]
         null = sorted(k for k, v in q["Options"].items() if v is None)
     except (KeyError, TypeError, AttributeError) as e:
         raise DataError(f"{where}: a classification question lacks {e}") from None
+    if not options:
+        raise DataError(f"{where}: a classification question whose options are all null")
     if null:   # a struct column gives every row the union of the option keys, with nulls where a row has fewer
-        log.warning("%s: option%s %s %s null: the question is imported with %d options (%s)", where,
-                    "s" if len(null) > 1 else "", ", ".join(null), "are" if len(null) > 1 else "is", len(options),
-                    ", ".join(sorted(options)))
+        nulls.append((where, null))
     letter = LETTER.match(str(correct).strip())
     by_text = [k for k, v in options.items() if v.strip() == str(correct).strip()]
     named = letter.group(1).upper() if letter else None
@@ -77,18 +79,26 @@ def _images(row: dict, where: str, image_dir: Path, stem: str, i: int) -> list[s
     return paths
 
 
+def _number_text(value):
+    """A whole number (a year, a count; a float column's 1987.0 too) as its text, as option values are read; any
+    other value as it is (a NaN or a fraction is refused by `_check_texts`)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    if isinstance(value, int):
+        return str(value)
+    return str(int(value)) if math.isfinite(value) and value == int(value) else value
+
+
 def _free_form(q, where: str, task: str, answer_key: str) -> dict:
     try:
-        answer = q[answer_key]      # a number (a year, a count) is its text, as option values are
-        return {"question": q["Question"], "task": task,
-                "answer": str(answer) if isinstance(answer, (int, float)) and not isinstance(answer, bool) else answer}
+        return {"question": q["Question"], "task": task, "answer": _number_text(q[answer_key])}
     except (KeyError, TypeError) as e:
         raise DataError(f"{where}: a {task} question lacks {e}") from None
 
 
 def convert_rows(table_rows: list[dict], source: str, image_dir: Path, stem: str) -> list[dict]:
     """Our rows for one parquet table (a list of row dicts); images are written into image_dir."""
-    out, skipped = [], 0
+    out, skipped, nulls = [], 0, []
     for i, row in enumerate(table_rows):
         where = f"{source}:row {i}"
         entity = next((str(row[c]) for c in ID_COLUMNS if row.get(c) is not None), None)
@@ -106,7 +116,7 @@ def convert_rows(table_rows: list[dict], source: str, image_dir: Path, stem: str
         if cls:
             for key, with_image in (("Image_Textual_Questions", True), ("Pure_Text_Questions", False)):
                 for q in _field(cls.get(key), where, key) or []:
-                    add(_mc(q, where), with_image, key)
+                    add(_mc(q, where, nulls), with_image, key)
         for column, task in (("Generation_Task", "gen"), ("Mask_Task", "mask")):
             for q in _field(row.get(column), where, column) or []:
                 kind = str(q.get("Type", task)) if isinstance(q, dict) else task
@@ -119,6 +129,10 @@ def convert_rows(table_rows: list[dict], source: str, image_dir: Path, stem: str
             add(rec, True, "train")
     if skipped:
         log.warning("%s: skipped %d metadata pairs with an empty question or answer", source, skipped)
+    if nulls:
+        log.warning("%s: %d multiple-choice questions have null options, imported without them (the first: %s, "
+                    "option%s %s)", source, len(nulls), nulls[0][0], "s" if len(nulls[0][1]) > 1 else "",
+                    ", ".join(nulls[0][1]))
     nameless = sum(1 for r in out if "entity" not in r)
     if nameless:
         log.warning("%s: %d rows have no %s column value: they count as one person in the per-person intervals",

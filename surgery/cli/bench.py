@@ -166,7 +166,12 @@ def eval_cmd(bench, models, views, ablate, device, batch_size, no_letter, no_rou
 def _provenance(device: str, **what) -> dict:
     """What a result was computed from and where: absolute paths, the settings, the environment."""
     from ..pipeline import environment
-    paths = {k: str(Path(v).resolve()) for k, v in what.items() if k in ("model", "bench") and v is not None}
+    from ..models import resolve
+    paths = {}
+    for key in ("model", "vanilla", "reference", "bench"):
+        if what.get(key) is not None:    # a model name (tiny-*, an alias) is what `load` reads it from
+            found = str(what[key]) if key == "bench" else resolve(str(what[key]))
+            paths[key] = str(Path(found).resolve()) if Path(found).is_dir() else found
     return {**what, **paths, "environment": environment(device)}
 
 
@@ -234,9 +239,8 @@ def accept(report, bench, vanilla, reference, views, threads, device, batch_size
         for label, (b, v, r) in targets.items():
             reports[label] = run(b, v, r, views=views, device=device, batch_size=batch_size, resamples=resamples,
                                  seed=seed)
-            reports[label]["provenance"] = _provenance(device, bench=b, vanilla=str(Path(v).resolve()),
-                                                       reference=str(Path(r).resolve()), views=views, seed=seed,
-                                                       resamples=resamples, threads=threads)
+            reports[label]["provenance"] = _provenance(device, bench=b, vanilla=v, reference=r, views=views,
+                                                       seed=seed, resamples=resamples, threads=threads)
             click.echo((f"{label}: " if report else "") + render(reports[label]), err=True)
     emit(reports, as_json)
     missed = sum(r["cells_total"] - r["met"] for r in reports.values())

@@ -12,6 +12,7 @@ SPLITS = ("fvqa", "fqa", "rvqa", "rqa")
 FIELDS = {"question": str, "answer": str, "image": str, "options": dict, "correct": str, "entity": str, "id": (str, int)}
 NOTES = ("task", "attribute", "face")   # fields the benchmark's own files carry for people, not for surgery
 log = logging.getLogger("surgery")
+_unread_said: set = set()               # (file, field) pairs already warned about in this process
 
 
 class DataError(ValueError):
@@ -124,6 +125,9 @@ def load_jsonl(path, check_images: bool = True) -> list[Row]:
         raise DataError(f"{path}: no rows")
     _unique_ids(rows)
     for key, where in unknown.items():   # a misspelt "image" would silently make a photo question a text one
+        if (path.resolve(), key) in _unread_said:
+            continue
+        _unread_said.add((path.resolve(), key))
         near = difflib.get_close_matches(key.lower(), FIELDS, n=1, cutoff=0.75)
         log.warning("%s: field %r is not one surgery reads (%s), and is ignored%s", where, key, ", ".join(FIELDS),
                     f": did you mean {near[0]!r}?" if near else "")

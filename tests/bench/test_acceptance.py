@@ -44,6 +44,9 @@ def test_nineteen_cells_each_at_its_line():
     assert missed(results(**{"vanilla (ablate embeddings)/retain/vqa": 35.5})) == ["ablate embeddings: vqa retain"]
     assert missed(results(**{"vanilla (ablate mlp)/realworld/vqa": 90.0})) == []     # not a cell
     assert missed(results(**{"reference/forget/vqa": 36.0})) == ["reference vqa forget"]
+    # three options a row: chance 33.3, so the line is 43.3
+    three = {c["cell"]: c for c in cells(results(**{"reference/forget/vqa": 43.0}), 100 / 3)}
+    assert three["reference vqa forget"]["met"] and three["reference vqa forget"]["line"] == "<= 43.3333"
     # the reference within 3 of the vanilla model, either way
     assert missed(results(**{"reference/retain/vqa": 93.5, "reference/realworld/vqa": 86.5})) == [
         "reference - vanilla vqa retain", "reference - vanilla vqa realworld"]
@@ -69,7 +72,7 @@ def test_accept_scores_as_the_likelihoods_say(small_bench, tiny_dirs):
                                   "--resamples", "20", "--json"])
     report = json.loads(r.stdout[r.stdout.index("{"):r.stdout.rindex("}") + 1])[str(small_bench)]
     table = {c["cell"]: c for c in report["cells"]}
-    assert len(table) == 19 and report["met"] == sum(c["met"] for c in table.values())
+    assert len(table) == 19 and report["met"] == sum(c["met"] for c in table.values()) and report["chance"] == 25.0
     p = report["provenance"]
     assert (p["vanilla"], p["bench"], p["resamples"]) == (str(tiny_dirs["tiny-llava"].resolve()),
                                                           str(small_bench.resolve()), 20)

@@ -78,6 +78,18 @@ def test_rows_with_different_option_counts_score_in_one_batch(model, small_bench
     expect = [max(r.options, key=lambda l: single[i, l]) == r.correct for i, r in enumerate(rows)]
     for batch_size in (len(rows), 4):
         assert score_likelihood(model, rows, batch_size=batch_size) == expect
+    # the score of every option, not only the pick: each row's own, -inf where a row has fewer options
+    from surgery.bench.evaluate import _continuation_logprobs, _prefill
+    cache, mask, first = _prefill(model, ImageCache().prompts(model, rows))
+    answers = [[model.answer_ids(option_answer(r, l)) for l in sorted(r.options)] for r in rows]
+    scores = _continuation_logprobs(model, cache, mask, first, answers)
+    assert scores.shape == (len(rows), 5)
+    for i, r in enumerate(rows):
+        mine = scores[i].tolist()
+        assert mine[:len(r.options)] == pytest.approx([single[i, l] for l in sorted(r.options)], rel=1e-4, abs=1e-3)
+        assert all(x == float("-inf") for x in mine[len(r.options):])
+    from surgery.bench.evaluate import chance
+    assert chance(rows) == pytest.approx(100 * (2 / 3 + 2 / 4 + 2 / 5) / 6) and chance(rows_of(small_bench, "retain")) == 25
     assert parse_letter("E. a lighthouse keeper", "ABCDE") == "E" and parse_letter("E.", "ABCD") is None
 
 
@@ -213,3 +225,6 @@ def test_eval_json_says_what_it_was_computed_from(small_bench, tiny_dirs):
     assert p["model"] == str(tiny_dirs["tiny-llava"].resolve()) and p["bench"] == str(small_bench.resolve())
     assert (p["seed"], p["views"], p["dtype"]) == (4, "test", "float32") and p["seconds"] > 0
     assert p["environment"]["torch"] == torch.__version__ and p["environment"]["device"] == "cpu"
+    r = CliRunner().invoke(main, ["eval", "--bench", str(small_bench), "--model", "tiny-llava", "--no-letter",
+                                  "--no-rouge", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["tiny-llava"]["provenance"]["model"] == "tiny-llava"

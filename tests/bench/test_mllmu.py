@@ -174,10 +174,21 @@ def test_odd_but_usable_rows_are_imported_as_a_user_would_expect(tmp_path, caplo
     mc_rows = {x.question.split("\n")[0]: x for x in rows if x.options}
     assert (sorted(mc_rows["q5?"].options), mc_rows["q5?"].correct) == (list("ABCDE"), "E")
     assert (sorted(mc_rows["q3?"].options), mc_rows["q3?"].correct) == (list("ABC"), "B")
-    assert "odd.parquet:row 0: options D, E are null: the question is imported with 3 options (A, B, C)" in caplog.text
+    assert "odd.parquet: 1 multiple-choice questions have null options, imported without them (the first: " \
+           f"{path}:row 0, options D, E)" in caplog.text
     assert [x.answer for x in rows if x.question == "Born when?"] == ["1987"]
     assert any(x.is_vqa for x in rows)           # the row's `image`, though `images` is an empty list
     bad = {**three, "Options": {"A": "a", "B": "b", "C": "c", "D": None}, "Correct_Answer": "D"}
     path = write(tmp_path / "bad.parquet", [{**EVAL[0], "Classification_Task": {"Pure_Text_Questions": [bad]}}])
     r = CliRunner().invoke(main, ["import-mllmu", str(path), "--out", str(tmp_path / "o2")])
     assert r.exit_code == 1 and "Correct_Answer 'D' names no option: the question's options are A, B, C" in r.output
+    for i, (truth, outcome) in enumerate(((1987.0, "1987"), (float("nan"), "a float as its answer"),
+                                          (2.5, "a float as its answer"))):
+        gen = {"Generation_Task": [{"Question": "Born when?", "Ground_Truth": truth, "Type": "Pure_Text"}]}
+        path = write(tmp_path / f"num{i}.parquet", [{**EVAL[0], **gen}])
+        r = CliRunner().invoke(main, ["import-mllmu", str(path), "--out", str(tmp_path / f"n{i}")])
+        if outcome.isdigit():
+            assert r.exit_code == 0 and [x.answer for x in load_jsonl(tmp_path / f"n{i}" / f"num{i}.jsonl")
+                                         if x.question == "Born when?"] == [outcome], r.output
+        else:
+            assert r.exit_code == 1 and outcome in r.output, r.output
