@@ -39,7 +39,8 @@ def _field(value, where: str, name: str):
 def _mc(q: dict, where: str, nulls: list) -> dict:
     """A multiple-choice question; a question with null options appends (where, their letters) to `nulls`."""
     try:
-        options, correct = {k: str(v) for k, v in q["Options"].items() if v is not None}, q["Correct_Answer"]
+        options = {k: str(_number_text(v)) for k, v in q["Options"].items() if v is not None}
+        correct = q["Correct_Answer"]
         question = q["Question"]
         null = sorted(k for k, v in q["Options"].items() if v is None)
     except (KeyError, TypeError, AttributeError) as e:
