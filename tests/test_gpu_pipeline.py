@@ -46,6 +46,8 @@ def test_prune_and_mask_bf16_on_cuda(tiny_dirs, data, tmp_path):
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert report["dtype"] == "bfloat16" and report["environment"]["gpu"]
+    # the fp32 checkpoint's weights the run left alone stay fp32, bit for bit; what it trained is bf16
+    assert report["checkpoint"]["saved_dtypes"] == ["BF16", "F32"] and report["checkpoint"]["restored"] > 0
     assert all(torch.isfinite(torch.tensor(h["loss_rvqa"])) for h in report["losses"])
 
 
