@@ -298,6 +298,10 @@ class Adapter:
 
     def _encode_with_processor(self, examples, side):
         """Families whose image-token expansion the model's own processor owns (LLaVA-NeXT, PaliGemma, Idefics3)."""
+        if self.model_type == "paligemma":
+            raise ValueError("paligemma: its processor marks the answer with token_type_ids and a suffix, adds a "
+                             "newline after the prompt and refuses rows without an image, none of which surgery's "
+                             "inputs follow yet; it can be inspected, not trained or scored")
         if self.processor is None:
             raise RuntimeError(f"{self.model_type} needs its processor (AutoProcessor) to build inputs; "
                                "it could not be loaded from the model directory")
@@ -313,12 +317,29 @@ class Adapter:
             labels.append([-100] * p["input_ids"].shape[1] + ids[p["input_ids"].shape[1]:])
             rows.append({k: v for k, v in full.items() if k not in ("input_ids", "attention_mask")})
         inputs, labels = self._pad(seqs, labels, side)
-        for key in rows[0]:
-            inputs[key] = torch.cat([r[key] for r in rows])
-        # projector outputs land 1:1 on the image placeholder tokens
-        image_id = getattr(self.model.config, "image_token_id", None) or self.model.config.image_token_index
-        counts = [int(n) for n, e in zip((inputs["input_ids"] == image_id).sum(1), examples) if e.image is not None]
+        for key in sorted({k for r in rows for k in r}):   # a text row has no pixels: the image rows' only
+            parts = [r[key] for r in rows if key in r]
+            crops = {p.shape[1] for p in parts if p.dim() > 1}
+            if len(crops) > 1:   # photos of other shapes cut into other crop counts: zero crops pad them, as the
+                n = max(crops)   # processors do for a batch (LLaVA-NeXT reads image_sizes, Idefics3 drops them)
+                parts = [torch.cat([p, p.new_zeros(p.shape[0], n - p.shape[1], *p.shape[2:])], 1) for p in parts]
+            inputs[key] = torch.cat(parts)
+        if self.model_type == "llava_next":   # the projector's rows: each crop's patches (the image tokens,
+            counts = self._llava_next_rows(inputs.get("image_sizes", []))   # unpadded, with newlines, differ)
+        else:                                 # projector outputs land 1:1 on the image placeholder tokens
+            image_id = getattr(self.model.config, "image_token_id", None) or self.model.config.image_token_index
+            counts = [int(n) for n, e in zip((inputs["input_ids"] == image_id).sum(1), examples) if e.image is not None]
         return Batch(inputs, labels, counts)
+
+    def _llava_next_rows(self, image_sizes: torch.Tensor) -> list[int]:
+        """The projector rows LLaVA-NeXT gives each photo: its crops (the base image and the grid's tiles, by its
+        size) times the patches of one crop (+ CLS with the 'full' strategy), as its get_image_features cuts them."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+        cfg = self.model.config
+        per_crop = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2 + \
+            int(cfg.vision_feature_select_strategy == "full")
+        return [image_size_to_num_patches(image_size=size, grid_pinpoints=cfg.image_grid_pinpoints,
+                                          patch_size=cfg.vision_config.image_size) * per_crop for size in image_sizes]
 
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -74,11 +74,13 @@ def _load_aux(path: str, trust_remote_code: bool):
                 path, named, str(auto).splitlines()[0])
         except Exception as e:
             log.warning("no image processor loaded from %s: %s; %s", path, auto, e)
+    processor_error = None
     try:
         processor = transformers.AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # e.g. Qwen2VLProcessor without torchvision: the image processor + tokenizer suffice
         log.debug("no processor loaded from %s: %s", path, e)
-    return tok, image_processor, processor
+        processor_error = f"{type(e).__name__}" + (f": {str(e).splitlines()[0]}" if str(e).strip() else "")
+    return tok, image_processor, processor, processor_error
 
 
 def load(model: str, device="cpu", dtype=torch.float32, trust_remote_code: bool = False, seed: int = 0) -> Adapter:
@@ -107,7 +109,10 @@ def load(model: str, device="cpu", dtype=torch.float32, trust_remote_code: bool 
                                 f"model.safetensors.index.json; surgery loads safetensors only"
                                 + (f"; {', '.join(pickles)} is a pickle checkpoint, refused because loading it can run "
                                    f"code: convert it to safetensors first)" if pickles else ")"))
-    tok, ip, proc = _load_aux(path, trust_remote_code)
+    tok, ip, proc, proc_error = _load_aux(path, trust_remote_code)
+    if proc is None and family_of(config.model_type).style == "processor":   # it builds every input of this family
+        raise ValueError(f"--model {model}: {config.model_type} needs its processor, which could not be loaded from "
+                         f"{path} ({proc_error}); SmolVLM's needs torchvision and num2words installed")
     if ip is None:  # training would fail at its first photo
         raise ValueError(f"--model {model}: no image processor could be loaded from {path} "
                          f"(preprocessor_config.json missing or unreadable; see the warning above)")
