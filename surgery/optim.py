@@ -131,22 +131,22 @@ class MaskedAdamW(torch.optim.Optimizer):
     def _check_step(self) -> None:
         """What the ops would refuse part-way through a step, checked for every param first, each named by its
         position across the groups (as state_dict numbers them)."""
-        i = 0
         for g, group in enumerate(self.param_groups):
             _check_hyperparameters({**self.defaults, **group}, f"param group {g}: ")
-            for p in group["params"]:
-                i += 1
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{_label(i - 1, g, p)}: sparse gradients are not supported")
-                if p.grad.shape != p.shape or p.grad.dtype != p.dtype or p.grad.device != p.device:
-                    raise RuntimeError(f"{_label(i - 1, g, p)}: its grad is {list(p.grad.shape)} {p.grad.dtype} on "
-                                       f"{p.grad.device}; expected the param's shape, dtype and device ({p.device})")
-                if "step" not in self.state.get(p, {}):
-                    raise RuntimeError(f"{_label(i - 1, g, p)}: no optimizer state (its mask lives there, and was replaced): make "
-                                       f"a new MaskedAdamW with the masks, or load a saved state_dict; to restart "
-                                       f"from zero moments, keep the state and call reset_state()")
+        positions = ((i, g, p) for i, (g, p) in enumerate((g, p) for g, group in enumerate(self.param_groups)
+                                                           for p in group["params"]))
+        for i, g, p in positions:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{_label(i, g, p)}: sparse gradients are not supported")
+            if p.grad.shape != p.shape or p.grad.dtype != p.dtype or p.grad.device != p.device:
+                raise RuntimeError(f"{_label(i, g, p)}: its grad is {list(p.grad.shape)} {p.grad.dtype} on "
+                                   f"{p.grad.device}; expected the param's shape, dtype and device ({p.device})")
+            if "step" not in self.state.get(p, {}):
+                raise RuntimeError(f"{_label(i, g, p)}: no optimizer state (its mask lives there, and was replaced): "
+                                   f"make a new MaskedAdamW with the masks, or load a saved state_dict; to restart "
+                                   f"from zero moments, keep the state and call reset_state()")
 
     def _chunks(self, owners, lists, device):
         """(params, work, grads, exp_avg, exp_avg_sq, mask or indices) for the op: all at once, or with offload in

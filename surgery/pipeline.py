@@ -271,14 +271,13 @@ def scratch():
         yield dirs
     finally:
         own = [d for d in dirs if Path(d).name.startswith(".surgery-")]
-        for d in own + [d for d in dirs if d not in own]:      # the scratch first, then what held it
-            if d in own:
-                shutil.rmtree(d, ignore_errors=True)
-            else:
-                try:
-                    Path(d).rmdir()
-                except OSError:
-                    pass
+        for d in own:                                       # the scratch first, then what held it
+            shutil.rmtree(d, ignore_errors=True)
+        for d in (d for d in dirs if d not in own):
+            try:
+                Path(d).rmdir()
+            except OSError:
+                pass
 
 
 def collect_saliency(cfg: Config, overwrite: bool = False, progress: bool = True) -> dict:

@@ -110,6 +110,11 @@ def teachers(ctx: Context, rows) -> "teacher.Features":
     return teacher.cache(ctx, rows, lambda chunk: projector_features(ctx.adapter, chunk, size), size)
 
 
+def _distilled_per_step(cfg, splits) -> int:
+    """--distill-images photos a step distils: as many as the retain batch, so that one mean weighs both alike."""
+    return min(cfg.batch_size, len(splits.rvqa))
+
+
 class VKD(Method):
     name = "vkd"
     reads = ("prune_threshold", "prune_frac", "prune_per_layer", "mask_threshold", "mask_frac", "beta", "saliency",
@@ -133,7 +138,7 @@ class VKD(Method):
             return []
         forget = {r.image for r in (*splits.fvqa, *splits.held_back)}
         pool = load_images(cfg.distill_images, exclude=forget)
-        per_step = min(cfg.batch_size, len(splits.rvqa))   # as many as the retain batch: one mean
+        per_step = _distilled_per_step(cfg, splits)
         if len(pool) < per_step:
             raise ValueError(f"--distill-images {cfg.distill_images}: {len(pool)} photos, fewer than "
                              f"the {per_step} of a retain batch (each step distils as many of them)")
@@ -152,7 +157,7 @@ class VKD(Method):
         self.pool, self.pool_teacher = self.pool or self.distil_pool(ctx.cfg, ctx.splits), None
         if not self.pool:
             return
-        per_step = min(ctx.cfg.batch_size, len(ctx.splits.rvqa))
+        per_step = _distilled_per_step(ctx.cfg, ctx.splits)
         self.pool_teacher = teachers(ctx, self.pool)
         self.pool_stream = row_batches(len(self.pool), per_step, ctx.cfg.seed * 1000 + 7)
         ctx.info["distill_images"] = len(self.pool)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import struct
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -112,33 +113,28 @@ def keep_source_weights(out: Path, source: Path, source_header: dict[str, tuple[
     out, files = Path(out), weight_files(out)
     restored = 0
     for f in files:
-        with safe_open(f, framework="pt") as h:
-            names, meta = list(h.keys()), h.metadata()
-            differ = [k for k in names if k in source_header and source_header[k][1] != h.get_slice(k).get_dtype()]
-        if not differ:
-            continue
         tmp = f.with_name(f.name + ".tmp")
         try:
-            keep = set()
-            with safe_open(f, framework="pt") as h:
+            with safe_open(f, framework="pt") as h, ExitStack() as stack:
+                names, meta = list(h.keys()), h.metadata()
+                differ = [k for k in names if k in source_header and source_header[k][1] != h.get_slice(k).get_dtype()]
+                opened = {}                 # each checkpoint shard opened once for this file
+
+                def original(k):
+                    shard = source_header[k][0]
+                    if shard not in opened:
+                        opened[shard] = stack.enter_context(safe_open(shard, framework="pt"))
+                    return opened[shard].get_tensor(k)
+                keep = set()
                 for k in differ:
-                    with safe_open(source_header[k][0], framework="pt") as s:
-                        original = s.get_tensor(k)
-                    saved = h.get_tensor(k)
-                    if original.is_floating_point() and saved.is_floating_point() \
-                            and _same_bits(original.to(saved.dtype), saved):
+                    was, saved = original(k), h.get_tensor(k)
+                    if was.is_floating_point() and saved.is_floating_point() and _same_bits(was.to(saved.dtype), saved):
                         keep.add(k)
                 if not keep:
                     continue
-
-                def get(k):
-                    if k not in keep:
-                        return h.get_tensor(k)
-                    with safe_open(source_header[k][0], framework="pt") as s:
-                        return s.get_tensor(k)
                 specs = {k: (source_header[k][1] if k in keep else h.get_slice(k).get_dtype(),
                              h.get_slice(k).get_shape()) for k in names}
-                write_streaming(tmp, specs, get, meta)
+                write_streaming(tmp, specs, lambda k: original(k) if k in keep else h.get_tensor(k), meta)
             os.replace(tmp, f)
             restored += len(keep)
         except Exception as e:   # the run's work is in `out` already: keep it as save_pretrained wrote it

@@ -1,23 +1,20 @@
 """benchmarks/identity_probe.py: its linear probe finds identity where it is (separable clusters: 100 %) and not
 where it is not (labels independent of the features: chance), and the script runs end to end on the tiny LLaVA."""
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).parents[2] / "benchmarks" / "identity_probe.py"
+from bench_scripts import SCRIPTS, benchmark_script
+
+SCRIPT = SCRIPTS / "identity_probe.py"
 
 
 @pytest.fixture(scope="module")
 def probe():
-    spec = importlib.util.spec_from_file_location("identity_probe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("identity_probe")
 
 
 def photos_of(centres: torch.Tensor, per_person: int, spread: float, gen: torch.Generator):

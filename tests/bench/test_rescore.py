@@ -1,24 +1,21 @@
 """benchmarks/rescore.py recomputes a demo report's accuracies with plain transformers: it agrees with a real
 (quick) demo's report, and it catches a report whose number was changed."""
 import ast
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from surgery.cli import main
 
-SCRIPT = Path(__file__).parents[2] / "benchmarks" / "rescore.py"
+from bench_scripts import SCRIPTS, benchmark_script
+
+SCRIPT = SCRIPTS / "rescore.py"
 
 
 @pytest.fixture(scope="module")
 def rescore():
-    spec = importlib.util.spec_from_file_location("rescore", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("rescore")
 
 
 @pytest.fixture(scope="module")
