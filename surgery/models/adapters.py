@@ -16,7 +16,8 @@ class Family:
     mlp_in: tuple[str, ...]     # input projections of one MLP (two for gated MLPs)
     mlp_out: str                # output projection; its input is the post-activation hidden z
     projector: str
-    style: str                  # "llava" | "qwen" | "processor" (the model's own processor builds inputs)
+    style: str                  # "llava" | "qwen" | "prefix" (PaliGemma's prefix-LM rows) | "processor" (the model's
+                                # own processor builds the inputs)
 
 
 FAMILIES = {
@@ -24,7 +25,7 @@ FAMILIES = {
     "llava_next": Family("model.vision_tower.encoder.layers", ("fc1",), "fc2", "model.multi_modal_projector", "processor"),
     "qwen2_vl": Family("model.visual.blocks", ("fc1",), "fc2", "model.visual.merger", "qwen"),
     "qwen2_5_vl": Family("model.visual.blocks", ("gate_proj", "up_proj"), "down_proj", "model.visual.merger", "qwen"),
-    "paligemma": Family("model.vision_tower.encoder.layers", ("fc1",), "fc2", "model.multi_modal_projector", "processor"),
+    "paligemma": Family("model.vision_tower.encoder.layers", ("fc1",), "fc2", "model.multi_modal_projector", "prefix"),
     "idefics3": Family("model.vision_model.encoder.layers", ("fc1",), "fc2", "model.connector", "processor"),
     "smolvlm": Family("model.vision_model.encoder.layers", ("fc1",), "fc2", "model.connector", "processor"),
 }
@@ -193,6 +194,8 @@ class Adapter:
         Examples without an answer give prompts for generation (use padding_side='left')."""
         if self.family.style == "processor":
             return self._encode_with_processor(examples, padding_side)
+        if self.family.style == "prefix":
+            return self._encode_prefix_lm(examples, padding_side)
         images = [e.image for e in examples if e.image is not None]
         pixel_inputs, counts = self._pixels(images) if images else ({}, [])
         inputs, labels = self._pad(*self._token_ids(examples, counts), padding_side)
@@ -205,8 +208,9 @@ class Adapter:
         """`encode`'s token ids and labels of each example, unpadded, without its pixels: for rows whose image
         features come from elsewhere. LLaVA's image-token count is the config's, so no image is processed (an
         example's image only says that it has one); other families count the tokens of the image given."""
-        if self.family.style == "processor":
-            raise ValueError(f"{self.model_type}: its processor expands the image tokens; use encode")
+        if self.family.style in ("processor", "prefix"):
+            raise ValueError(f"{self.model_type}: its rows need what encode adds (the processor's image tokens, or "
+                             "PaliGemma's token_type_ids); use encode")
         images = [e.image for e in examples if e.image is not None]
         if self.family.style == "llava":
             counts = [self._llava_image_tokens()] * len(images)
@@ -297,11 +301,7 @@ class Adapter:
         return {"input_ids": ids, "attention_mask": att}, lab
 
     def _encode_with_processor(self, examples, side):
-        """Families whose image-token expansion the model's own processor owns (LLaVA-NeXT, PaliGemma, Idefics3)."""
-        if self.model_type == "paligemma":
-            raise ValueError("paligemma: its processor marks the answer with token_type_ids and a suffix, adds a "
-                             "newline after the prompt and refuses rows without an image, none of which surgery's "
-                             "inputs follow yet; it can be inspected, not trained or scored")
+        """Families whose image-token expansion the model's own processor owns (LLaVA-NeXT, Idefics3, SmolVLM)."""
         if self.processor is None:
             raise RuntimeError(f"{self.model_type} needs its processor (AutoProcessor) to build inputs; "
                                "it could not be loaded from the model directory")
@@ -330,6 +330,29 @@ class Adapter:
             image_id = getattr(self.model.config, "image_token_id", None) or self.model.config.image_token_index
             counts = [int(n) for n, e in zip((inputs["input_ids"] == image_id).sum(1), examples) if e.image is not None]
         return Batch(inputs, labels, counts)
+
+    def _encode_prefix_lm(self, examples, side):
+        """PaliGemma's rows, as its processor builds them: the prefix (one image token per projector row, BOS, the
+        prompt, a newline; token_type_ids 0, attended both ways) and the suffix (answer + EOS; type 1, causal, the
+        labels). A row without a photo is the same without image tokens: the processor refuses one, the model does
+        not. No chat template: PaliGemma's prompts are plain task prefixes."""
+        tok, cfg = self.tokenizer, self.model.config
+        per_photo = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+        image = tok.convert_ids_to_tokens(cfg.image_token_id)
+        seqs = self._tokenize([image * per_photo * (e.image is not None) + tok.bos_token + e.prompt + "\n"
+                               for e in examples], [False] * len(examples))
+        labels = [[-100] * len(ids) for ids in seqs]
+        answered = [i for i, e in enumerate(examples) if e.answer is not None]
+        for i, ids in zip(answered, self._tokenize([examples[i].answer + tok.eos_token for i in answered],
+                                                   [False] * len(answered))):
+            seqs[i], labels[i] = seqs[i] + ids, labels[i] + ids
+        inputs, labels = self._pad(seqs, labels, side)
+        inputs["token_type_ids"] = (labels != -100).long()
+        photos = [e.image for e in examples if e.image is not None]
+        if photos:
+            processor = self.image_processor or self.processor.image_processor
+            inputs["pixel_values"] = processor(images=photos, return_tensors="pt")["pixel_values"]
+        return Batch(inputs, labels, [per_photo] * len(photos))
 
     def _llava_next_rows(self, image_sizes: torch.Tensor) -> list[int]:
         """The projector rows LLaVA-NeXT gives each photo: its crops (the base image and the grid's tiles, by its

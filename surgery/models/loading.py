@@ -162,6 +162,10 @@ def _check_tokenizer(model: str, path: str, tok, config) -> None:
     if image_id is not None and not 0 <= image_id < len(tok):
         raise ValueError(f"--model {model}: config.json's image token id {image_id} is not in the tokenizer loaded "
                          f"from {path} ({len(tok)} tokens): is it the model's own tokenizer?")
+    if family_of(config.model_type).style == "prefix" and (tok.bos_token is None or tok.eos_token is None):
+        raise ValueError(f"--model {model}: the tokenizer loaded from {path} has no "
+                         f"{'BOS' if tok.bos_token is None else 'EOS'} token, which PaliGemma's rows begin the prompt "
+                         "(BOS) and end the answer (EOS) with: is it the model's own tokenizer?")
     if family_of(config.model_type).style == "qwen" and image_id is not None \
             and tok.convert_tokens_to_ids("<|image_pad|>") != image_id:
         raise ValueError(f"--model {model}: the tokenizer loaded from {path} does not map <|image_pad|> to "

@@ -136,6 +136,16 @@ def test_parse_letter():
     assert parse_letter("") is None and parse_letter("the answer is e") is None
 
 
+def test_parse_letter_with_other_keys_takes_a_marked_key_before_a_word():
+    """Lowercase keys: the article "a" is not option a; a key marked as an answer is taken before a bare one."""
+    keys = "abcd"
+    assert parse_letter("a man with glasses (c)", keys) == "c" and parse_letter("a man", keys) is None
+    assert parse_letter("b", keys) == "b" and parse_letter("a. Oslo", keys) == "a" and parse_letter(" a", keys) == "a"
+    assert parse_letter("c) Oslo", keys) == "c" and parse_letter("I think it is d", keys) == "d"
+    assert parse_letter("i think b", keys) == "b" and parse_letter("ab", keys) is None
+    assert parse_letter("A man in a hat (E)", "ABCDE") == "E"     # five keys: the marked one, not the article
+
+
 def test_evaluate_and_cli(model, small_bench, tiny_dirs):
     res = evaluate(model, small_bench, letter=False, rouge=False)
     assert set(res) == {"forget", "retain", "realworld"}
