@@ -18,7 +18,7 @@ import transformers
 
 from . import __version__, distributed, methods, ops
 from .config import Config
-from .data import hold_back, load_splits
+from .data import SPLITS, check_placeholder, hold_back, load_splits
 from .methods.loop import check_run
 from .models import load, save
 from .saliency import Saliency, collect_or_load, halfway, merge
@@ -149,6 +149,7 @@ def prepare(cfg: Config, world: distributed.World | None = None, method: "method
         method.check_inputs(cfg, splits)
     adapter = load(cfg.model, device="cpu" if shards_llm(cfg, world) else cfg.device, dtype=resolve_dtype(cfg),
                    trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
+    check_placeholder([r for name in (*SPLITS, "held_back") for r in splits[name]], adapter.image_placeholder)
     layers = range(cfg.layers[0], cfg.layers[1] + 1) if cfg.layers else None
     mlps = adapter.select_layers(layers)
     params = adapter.scope_params(cfg.scope or "mlp", mlps)

@@ -115,6 +115,24 @@ def test_missing_image_fails_cleanly(tiny_dirs, data, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("name,mark", [("tiny-llava", "<image>"), ("tiny-qwen2-vl", "<|image_pad|>")])
+def test_the_image_token_in_a_rows_text_is_refused_naming_the_line(name, mark, tiny_dirs, data, tmp_path):
+    """A question, answer or option holding the model's image token would be read as a photo's slot (the features
+    and the slots would not match, or text would take a photo's place)."""
+    for line, edit in ((4, lambda r: r.update(question=f"{mark} {r['question']}")),
+                       (2, lambda r: r.update(answer=f"{r['answer']}{mark}"))):
+        rows = [json.loads(x) for x in data[1].read_text().splitlines()]
+        original = data[1].read_text()
+        edit(rows[line - 1])
+        data[1].write_text("".join(json.dumps(r) + "\n" for r in rows))
+        proc, out = bad_run(tmp_path, tiny_dirs[name], data[0], data[1])
+        field = "question" if line == 4 else "answer"
+        assert proc.returncode != 0 and f"retain.jsonl:{line}: its {field} holds the model's image token {mark!r}" \
+            in proc.stderr, proc.stderr
+        assert not out.exists()
+        data[1].write_text(original)
+
+
 def test_empty_forget_set_fails_cleanly(tiny_dirs, data, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")

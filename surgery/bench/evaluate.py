@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import Row, load_jsonl
+from ..data import Row, check_placeholder, load_jsonl
 from ..models import Adapter, Batch, Example
 from .ablation import ablated
 
@@ -283,8 +283,10 @@ def evaluate(adapter: Adapter, bench_dir, batch_size: int = 64, splits=SPLITS, l
         files = split_files(bench_dir, views)
         adapter.model.eval()
         results = {}
-        for split in [s for s in splits if s in files]:
-            rows = load_jsonl(files[split])
+        read = {split: load_jsonl(files[split]) for split in splits if split in files}   # every file checked first
+        for rows in read.values():
+            check_placeholder(rows, adapter.image_placeholder)
+        for split, rows in read.items():
             images = ImageCache()
             res, counts = {}, {"people": len({r.entity for r in rows})}
 

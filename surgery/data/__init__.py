@@ -178,6 +178,21 @@ class Splits:
         return {s: len(self[s]) for s in SPLITS} | ({"held_back": len(self.held_back)} if self.held_back else {})
 
 
+def check_placeholder(rows: list[Row], mark: str | None) -> None:
+    """No question, answer or option may hold `mark`, the model's image token: the inputs would read it as a slot
+    for a photo's features."""
+    if not mark:
+        return
+    for row in rows:
+        texts = {"question": row.question, "answer": row.answer,
+                 **{f"option {k}": v for k, v in (row.options or {}).items()}}
+        hit = next((f for f, t in texts.items() if t and mark in t), None)
+        if hit:
+            raise DataError(f"{row.where}: its {hit} holds the model's image token {mark!r}, which the inputs would "
+                            "read as a slot for a photo's features; remove it (the photo is placed by the row's "
+                            "'image')")
+
+
 def hold_back(splits: Splits, share: float, seed: int) -> Splits:
     """`splits` with a `share` of each forget person's photos (at least one of every person with two or more; none
     of a person with one) kept out: every forget-VQA row about a held-back photo moves from fvqa to held_back.

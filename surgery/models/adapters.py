@@ -189,9 +189,27 @@ class Adapter:
         frame = tuple(rendered[1].split(probes[1]))
         return frame if rendered[0] == frame[0] + probes[0] + frame[1] else None
 
+    @property
+    def image_placeholder(self) -> str | None:
+        """The text of the model's image token ("<image>", "<|image_pad|>"), which the inputs expand into a photo's
+        slots: in a prompt or an answer it would be read as one, not as text."""
+        cfg = self.model.config
+        image_id = getattr(cfg, "image_token_id", None)
+        image_id = getattr(cfg, "image_token_index", None) if image_id is None else image_id
+        return None if image_id is None else self.tokenizer.convert_ids_to_tokens(image_id)
+
+    def _check_text(self, examples: list[Example]) -> None:
+        mark = self.image_placeholder
+        bad = next((t for e in examples for t in (e.prompt, e.answer) if t and mark in t), None) if mark else None
+        if bad is not None:
+            raise ValueError(f"the text {bad[:80]!r} holds the model's image token {mark!r}, which the inputs would "
+                             "read as a slot for a photo's features; remove it from the data (the photo is placed by "
+                             "the row's 'image')")
+
     def encode(self, examples: list[Example], padding_side: str = "right") -> Batch:
         """Token ids, attention mask, pixels, and labels covering the answer tokens (+EOS) only.
         Examples without an answer give prompts for generation (use padding_side='left')."""
+        self._check_text(examples)
         if self.family.style == "processor":
             return self._encode_with_processor(examples, padding_side)
         if self.family.style == "prefix":
@@ -211,6 +229,7 @@ class Adapter:
         if self.family.style in ("processor", "prefix"):
             raise ValueError(f"{self.model_type}: its rows need what encode adds (the processor's image tokens, or "
                              "PaliGemma's token_type_ids); use encode")
+        self._check_text(examples)
         images = [e.image for e in examples if e.image is not None]
         if self.family.style == "llava":
             counts = [self._llava_image_tokens()] * len(images)

@@ -1,4 +1,7 @@
 """Evaluation scores against independent computations: one example at a time, no padding, no generate()."""
+import json
+import shutil
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -6,7 +9,7 @@ from click.testing import CliRunner
 from surgery.bench.evaluate import (ImageCache, answer_logprobs, bootstrap_ci, evaluate, generate, option_answer,
                                     parse_letter, score_letter, score_likelihood, score_rouge, table)
 from surgery.cli import main
-from surgery.data import load_jsonl
+from surgery.data import DataError, load_jsonl
 from surgery.models import Example, load
 
 
@@ -238,3 +241,19 @@ def test_eval_json_says_what_it_was_computed_from(small_bench, tiny_dirs):
     r = CliRunner().invoke(main, ["eval", "--bench", str(small_bench), "--model", "tiny-llava", "--no-letter",
                                   "--no-rouge", "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["tiny-llava"]["provenance"]["model"] == "tiny-llava"
+
+
+def test_an_eval_file_whose_text_holds_the_image_token_is_named_before_scoring(model, small_bench, tmp_path,
+                                                                                  monkeypatch):
+    bench = tmp_path / "bench"
+    shutil.copytree(small_bench, bench)
+    lines = (bench / "eval_realworld.jsonl").read_text().splitlines()
+    row = json.loads(lines[1])
+    row["question"] = "<image> " + row["question"]
+    lines[1] = json.dumps(row)
+    (bench / "eval_realworld.jsonl").write_text("\n".join(lines) + "\n")
+    scored = []
+    monkeypatch.setattr("surgery.bench.evaluate.score_mc", lambda *a, **k: scored.append(a))
+    with pytest.raises(DataError, match=r"eval_realworld.jsonl:2: its question holds the model's image token"):
+        evaluate(model, bench, letter=False, rouge=False)
+    assert not scored                          # refused before the first split was scored

@@ -147,3 +147,12 @@ def test_a_tokenizer_without_bos_is_refused_at_load(tmp_path):
     save(adapter, tmp_path / "m")
     with pytest.raises(ValueError, match=r"has no BOS token, which PaliGemma's rows begin the prompt"):
         load(str(tmp_path / "m"))
+
+
+def test_the_image_token_in_a_prompt_or_answer_is_refused(paligemma):
+    """Its processor would take a prompt's own "<image>" as the photo's place; surgery's rows place the photo by the
+    row's image, so a text holding the token is refused rather than read as a 17th slot."""
+    for row in (Example("<image>Who is this?", "Cy Moor", photo(0)), Example("Who?", "Cy <image>"),
+                Example("Where does <image> live?", None)):
+        with pytest.raises(ValueError, match=r"holds the model's image token '<image>'"):
+            paligemma.encode([row])
