@@ -31,18 +31,32 @@ import torch  # noqa: E402
 from surgery.bench.evaluate import evaluate  # noqa: E402
 from surgery.bench.relearn import HOLD_OUTS, relearn  # noqa: E402
 from surgery.models import load, save  # noqa: E402
+from surgery.models.checkpoint import header, weight_files  # noqa: E402
 
 SPLITS = ("forget", "retain", "realworld")
+DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+NOT_VISION = ("text_config", "_name_or_path", "transformers_version", "dtype", "torch_dtype")
 
 
 def hybrid(eyes_dir: str, brain_dir: str, out: Path) -> dict:
     """Write the brain's checkpoint with the eyes' vision tower and projector to `out` (through a temporary
-    directory). Returns {"eyes": tensors taken from the eyes, "brain": tensors kept}."""
-    eyes, brain = load(eyes_dir), load(brain_dir)
+    directory), in the brain checkpoint's dtype. Returns {"eyes": tensors taken from the eyes, "brain": tensors
+    kept}. The two must agree on everything that shapes what the eyes see and pass on: architecture, configuration
+    outside the language model, image preprocessing."""
+    floats = {d for _, d in header(weight_files(Path(brain_dir))).values() if d in DTYPES}
+    dtype = DTYPES[floats.pop()] if len(floats) == 1 else torch.float32
+    eyes, brain = load(eyes_dir, dtype=dtype), load(brain_dir, dtype=dtype)
     theirs, mine = eyes.model.state_dict(), brain.model.state_dict()
     if eyes.model_type != brain.model_type or {k: v.shape for k, v in theirs.items()} != \
             {k: v.shape for k, v in mine.items()}:
         raise ValueError(f"{eyes_dir} and {brain_dir} are not one architecture: their weights differ in names or shapes")
+    configs = [{k: v for k, v in a.model.config.to_dict().items() if k not in NOT_VISION} for a in (eyes, brain)]
+    differ = sorted(k for k in configs[0].keys() | configs[1].keys() if configs[0].get(k) != configs[1].get(k))
+    if differ:
+        raise ValueError(f"{eyes_dir} and {brain_dir} differ in config.json outside the language model "
+                         f"({', '.join(differ)}): the hybrid would run the eyes under the brain's settings")
     if eyes.image_processor.to_dict() != brain.image_processor.to_dict():
         raise ValueError(f"{eyes_dir} and {brain_dir} preprocess images differently: the eyes would see other pixels")
     taken = [k for k in mine if brain.is_vision(k)]
@@ -51,7 +65,6 @@ def hybrid(eyes_dir: str, brain_dir: str, out: Path) -> dict:
             mine[k].copy_(theirs[k])
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    brain.source = None              # every tensor as it is now, not as the brain's checkpoint holds it
     save(brain, tmp)
     tmp.rename(out)
     return {"eyes": len(taken), "brain": len(mine) - len(taken)}
@@ -77,8 +90,11 @@ def table(cells: dict, eyes: list[str], brains: list[str], hold_outs: list[str])
                 "{before:11.1f} -> {after:5.1f} ({AG:+6.1f})".format(**cells[e][b][f"attack_{hold_out}"])
                 for b in brains))
     lines.append("retain / real-world VQA")
+
+    def acc(cell, split):
+        return f"{cell[split]:.1f}" if cell.get(split) is not None else "-"
     for e in eyes:
-        lines.append(f"{e:<14}" + "".join(f"{cells[e][b]['retain']:20.1f} / {cells[e][b]['realworld']:5.1f}"
+        lines.append(f"{e:<14}" + "".join(f"{acc(cells[e][b], 'retain'):>20} / {acc(cells[e][b], 'realworld'):>5}"
                                            for b in brains))
     return "\n".join(lines)
 
@@ -142,13 +158,13 @@ def main(argv=None) -> int:
                 sys.exit(f"eyes {e}, brain {b}: {err}")
             cells.setdefault(e, {})[b] = {"model": path, **cell}
             print(f"eyes {e}, brain {b}: {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
-    print(table(cells, chosen["eyes"], chosen["brains"], hold_outs), file=sys.stderr)
     if args.json:
         tmp = args.json.with_name(f".{args.json.name}.tmp")
         tmp.write_text(json.dumps({"bench": str(args.bench), "views": args.views, "seed": args.seed,
                                    "threads": args.threads, "share": args.share, "epochs": args.epochs,
                                    "models": models, "cells": cells}, indent=1))
         tmp.replace(args.json)
+    print(table(cells, chosen["eyes"], chosen["brains"], hold_outs), file=sys.stderr)
     return 0
 
 

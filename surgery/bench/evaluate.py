@@ -194,16 +194,17 @@ def chance(rows: list[Row]) -> float:
 
 def parse_letter(text: str, letters=None) -> str | None:
     """The first standalone option letter in `text`: A-D, or one of `letters` (a row's option keys) when given. With
-    other keys, a key marked as an answer ("(b)", "b)", or the text's start: "b.", "b") is taken first, and the
-    one-letter words "a" and "i" only so: "a man with glasses" names no option."""
+    other keys, a key marked as an answer ("(b)", "b)", "b." or "b" alone at the start, "b" at the end) is taken
+    first, and the one-letter words a and i (either case) only so: "A man with glasses" names no option."""
     if letters is None or set(letters) <= set("ABCD"):
         m = LETTER.search(text)
         return m.group(1) if m else None
     keys = "|".join(map(re.escape, sorted(letters, key=len, reverse=True)))
-    marked = re.search(r"(?<![\w(])\(?(" + keys + r")\)|^\s*(" + keys + r")(?:[.:]|\s*$)", text)
+    marked = re.search(r"(?<![\w(])\(?(" + keys + r")\)|^\s*(" + keys + r")(?:[.:]|\s*$)|(?<!\w)(" + keys
+                       + r")[.!]?\s*$", text)
     if marked:
-        return marked.group(1) or marked.group(2)
-    words = [k for k in letters if k not in ("a", "i")]
+        return next(g for g in marked.groups() if g)
+    words = [k for k in letters if k.lower() not in ("a", "i")]
     m = re.search(r"\b(" + "|".join(map(re.escape, sorted(words, key=len, reverse=True))) + r")\b", text) \
         if words else None
     return m.group(1) if m else None

@@ -14,7 +14,7 @@ import random
 import time
 from pathlib import Path
 
-from ..data import load_jsonl
+from ..data import check_placeholder, load_jsonl
 from ..models import load
 from .evaluate import score_likelihood, ImageCache, percent, split_files
 from .finetune import to_examples, train_epochs
@@ -112,6 +112,7 @@ def _attack(model, train: list, eval_rows: list, *, epochs: int, lr: float, batc
             device: str, desc: str) -> list[float]:
     """One attack from the model on disk: forget-VQA accuracy on `eval_rows` before and after every epoch."""
     adapter = load(str(model), device=device, seed=seed)
+    check_placeholder(train + eval_rows, adapter.image_placeholder)
     images = ImageCache(prompts=True)       # the measured rows' prompts, encoded once for every epoch's measurement
 
     def accuracy() -> float:

@@ -192,11 +192,13 @@ class Adapter:
     @property
     def image_placeholder(self) -> str | None:
         """The text of the model's image token ("<image>", "<|image_pad|>"), which the inputs expand into a photo's
-        slots: in a prompt or an answer it would be read as one, not as text."""
+        slots: in a prompt or an answer it would be read as one, not as text. None when the model has no image token
+        or it is an ordinary piece of the vocabulary rather than a token of its own (then text cannot name it)."""
         cfg = self.model.config
         image_id = getattr(cfg, "image_token_id", None)
         image_id = getattr(cfg, "image_token_index", None) if image_id is None else image_id
-        return None if image_id is None else self.tokenizer.convert_ids_to_tokens(image_id)
+        mark = None if image_id is None else self.tokenizer.convert_ids_to_tokens(image_id)
+        return mark if mark in self.tokenizer.get_added_vocab() else None
 
     def _check_text(self, examples: list[Example]) -> None:
         mark = self.image_placeholder

@@ -147,6 +147,8 @@ def test_parse_letter_with_other_keys_takes_a_marked_key_before_a_word():
     assert parse_letter("c) Oslo", keys) == "c" and parse_letter("I think it is d", keys) == "d"
     assert parse_letter("i think b", keys) == "b" and parse_letter("ab", keys) is None
     assert parse_letter("A man in a hat (E)", "ABCDE") == "E"     # five keys: the marked one, not the article
+    assert parse_letter("A man in a hat", "ABCDE") is None and parse_letter("The answer is A.", "ABCDE") == "A"
+    assert parse_letter("I think it is C", "ABCDEFGHI") == "C" and parse_letter("the answer is a", keys) == "a"
 
 
 def test_evaluate_and_cli(model, small_bench, tiny_dirs):

@@ -2,10 +2,12 @@
 weight (read back from the files), and the script runs end to end on two tiny LLaVAs, its diagonal cells being the
 models themselves, scored as `evaluate` and `relearn` score them."""
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from bench_scripts import SCRIPTS, benchmark_script
@@ -46,10 +48,30 @@ def test_a_hybrid_is_the_eyes_vision_side_and_the_brains_rest(swap, two_llavas, 
     assert load(str(out)).model_type == "llava"
 
 
-def test_other_architectures_are_refused(swap, two_llavas, tiny_dirs, tmp_path):
+def test_other_architectures_or_vision_settings_are_refused(swap, two_llavas, tiny_dirs, tmp_path):
     with pytest.raises(ValueError, match="not one architecture"):
         swap.hybrid(str(tiny_dirs["tiny-qwen2-vl"]), str(two_llavas[4]), tmp_path / "x")
+    other = tmp_path / "other"                      # the same weights, read from another layer of the tower
+    adapter = load(str(two_llavas[3]))
+    adapter.model.config.vision_feature_layer = -1
+    save(adapter, other)
+    with pytest.raises(ValueError, match=r"differ in config.json outside the language model \(vision_feature_layer\)"):
+        swap.hybrid(str(other), str(two_llavas[4]), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_hybrid_of_bf16_checkpoints_is_bf16(swap, two_llavas, tmp_path):
+    halves = []
+    for seed in (3, 4):
+        adapter = load(str(two_llavas[seed]), dtype=torch.bfloat16)
+        adapter.source = None                        # written in bf16, as a bf16 checkpoint is
+        save(adapter, tmp_path / f"bf16-{seed}")
+        halves.append(load_file(str(tmp_path / f"bf16-{seed}" / "model.safetensors")))
+    swap.hybrid(str(tmp_path / "bf16-3"), str(tmp_path / "bf16-4"), tmp_path / "hybrid")
+    got = load_file(str(tmp_path / "hybrid" / "model.safetensors"))
+    assert {v.dtype for v in got.values()} == {torch.bfloat16}
+    assert all(v.equal(halves[0 if k.startswith(("vision_tower.", "multi_modal_projector.")) else 1][k])
+               for k, v in got.items())
 
 
 def test_end_to_end_on_two_tiny_llavas(swap, two_llavas, small_bench, tmp_path, capsys):
@@ -69,6 +91,14 @@ def test_end_to_end_on_two_tiny_llavas(swap, two_llavas, small_bench, tmp_path, 
     attack = relearn(a, small_bench, share=0.2, epochs=1, views="dev", hold_out="people")
     assert cells["a"]["a"]["attack_people"]["forget_vqa"] == attack["forget_vqa"]
     assert "retain / real-world VQA" in capsys.readouterr().err
+    no_realworld = tmp_path / "bench"                # a benchmark without a real-world split: "-" in the table
+    shutil.copytree(small_bench, no_realworld)
+    (no_realworld / "dev_realworld.jsonl").unlink()
+    assert swap.main(["--bench", str(no_realworld), "--model", f"a={a}", "--model", f"b={b}", "--views", "dev",
+                      "--epochs", "1", "--eyes", "a", "--brains", "a", "--out", str(tmp_path / "h2"),
+                      "--json", str(report_file)]) == 0
+    assert "realworld" not in json.loads(report_file.read_text())["cells"]["a"]["a"]
+    assert "/     -" in capsys.readouterr().err
 
 
 def test_bad_arguments_are_named(two_llavas, small_bench, tmp_path):

@@ -94,6 +94,25 @@ def test_relearn_curve_and_input_untouched(small_bench, tiny_dirs):
         [x for x in load_jsonl(small_bench / "eval_forget.jsonl") if x.is_vqa and x.options])
 
 
+def test_an_attack_row_holding_the_image_token_is_named_before_the_attack(small_bench, tiny_dirs, tmp_path,
+                                                                         monkeypatch):
+    import shutil
+    from surgery.data import DataError
+    bench = tmp_path / "bench"
+    shutil.copytree(small_bench, bench)
+    lines = (bench / "forget.jsonl").read_text().splitlines()
+    n = next(i for i, line in enumerate(lines) if json.loads(line).get("image"))
+    row = json.loads(lines[n])
+    row["answer"] += " <image>"
+    lines[n] = json.dumps(row)
+    (bench / "forget.jsonl").write_text("\n".join(lines) + "\n")
+    scored = []
+    monkeypatch.setattr("surgery.bench.relearn.score_likelihood", lambda *a, **k: scored.append(a))
+    with pytest.raises(DataError, match=rf"forget.jsonl:{n + 1}: its answer holds the model's image token '<image>'"):
+        relearn(tiny_dirs["tiny-llava"], bench, share=1.0, epochs=1)
+    assert not scored
+
+
 def test_relearn_on_held_out_people(small_bench, tiny_dirs):
     """Measured only on the people the attacker left out, at the protocol's own learning rate; the CLI agrees."""
     model = tiny_dirs["tiny-llava"]
