@@ -35,9 +35,8 @@ from surgery.models.checkpoint import header, weight_files  # noqa: E402
 
 SPLITS = ("forget", "retain", "realworld")
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-
-
-NOT_VISION = ("text_config", "_name_or_path", "transformers_version", "dtype", "torch_dtype")
+NOT_VISION = ("text_config", "_name_or_path", "transformers_version", "dtype", "torch_dtype")   # config keys the
+                                                                                                # eyes may differ in
 
 
 def hybrid(eyes_dir: str, brain_dir: str, out: Path) -> dict:
