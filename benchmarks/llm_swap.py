@@ -31,10 +31,9 @@ import torch  # noqa: E402
 from surgery.bench.evaluate import evaluate  # noqa: E402
 from surgery.bench.relearn import HOLD_OUTS, relearn  # noqa: E402
 from surgery.models import load, save  # noqa: E402
-from surgery.models.checkpoint import header, weight_files  # noqa: E402
+from surgery.models.checkpoint import DTYPES, header, weight_files  # noqa: E402
 
 SPLITS = ("forget", "retain", "realworld")
-DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 NOT_VISION = ("text_config", "_name_or_path", "transformers_version", "dtype", "torch_dtype")   # config keys the
                                                                                                 # eyes may differ in
 
@@ -44,7 +43,7 @@ def hybrid(eyes_dir: str, brain_dir: str, out: Path) -> dict:
     directory), in the brain checkpoint's dtype. Returns {"eyes": tensors taken from the eyes, "brain": tensors
     kept}. The two must agree on everything that shapes what the eyes see and pass on: architecture, configuration
     outside the language model, image preprocessing."""
-    floats = {d for _, d in header(weight_files(Path(brain_dir))).values() if d in DTYPES}
+    floats = {d for _, d in header(weight_files(Path(brain_dir))).values() if d in ("F32", "BF16", "F16")}
     dtype = DTYPES[floats.pop()] if len(floats) == 1 else torch.float32
     eyes, brain = load(eyes_dir, dtype=dtype), load(brain_dir, dtype=dtype)
     theirs, mine = eyes.model.state_dict(), brain.model.state_dict()

@@ -2,6 +2,7 @@
 rows become model inputs. Modules are found by module path (transformers 5.x), never by checkpoint key."""
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -30,6 +31,13 @@ FAMILIES = {
     "smolvlm": Family("model.vision_model.encoder.layers", ("fc1",), "fc2", "model.connector", "processor"),
 }
 SCOPES = ("mlp", "vision", "full")
+
+
+def image_token_id(config) -> int | None:
+    """The id of the token the inputs expand into a photo's slots (image_token_id, or older configs'
+    image_token_index); None for a config without one."""
+    found = getattr(config, "image_token_id", None)
+    return getattr(config, "image_token_index", None) if found is None else found
 
 
 def family_of(model_type: str) -> Family:
@@ -189,14 +197,13 @@ class Adapter:
         frame = tuple(rendered[1].split(probes[1]))
         return frame if rendered[0] == frame[0] + probes[0] + frame[1] else None
 
-    @property
+    @cached_property
     def image_placeholder(self) -> str | None:
         """The text of the model's image token ("<image>", "<|image_pad|>"), which the inputs expand into a photo's
         slots: in a prompt or an answer it would be read as one, not as text. None when the model has no image token
-        or it is an ordinary piece of the vocabulary rather than a token of its own (then text cannot name it)."""
-        cfg = self.model.config
-        image_id = getattr(cfg, "image_token_id", None)
-        image_id = getattr(cfg, "image_token_index", None) if image_id is None else image_id
+        or it is an ordinary piece of the vocabulary rather than a token of its own (then text cannot name it).
+        Looked up once: every encode checks its rows against it."""
+        image_id = image_token_id(self.model.config)
         mark = None if image_id is None else self.tokenizer.convert_ids_to_tokens(image_id)
         return mark if mark in self.tokenizer.get_added_vocab() else None
 
@@ -348,7 +355,7 @@ class Adapter:
         if self.model_type == "llava_next":   # the projector's rows: each crop's patches (the image tokens,
             counts = self._llava_next_rows(inputs.get("image_sizes", []))   # unpadded, with newlines, differ)
         else:                                 # projector outputs land 1:1 on the image placeholder tokens
-            image_id = getattr(self.model.config, "image_token_id", None) or self.model.config.image_token_index
+            image_id = image_token_id(self.model.config)
             counts = [int(n) for n, e in zip((inputs["input_ids"] == image_id).sum(1), examples) if e.image is not None]
         return Batch(inputs, labels, counts)
 
@@ -359,7 +366,7 @@ class Adapter:
         not. No chat template: PaliGemma's prompts are plain task prefixes."""
         tok, cfg = self.tokenizer, self.model.config
         per_photo = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
-        image = tok.convert_ids_to_tokens(cfg.image_token_id)
+        image = tok.convert_ids_to_tokens(image_token_id(cfg))
         seqs = self._tokenize([image * per_photo * (e.image is not None) + tok.bos_token + e.prompt + "\n"
                                for e in examples], [False] * len(examples))
         labels = [[-100] * len(ids) for ids in seqs]
@@ -379,9 +386,7 @@ class Adapter:
         """The projector rows LLaVA-NeXT gives each photo: its crops (the base image and the grid's tiles, by its
         size) times the patches of one crop (+ CLS with the 'full' strategy), as its get_image_features cuts them."""
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-        cfg = self.model.config
-        per_crop = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2 + \
-            int(cfg.vision_feature_select_strategy == "full")
+        cfg, per_crop = self.model.config, self._llava_image_tokens()   # one crop's rows are one LLaVA image's
         return [image_size_to_num_patches(image_size=size, grid_pinpoints=cfg.image_grid_pinpoints,
                                           patch_size=cfg.vision_config.image_size) * per_crop for size in image_sizes]
 

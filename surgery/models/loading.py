@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from .adapters import Adapter, family_of
+from .adapters import Adapter, family_of, image_token_id
 from .checkpoint import header, keep_source_weights, readable, weight_files
 from .tiny import TINY, build_tiny, image_processor_class
 
@@ -156,9 +156,7 @@ def _check_tokenizer(model: str, path: str, tok, config) -> None:
     if not tok("a photo of a person", add_special_tokens=False)["input_ids"]:
         raise ValueError(f"--model {model}: the tokenizer loaded from {path} ({type(tok).__name__}, {len(tok)} tokens) "
                          f"encodes text to nothing: are tokenizer.json / tokenizer_config.json missing?")
-    image_id = getattr(config, "image_token_id", None)
-    if image_id is None:
-        image_id = getattr(config, "image_token_index", None)
+    image_id = image_token_id(config)
     if image_id is not None and not 0 <= image_id < len(tok):
         raise ValueError(f"--model {model}: config.json's image token id {image_id} is not in the tokenizer loaded "
                          f"from {path} ({len(tok)} tokens): is it the model's own tokenizer?")
