@@ -159,7 +159,7 @@ def test_demo_quick_end_to_end(tmp_path):
     assert rep["threads"] == 1 and torch.get_num_threads() == threads      # pinned for the run, then restored
     assert rep["config"]["unlearn"]["beta"] == UNLEARN["beta"] and "total_s" in rep["timings"] and rep["views"] == "test"
     assert rep["config"]["unlearn"]["stop_forget_accuracy"] == UNLEARN["stop_forget_accuracy"]    # early stop set
-    assert rep["config"]["unlearn"]["layers"] == [0, 0]     # the quick tower's one live layer, not UNLEARN's 4-6
+    assert rep["config"]["unlearn"]["layers"] == [0, 0]     # the quick tower's one live layer, not UNLEARN's 2-6
     runs = seed["unlearn"].values()                    # ... but --quick's 4 steps are fewer than its check interval
     assert {u["steps_run"] for u in runs} == {4} == {len(u["losses"]) for u in runs}
     # from nothing, one plan: stage 0 and the reference's tower here, the vanilla tower and text there, all timed
@@ -234,7 +234,7 @@ def test_demo_quick_end_to_end(tmp_path):
 
 def test_demo_edits_the_towers_deepest_live_layers():
     deepest = FinetuneConfig().vision_layers - 2            # LLaVA reads layer -2: the tower's last layer is dead
-    assert UNLEARN["layers"] == (deepest - 2, deepest) == DemoConfig.make().unlearn["layers"]
+    assert UNLEARN["layers"] == (deepest - 4, deepest) == DemoConfig.make().unlearn["layers"]     # the five deepest
     assert DemoConfig.make(quick=True).unlearn["layers"] == (FinetuneConfig.quick().vision_layers - 2,) * 2
     assert DemoConfig.make(quick=True, unlearn={"layers": (0, 1)}).unlearn["layers"] == (0, 1)     # --set is kept
     assert DemoConfig.make(unlearn={"layers": None}).unlearn["layers"] is None                      # every live layer
