@@ -8,6 +8,7 @@ seeds itself and runs at the demo's thread count, so its result does not depend 
 it: with one process (`pool` None) the same plan runs in its own order, with the same results."""
 import logging
 import multiprocessing
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -27,7 +28,7 @@ def spawned_process():
     """A pool of one spawned process (never a fork of a process that holds torch threads) that logs as this one. When
     the block raises (a failure, Ctrl-C, or SIGTERM sent to this process alone), the child is stopped at once instead
     of being waited for to finish its step (a whole model's training)."""
-    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_child_logging,
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_child_init,
                                initargs=(log.getEffectiveLevel(),))
     try:
         yield pool
@@ -39,7 +40,13 @@ def spawned_process():
     pool.shutdown(wait=True)
 
 
-def _child_logging(level: int) -> None:
+def _child_init(level: int) -> None:
+    """Log as the parent does. Progress bars (ours and transformers') take a thread lock, not tqdm's default
+    multiprocessing one: a semaphore made in the child is registered with the parent's resource tracker, and a child
+    stopped by `terminate` cannot release it, so a Ctrl-C ended with a "leaked semaphore objects" warning. Nothing
+    shares the lock with another process: the parent's bars have a lock of their own."""
+    from tqdm import tqdm
+    tqdm.set_lock(threading.RLock())
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     log.setLevel(level)
 

@@ -95,3 +95,42 @@ def test_an_interrupted_block_stops_the_spawned_process_at_once():
             pool.submit(_sleep, 60)
             raise KeyboardInterrupt
     assert time.perf_counter() - t < 30
+
+
+_CHILD_STEPS = '''
+import time
+from surgery.progress import progress_bar
+
+def bar():
+    return len(list(progress_bar(range(3), "step", show=True)))
+
+def sleep(s):
+    time.sleep(s)
+'''
+_INTERRUPTED_RUN = '''
+from surgery.bench.lanes import spawned_process
+import steps
+
+if __name__ == "__main__":
+    try:
+        with spawned_process() as pool:
+            assert pool.submit(steps.bar).result() == 3     # the child has drawn a progress bar
+            pool.submit(steps.sleep, 60)
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        print("interrupted")
+'''
+
+
+def test_an_interrupted_block_leaves_no_semaphore_behind(tmp_path):
+    """A child stopped at once must hold nothing that the resource tracker reports at exit: tqdm's default lock is a
+    multiprocessing semaphore registered with the parent's tracker, which a terminated child never releases (a
+    Ctrl-C of `surgery compare` or `demo` ended with "leaked semaphore objects")."""
+    import subprocess
+    import sys
+    (tmp_path / "steps.py").write_text(_CHILD_STEPS)
+    (tmp_path / "run.py").write_text(_INTERRUPTED_RUN)
+    r = subprocess.run([sys.executable, str(tmp_path / "run.py")], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "interrupted" in r.stdout, r.stderr
+    assert "step" in r.stderr and "leaked" not in r.stderr, r.stderr
