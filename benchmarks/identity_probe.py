@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from surgery.bench.tower import feature_layer_output, in_chunks, pixel_values  # noqa: E402
 from surgery.data import DataError, load_jsonl  # noqa: E402
 from surgery.models import load  # noqa: E402
+from script_args import named_models  # noqa: E402
 
 GROUPS = ("forget", "retain")
 
@@ -163,16 +164,7 @@ def main(argv=None) -> int:
     for split in (*(f"{g}.jsonl" for g in GROUPS), *(f"{held_out}_{g}.jsonl" for g in GROUPS)):
         if not (args.bench / split).is_file():
             ap.error(f"--bench {args.bench}: no {split}")
-    models = {}
-    for spec in args.model:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            ap.error(f"--model {spec!r}: expected NAME=DIR")
-        if name in models:
-            ap.error(f"--model {spec!r}: the name {name!r} is given twice")
-        if not (Path(path) / "config.json").is_file():
-            ap.error(f"--model {spec}: {path} is not a model directory (no config.json)")
-        models[name] = path
+    models = named_models(ap, args.model)
     if args.json and not args.json.parent.is_dir():
         ap.error(f"--json {args.json}: the directory {args.json.parent} does not exist")
     if args.threads < 1:

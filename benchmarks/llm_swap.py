@@ -18,7 +18,6 @@ models must share an architecture and image preprocessing. One torch thread by d
 """
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,8 @@ from surgery.bench.evaluate import evaluate  # noqa: E402
 from surgery.bench.relearn import HOLD_OUTS, relearn  # noqa: E402
 from surgery.models import load, save  # noqa: E402
 from surgery.models.checkpoint import DTYPES, header, weight_files  # noqa: E402
+from surgery.pipeline import atomic_dir  # noqa: E402
+from script_args import named_models  # noqa: E402
 
 SPLITS = ("forget", "retain", "realworld")
 NOT_VISION = ("text_config", "_name_or_path", "transformers_version", "dtype", "torch_dtype")   # config keys the
@@ -61,10 +62,8 @@ def hybrid(eyes_dir: str, brain_dir: str, out: Path) -> dict:
     with torch.no_grad():
         for k in taken:
             mine[k].copy_(theirs[k])
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(brain, tmp)
-    tmp.rename(out)
+    with atomic_dir(out, overwrite=False) as tmp:
+        save(brain, tmp)
     return {"eyes": len(taken), "brain": len(mine) - len(taken)}
 
 
@@ -115,14 +114,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, as the demo)")
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = ap.parse_args(argv)
-    models = {}
-    for spec in args.model:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path or name in models:
-            ap.error(f"--model {spec!r}: expected NAME=DIR, each name once")
-        if not (Path(path) / "config.json").is_file():
-            ap.error(f"--model {spec}: {path} is not a model directory (no config.json)")
-        models[name] = path
+    models = named_models(ap, args.model)
     chosen = {}
     for option in ("eyes", "brains"):
         names = getattr(args, option).split(",") if getattr(args, option) else list(models)

@@ -241,7 +241,7 @@ class Adapter:
         self._check_text(examples)
         images = [e.image for e in examples if e.image is not None]
         if self.family.style == "llava":
-            counts = [self._llava_image_tokens()] * len(images)
+            counts = [self._image_tokens()] * len(images)
         else:
             counts = self._pixels(images)[1] if images else []
         return self._token_ids(examples, counts)
@@ -298,14 +298,15 @@ class Adapter:
     def _pixels(self, images):
         if self.family.style == "llava":
             px = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-            return {"pixel_values": px}, [self._llava_image_tokens()] * len(images)
+            return {"pixel_values": px}, [self._image_tokens()] * len(images)
         out = self.image_processor(images=images, return_tensors="pt")
         merge = self.model.config.vision_config.spatial_merge_size
         counts = [int(t.prod()) // merge**2 for t in out["image_grid_thw"]]
         return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}, counts
 
-    def _llava_image_tokens(self) -> int:
-        """Projector rows (= image tokens) LLaVA gives one image: its patches, and CLS with the 'full' strategy."""
+    def _image_tokens(self) -> int:
+        """Projector rows (= image tokens) one image gets in LLaVA and PaliGemma: its patches, and CLS with LLaVA's
+        'full' strategy (PaliGemma has none)."""
         vc = self.model.config.vision_config
         n = (vc.image_size // vc.patch_size) ** 2
         return n + int(getattr(self.model.config, "vision_feature_select_strategy", "default") == "full")
@@ -364,9 +365,8 @@ class Adapter:
         prompt, a newline; token_type_ids 0, attended both ways) and the suffix (answer + EOS; type 1, causal, the
         labels). A row without a photo is the same without image tokens: the processor refuses one, the model does
         not. No chat template: PaliGemma's prompts are plain task prefixes."""
-        tok, cfg = self.tokenizer, self.model.config
-        per_photo = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
-        image = tok.convert_ids_to_tokens(image_token_id(cfg))
+        tok, per_photo = self.tokenizer, self._image_tokens()
+        image = tok.convert_ids_to_tokens(image_token_id(self.model.config))
         seqs = self._tokenize([image * per_photo * (e.image is not None) + tok.bos_token + e.prompt + "\n"
                                for e in examples], [False] * len(examples))
         labels = [[-100] * len(ids) for ids in seqs]
@@ -386,7 +386,7 @@ class Adapter:
         """The projector rows LLaVA-NeXT gives each photo: its crops (the base image and the grid's tiles, by its
         size) times the patches of one crop (+ CLS with the 'full' strategy), as its get_image_features cuts them."""
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-        cfg, per_crop = self.model.config, self._llava_image_tokens()   # one crop's rows are one LLaVA image's
+        cfg, per_crop = self.model.config, self._image_tokens()   # one crop's rows are one LLaVA image's
         return [image_size_to_num_patches(image_size=size, grid_pinpoints=cfg.image_grid_pinpoints,
                                           patch_size=cfg.vision_config.image_size) * per_crop for size in image_sizes]
 
